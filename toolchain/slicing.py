@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -44,6 +46,26 @@ class ZeroUnitOutput(nn.Module):
 
     def forward(self, hidden_states, input_tensor):
         return self.LayerNorm(input_tensor + self.bias)
+
+
+def _explicit_heads_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+    """HF's self-attention forward, with the head count written into the reshape instead of ``-1``.
+
+    ONNX Runtime's attention fusion reads the head count of each layer from that reshape; with ``-1`` it falls back
+    to one global ``num_heads`` and cannot fuse layers whose head counts differ.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, self.num_attention_heads, self.attention_head_size)
+    query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+    eager = sys.modules[type(self).__module__].eager_attention_forward
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    out, weights = attention(self, query, key, value, attention_mask,
+                             dropout=0.0 if not self.training else self.dropout.p, scaling=self.scaling, **kwargs)
+    return out.reshape(*input_shape, self.all_head_size).contiguous(), weights
 
 
 def _take_rows(linear: nn.Linear, idx: torch.Tensor) -> nn.Linear:
@@ -85,6 +107,7 @@ def _slice_attention(layer, heads: list[int], head_size: int, eps: float) -> Non
     sa.query, sa.key, sa.value = (_take_rows(m, cols) for m in (sa.query, sa.key, sa.value))
     sa.num_attention_heads = len(heads)
     sa.all_head_size = len(heads) * head_size
+    sa.forward = types.MethodType(_explicit_heads_forward, sa)
     att.output.dense = _take_cols(att.output.dense, cols)
 
 

@@ -1,0 +1,119 @@
+"""Torch -> ONNX -> ONNX Runtime graph optimization (fusion) -> optional int8 dynamic quantization.
+
+Uses ``torch.onnx.export`` (TorchScript exporter: its graphs are the ones ``onnxruntime.transformers.optimizer``
+pattern-matches into ``Attention`` / ``EmbedLayerNormalization`` / ``SkipLayerNormalization`` / ``BiasGelu``) and
+ONNX Runtime's own optimizer and quantizer. See docs/decisions.md for why not Optimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu",
+             "LayerNormalization")
+
+
+def input_names_for(config) -> list[str]:
+    """ONNX inputs of a sequence classifier of this family: token types only where the family uses them."""
+    names = ["input_ids", "attention_mask"]
+    if config.model_type == "bert" and getattr(config, "type_vocab_size", 0) > 1:
+        names.append("token_type_ids")
+    return names
+
+
+def dummy_inputs(config, batch: int = 1, seq_len: int = 128) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, max(6, config.vocab_size - 1), (batch, seq_len), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    if "token_type_ids" in input_names_for(config):
+        inputs["token_type_ids"] = torch.zeros(batch, seq_len, dtype=torch.long)
+    return inputs
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, batch: int = 1, seq_len: int = 128) -> Path:
+    """Export a (sliced) HF sequence classifier: inputs per :func:`input_names_for`, output ``logits``,
+    dynamic batch and sequence axes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    names = input_names_for(model.config)
+    inputs = dummy_inputs(model.config, batch, seq_len)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["logits"] = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (), str(path), kwargs={n: inputs[n] for n in names}, input_names=names,
+            output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+    return path
+
+
+def optimize_onnx(src: str | Path, dst: str | Path, config, use_gpu: bool = False, fp16: bool = False) -> dict[str, int]:
+    """Fuse with ``onnxruntime.transformers.optimizer``; returns the fused operator counts.
+
+    Head counts are read per layer from each layer's reshape (``num_heads=0``), so layers with different head
+    counts each fuse into an ``Attention`` node.
+    """
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    opt = optimizer.optimize_model(
+        str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0, optimization_options=options,
+        use_gpu=use_gpu, only_onnxruntime=False,
+    )
+    if fp16:
+        opt.convert_float_to_float16(keep_io_types=True)
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.save_model_to_file(str(dst))
+    return stats
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic int8 quantization of the MatMul weights (ONNX Runtime's quantizer)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # fused contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape inference: say the tensors are float
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return Path(dst)
+
+
+def count_ops(path: str | Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in m.graph.node))
+
+
+def build_onnx(model: torch.nn.Module, dst: str | Path, precision: str = "fp32", batch: int = 1, seq_len: int = 128,
+               use_gpu: bool = False) -> dict[str, int]:
+    """Export + fuse (+ quantize for int8, or fp16 conversion) into ``dst``; returns fused operator counts."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    raw = dst.with_suffix(".raw.onnx")
+    fused = dst.with_suffix(".fused.onnx")
+    try:
+        export_onnx(model, raw, batch, seq_len)
+        stats = optimize_onnx(raw, fused, model.config, use_gpu=use_gpu, fp16=precision == "fp16")
+        if precision == "int8":
+            quantize_int8(fused, dst)
+        elif precision in ("fp32", "fp16"):
+            fused.replace(dst)
+        else:
+            raise ValueError(f"unknown precision '{precision}' (fp32, fp16, int8)")
+    finally:
+        for p in (raw, fused):
+            p.unlink(missing_ok=True)
+    return stats
