@@ -1,0 +1,209 @@
+"""Target devices: what a latency is measured on, and how an ONNX Runtime session is opened there.
+
+A target is a small TOML file (``targets/cpu.toml``, ``cuda.toml``, ``arm64.toml`` ship with the package; a user
+passes a path to their own)::
+
+    name = "cpu"
+    providers = ["CPUExecutionProvider"]            # required; first available one is the fingerprint's provider
+    optional_providers = ["XnnpackExecutionProvider"]  # optional; used where this onnxruntime build has them
+    batch_size = 1
+    sequence_length = 128
+    precisions = ["fp32", "int8"]                   # first = default
+    intra_op_threads = "auto"                       # "auto" = physical cores, or an integer >= 1
+    graph_optimization_level = "all"                # all | extended | basic | disabled
+
+Usage::
+
+    target = load_target("cpu")
+    sess = target.session("model.onnx")
+    fp = target.fingerprint("int8"); key = fingerprint_key(fp)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .session import (FINGERPRINT_KEY_FIELDS, OPT_LEVELS, ProviderUnavailableError, cpu_model, fingerprint_key,
+                      machine_fingerprint, open_session, physical_cores, resolve_threads)
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Target", "TargetError", "ProviderUnavailableError", "load_target", "list_targets", "fingerprint_key",
+           "FINGERPRINT_KEY_FIELDS", "PRECISIONS", "KNOWN_PROVIDERS", "cpu_model", "physical_cores"]
+
+TARGETS_DIR = Path(__file__).resolve().parent
+PRECISIONS = ("fp32", "fp16", "int8")
+KNOWN_PROVIDERS = (
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider", "OpenVINOExecutionProvider", "DnnlExecutionProvider", "CoreMLExecutionProvider",
+    "DmlExecutionProvider", "NnapiExecutionProvider", "QNNExecutionProvider", "XnnpackExecutionProvider",
+    "ACLExecutionProvider", "ArmNNExecutionProvider", "WebGpuExecutionProvider", "AzureExecutionProvider",
+    "VitisAIExecutionProvider", "CANNExecutionProvider", "RknpuExecutionProvider", "SNPEExecutionProvider",
+)
+
+
+class TargetError(ValueError):
+    """A target that cannot be loaded; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    providers: tuple[str, ...]
+    batch_size: int = 1
+    sequence_length: int = 128
+    precisions: tuple[str, ...] = ("fp32",)
+    intra_op_threads: int | str = "auto"
+    graph_optimization_level: str = "all"
+    optional_providers: tuple[str, ...] = ()
+    source: str = field(default="", compare=False)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def default_precision(self) -> str:
+        return self.precisions[0]
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads with ``"auto"`` resolved on this machine."""
+        return resolve_threads(self.intra_op_threads)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                         "DmlExecutionProvider") for p in self.providers)
+
+    def check_precision(self, precision: str | None) -> str:
+        """``precision`` or the default; a :class:`TargetError` if this target does not list it."""
+        if precision is None:
+            return self.default_precision
+        if precision not in self.precisions:
+            raise TargetError(
+                f"target '{self.name}' ({self.source or 'built-in'}) does not support precision '{precision}'; "
+                f"it lists: {', '.join(self.precisions)}"
+            )
+        return precision
+
+    def settings(self) -> dict:
+        """The raw settings (``"auto"`` unresolved): what a bundle carries to the device."""
+        d = asdict(self)
+        d.pop("source")
+        d["providers"] = list(self.providers)
+        d["optional_providers"] = list(self.optional_providers)
+        d["precisions"] = list(self.precisions)
+        return d
+
+    # ---------------------------------------------------------------- actions
+    def session(self, onnx_path: str | os.PathLike):
+        """An ``onnxruntime.InferenceSession`` with this target's providers, threads and optimization level.
+
+        Raises :class:`ProviderUnavailableError` when this onnxruntime build lacks a required provider."""
+        return open_session(onnx_path, self.providers, self.optional_providers, self.intra_op_threads,
+                            self.graph_optimization_level)
+
+    def fingerprint(self, precision: str | None = None) -> dict:
+        precision = self.check_precision(precision)
+        return machine_fingerprint(self.providers, self.optional_providers, self.intra_op_threads, precision,
+                                   self.batch_size, self.sequence_length, self.name)
+
+
+# ---------------------------------------------------------------------- loading
+_FIELDS = {
+    "name": str, "providers": list, "optional_providers": list, "batch_size": int, "sequence_length": int,
+    "precisions": list, "intra_op_threads": (int, str), "graph_optimization_level": str,
+}
+_REQUIRED = ("name", "providers")
+
+
+def list_targets() -> list[str]:
+    """Names of the targets shipped with the package."""
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    s = str(name_or_path)
+    p = Path(os.path.expanduser(s))
+    looks_like_path = s.endswith(".toml") or os.sep in s or (os.altsep and os.altsep in s) or s.startswith(".")
+    if looks_like_path:
+        if not p.is_file():
+            raise TargetError(f"target file not found: {p}")
+        return p
+    packaged = TARGETS_DIR / f"{s}.toml"
+    if packaged.is_file():
+        return packaged
+    if p.is_file():
+        return p
+    raise TargetError(f"unknown target '{s}': not a file, and not one of the built-in targets ({', '.join(list_targets())})")
+
+
+def load_target(name_or_path: str | os.PathLike) -> Target:
+    """A built-in target by name (``cpu``, ``cuda``, ``arm64``) or a user's TOML file by path; every field checked."""
+    if isinstance(name_or_path, Target):
+        return name_or_path
+    path = _resolve(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise TargetError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read ({e})") from None
+    return target_from_dict(data, str(path))
+
+
+def target_from_dict(data: dict, source: str = "<dict>") -> Target:
+    def err(field_name: str, msg: str) -> TargetError:
+        return TargetError(f"{source}: field '{field_name}': {msg}")
+
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise TargetError(f"{source}: unknown field(s) {', '.join(repr(u) for u in unknown)}; "
+                          f"known fields: {', '.join(_FIELDS)}")
+    for req in _REQUIRED:
+        if req not in data:
+            raise err(req, "missing (required)")
+    for key, typ in _FIELDS.items():
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, typ):
+                tname = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+                raise err(key, f"expected {tname}, got {type(v).__name__} ({v!r})")
+    name = data["name"].strip()
+    if not name:
+        raise err("name", "must not be empty")
+    providers = data["providers"]
+    optional = data.get("optional_providers", [])
+    for key, plist in (("providers", providers), ("optional_providers", optional)):
+        for p in plist:
+            if not isinstance(p, str):
+                raise err(key, f"expected a list of strings, got {p!r}")
+            if p not in KNOWN_PROVIDERS:
+                raise err(key, f"unknown execution provider '{p}'; known: {', '.join(KNOWN_PROVIDERS)}")
+    if not providers:
+        raise err("providers", "must name at least one execution provider")
+    for key in ("batch_size", "sequence_length"):
+        if key in data and data[key] < 1:
+            raise err(key, f"must be >= 1, got {data[key]}")
+    precisions = data.get("precisions", ["fp32"])
+    if not precisions:
+        raise err("precisions", "must list at least one precision")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise err("precisions", f"unknown precision {p!r}; known: {', '.join(PRECISIONS)}")
+    threads = data.get("intra_op_threads", "auto")
+    if isinstance(threads, str) and threads != "auto":
+        raise err("intra_op_threads", f"expected an integer >= 1 or \"auto\", got {threads!r}")
+    if isinstance(threads, int) and threads < 1:
+        raise err("intra_op_threads", f"must be >= 1 (or \"auto\"), got {threads}")
+    level = data.get("graph_optimization_level", "all")
+    if level not in OPT_LEVELS:
+        raise err("graph_optimization_level", f"expected one of {', '.join(OPT_LEVELS)}, got {level!r}")
+    return Target(
+        name=name, providers=tuple(providers), batch_size=data.get("batch_size", 1),
+        sequence_length=data.get("sequence_length", 128), precisions=tuple(precisions), intra_op_threads=threads,
+        graph_optimization_level=level, optional_providers=tuple(optional), source=source,
+    )

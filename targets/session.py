@@ -1,0 +1,150 @@
+"""Opening an ONNX Runtime session for a target, and the machine fingerprint.
+
+This module is deliberately standalone (only the standard library, ``onnxruntime`` and optionally ``psutil``): the
+profiling bundle copies it next to ``run_profile.py`` so a device without torch or nasprune computes the same
+fingerprint and opens sessions exactly the way the toolchain does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+
+OPT_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+class ProviderUnavailableError(RuntimeError):
+    """The target's execution provider is not part of this onnxruntime build."""
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (psutil when installed, else /proc/cpuinfo, else the logical count)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return int(n)
+    except ImportError:
+        pass
+    try:
+        cores = set()
+        phys = core = None
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("physical id"):
+                    phys = line.split(":", 1)[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":", 1)[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU model name (/proc/cpuinfo 'model name' or ARM 'Hardware'/'CPU part', else platform)."""
+    try:
+        fields = {}
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    fields.setdefault(k.strip().lower(), v.strip())
+        for key in ("model name", "hardware", "cpu model", "processor"):
+            v = fields.get(key)
+            if v and not v.isdigit():
+                return v
+        if "cpu implementer" in fields:
+            return f"arm implementer {fields['cpu implementer']} part {fields.get('cpu part', '?')}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def resolve_threads(threads) -> int:
+    """``"auto"`` -> the machine's physical cores; an int stays what it is."""
+    if threads == "auto":
+        return physical_cores()
+    return int(threads)
+
+
+def available_providers(providers, optional_providers=()) -> list[str]:
+    """The provider list a session gets: optional ones where this build has them, then the required ones.
+
+    Raises :class:`ProviderUnavailableError` when a required provider is missing from this onnxruntime build.
+    """
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    missing = [p for p in providers if p not in have]
+    if missing:
+        raise ProviderUnavailableError(
+            f"execution provider(s) {', '.join(missing)} not available in this onnxruntime {ort.__version__} build "
+            f"(available: {', '.join(have)}); install the matching onnxruntime package (e.g. onnxruntime-gpu for CUDA)"
+        )
+    chosen = [p for p in optional_providers if p in have and p not in providers]
+    return chosen + [p for p in providers if p not in chosen]
+
+
+def session_options(threads, graph_optimization_level: str = "all"):
+    import onnxruntime as ort
+
+    levels = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = resolve_threads(threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = levels[graph_optimization_level]
+    so.log_severity_level = 3
+    return so
+
+
+def open_session(onnx_path, providers, optional_providers=(), threads="auto", graph_optimization_level="all"):
+    """An ``onnxruntime.InferenceSession`` with the given provider(s), intra-op threads and optimization level."""
+    import onnxruntime as ort
+
+    chosen = available_providers(providers, optional_providers)
+    so = session_options(threads, graph_optimization_level)
+    return ort.InferenceSession(str(onnx_path), so, providers=chosen)
+
+
+def machine_fingerprint(providers, optional_providers=(), threads="auto", precision="fp32", batch_size=1,
+                        sequence_length=128, target_name="") -> dict:
+    """What a latency measurement depends on: CPU model, cores, threads, onnxruntime version, provider, precision,
+    batch and sequence length."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    effective = [p for p in optional_providers if p in have] + list(providers)
+    return {
+        "target": target_name,
+        "cpu_model": cpu_model(),
+        "machine": platform.machine(),
+        "physical_cores": physical_cores(),
+        "threads": resolve_threads(threads),
+        "onnxruntime": ort.__version__,
+        "provider": effective[0] if effective else "",
+        "providers": effective,
+        "precision": precision,
+        "batch_size": int(batch_size),
+        "sequence_length": int(sequence_length),
+    }
+
+
+FINGERPRINT_KEY_FIELDS = ("cpu_model", "physical_cores", "threads", "onnxruntime", "provider", "precision",
+                          "batch_size", "sequence_length")
+
+
+def fingerprint_key(fp: dict) -> str:
+    """A short stable hash of the fields that decide whether a latency table applies."""
+    data = {k: fp.get(k) for k in FINGERPRINT_KEY_FIELDS}
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
