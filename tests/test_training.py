@@ -1,0 +1,101 @@
+"""Weight-sharing training: every strategy runs, resume after an interrupt ends where an uninterrupted run ends,
+damaged checkpoints are reported, the run folder stages work on real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from toolchain.evaluation import Evaluator
+from toolchain.modeling import model_from_config, tiny_config
+from toolchain.search_space import fixed_parameters, make_space
+from toolchain.subnetwork import SubNetwork
+from toolchain.supernet import SuperNetwork
+from toolchain.training import STRATEGIES, CheckpointError, TrainConfig, load_checkpoint, train
+
+
+def _setup(tokenizer, regression=False):
+    torch.manual_seed(0)
+    cfg = tiny_config("bert", vocab_size=tokenizer.vocab_size, num_labels=1 if regression else 2,
+                      hidden_dropout_prob=0.1)
+    if regression:
+        cfg.problem_type = "regression"
+    sn = SuperNetwork(model_from_config(cfg))
+    space = make_space("medium", sn.dims, fixed_parameters(sn.model))
+    texts = ["good", "bad movie", "a great film", "awful , boring", "fine", "not good at all", "superb", "meh"] * 3
+    enc = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    enc["labels"] = torch.rand(len(texts)) * 5 if regression else torch.tensor([1, 0, 1, 0, 1, 0, 1, 0] * 3)
+    return sn, space, enc
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_trains(tokenizer, strategy):
+    sn, space, enc = _setup(tokenizer, regression=strategy == "kd")
+    before = {k: v.clone() for k, v in sn.model.state_dict().items()}
+    stats = train(sn, space, enc, TrainConfig(strategy=strategy, epochs=1, batch_size=8), progress=False)
+    assert stats["steps"] == 3
+    changed = [k for k, v in sn.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "training changed no weight"
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tokenizer, tmp_path):
+    cfg = TrainConfig(strategy="sandwich", epochs=2, batch_size=4, checkpoint_every=2, seed=3)
+    sn_a, space, enc = _setup(tokenizer)
+    train(sn_a, space, enc, cfg, tmp_path / "a", progress=False)
+
+    sn_b, space_b, _ = _setup(tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        train(sn_b, space_b, enc, cfg, tmp_path / "b", progress=False, stop_after=5)  # mid-epoch 1 (6 steps/epoch)
+    state = json.loads((tmp_path / "b" / "last" / "state.json").read_text())
+    assert state["step"] == 5
+    sn_c, space_c, _ = _setup(tokenizer)  # a fresh process would start from the pre-trained weights again
+    stats = train(sn_c, space_c, enc, cfg, tmp_path / "b", progress=False)
+    assert stats["steps"] == 12
+    for (k, a), (_, c) in zip(sn_a.model.state_dict().items(), sn_c.model.state_dict().items()):
+        assert torch.allclose(a, c, atol=1e-5), k
+
+
+def test_damaged_checkpoint_is_a_clear_error(tokenizer, tmp_path):
+    sn, space, enc = _setup(tokenizer)
+    cfg = TrainConfig(strategy="standard", epochs=1, batch_size=8)
+    train(sn, space, enc, cfg, tmp_path, progress=False)
+    (tmp_path / "last" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(tmp_path / "last", sn.model)
+
+
+def test_evaluator_cache_and_mask_equals_slice(tokenizer):
+    from toolchain.data import get_task
+
+    sn, space, enc = _setup(tokenizer)
+    sn.model.eval()
+    ev = Evaluator(sn, enc, get_task("sst2"), batch_size=5, param_count=space.num_parameters)
+    subnet = SubNetwork(heads=(2, 0, 4), units=(10, 3, 0))
+    assert abs(ev.logits(subnet, "mask") - ev.logits(subnet, "slice")).max() < 1e-5
+    first = ev(subnet)
+    assert ev.calls == 1 and 0.0 <= first["error"] <= 1.0
+    assert ev(subnet) == first and ev.calls == 1  # cached
+
+
+@pytest.mark.slow
+def test_train_run_and_cli_evaluate_on_real_data(tiny_model_dir, data_dir, tmp_path, capsys):
+    from toolchain.cli import main
+    from toolchain.run import DataSettings, RunError, load_run, train_run
+
+    data = DataSettings(task="sst2", data_dir=str(data_dir), max_train_samples=48)
+    run = train_run(tmp_path / "run", model=str(tiny_model_dir), data=data,
+                    train_config=TrainConfig(epochs=1, batch_size=16), progress=False)
+    assert (tmp_path / "run" / "supernet" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "importance.json").exists()
+    again = load_run(tmp_path / "run")
+    assert again.space.num_parameters(again.supernet.full()) == sum(p.numel() for p in run.supernet.model.parameters())
+    rc = main(["evaluate", str(tmp_path / "run"), "--subnet", '{"heads":[4,2,0],"units":[48,10,0]}',
+               "--max-eval-samples", "40"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examples"] == 40 and 0 <= out["accuracy"] <= 1
+    with pytest.raises(RunError, match="other settings"):
+        train_run(tmp_path / "run", model=str(tiny_model_dir), data=data,
+                  train_config=TrainConfig(epochs=2, batch_size=16), progress=False)

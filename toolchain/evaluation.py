@@ -1,0 +1,74 @@
+"""Evaluate any sub-network on a validation set with the shared weights, batched, cached by sub-network.
+
+Two ways to run a candidate, with identical results (tests check it): ``mask`` runs the super-network with masks;
+``slice`` materialises the smaller model first, which costs a copy of the weights but runs only the kept widths.
+``auto`` slices when the candidate keeps less than ``slice_below`` of the full network's parameters (the crossover
+measured by ``benchmarks/bench_search.py``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .data import TaskSpec, batches, compute_metrics
+from .subnetwork import SubNetwork
+from .supernet import SuperNetwork
+
+
+class Evaluator:
+    def __init__(self, supernet: SuperNetwork, encoded: dict[str, torch.Tensor], spec: TaskSpec,
+                 batch_size: int = 64, mode: str = "auto", slice_below: float = 0.7, param_count=None):
+        if mode not in ("auto", "mask", "slice"):
+            raise ValueError("mode must be auto, mask or slice")
+        self.supernet, self.spec, self.batch_size, self.mode = supernet, spec, batch_size, mode
+        self.slice_below, self.param_count = slice_below, param_count
+        # sort by length once: batches then pad little (dynamic padding in data.batches)
+        order = torch.argsort(encoded["attention_mask"].sum(1))
+        self.encoded = {k: v[order] for k, v in encoded.items()}
+        self.labels = self.encoded["labels"].numpy()
+        self.cache: dict[str, dict] = {}
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _use_slice(self, subnet: SubNetwork) -> bool:
+        if self.mode != "auto":
+            return self.mode == "slice"
+        if self.param_count is None:
+            return False
+        return self.param_count(subnet) < self.slice_below * self.param_count(self.supernet.full())
+
+    @torch.no_grad()
+    def logits(self, subnet: SubNetwork | None, mode: str | None = None) -> np.ndarray:
+        subnet = subnet or self.supernet.full()
+        use_slice = (mode == "slice") if mode else self._use_slice(subnet)
+        inputs = {k: v for k, v in self.encoded.items() if k != "labels"}
+        out = []
+        if use_slice:
+            model = self.supernet.slice(subnet)
+            for b in batches(inputs, self.batch_size):
+                out.append(model(**b).logits)
+        else:
+            self.supernet.model.eval()
+            with self.supernet.use(subnet) as model:
+                for b in batches(inputs, self.batch_size):
+                    out.append(model(**b).logits)
+        return torch.cat(out).float().numpy()
+
+    def __call__(self, subnet: SubNetwork | None = None) -> dict[str, float]:
+        """Task metrics of ``subnet`` (``score`` = the official metric, ``error`` = 1 - score)."""
+        subnet = subnet or self.supernet.full()
+        key = subnet.key()
+        if key not in self.cache:
+            t = time.perf_counter()
+            metrics = compute_metrics(self.spec, self.logits(subnet), self.labels)
+            metrics["error"] = 1.0 - metrics["score"]
+            self.cache[key] = metrics
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+        return dict(self.cache[key])

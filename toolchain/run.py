@@ -1,0 +1,194 @@
+"""A run folder: what the stages (train, evaluate, search, export) share on disk.
+
+    <run>/run.json               settings of the run (model, task/data, space, strategy, seed, budgets, dims)
+    <run>/supernet/              the trained super-network: config.json, model.safetensors, tokenizer, importance.json
+    <run>/checkpoints/last/      the latest training checkpoint (resume)
+    <run>/search_history.csv     every evaluated candidate (search stage)
+    <run>/pareto.json            the search result
+    <run>/points/<id>/           exported artifacts; manifest.json, pareto.png, report.html
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
+from .modeling import ModelDims, load_model
+from .search_space import SearchSpace, fixed_parameters, make_space
+from .supernet import SuperNetwork
+from .training import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+class RunError(ValueError):
+    pass
+
+
+@dataclass
+class DataSettings:
+    """Where the task's data comes from (a GLUE task, or custom files)."""
+
+    task: str = "sst2"
+    data_dir: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    label_column: str = "label"
+    regression: bool = False
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_length: int = 128
+    seed: int = 0
+
+    def spec(self) -> TaskSpec:
+        if self.train_file or self.validation_file:
+            return self.load("validation").spec
+        return get_task(self.task)
+
+    def load(self, split: str) -> TextDataset:
+        if self.train_file or self.validation_file:
+            path = self.train_file if split == "train" else self.validation_file
+            if not path:
+                raise RunError(f"custom data needs --{'train' if split == 'train' else 'validation'}-file")
+            names = None
+            if split != "train" and self.train_file:
+                names = load_custom(self.train_file, tuple(self.text_columns), self.label_column, self.regression).spec.label_names
+            ds = load_custom(path, tuple(self.text_columns), self.label_column, self.regression, label_names=names)
+            limit = self.max_train_samples if split == "train" else self.max_eval_samples
+            return ds if limit is None or limit >= len(ds) else ds.subset(range(limit))
+        limit = self.max_train_samples if split == "train" else self.max_eval_samples
+        return load_task(self.task, split, data_dir=self.data_dir, max_samples=limit, seed=self.seed)
+
+
+@dataclass
+class Run:
+    folder: Path
+    settings: dict
+    supernet: SuperNetwork
+    tokenizer: object
+    space: SearchSpace
+    data: DataSettings
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.data.spec()
+
+    def encoded(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> dict:
+        ds = self.data.load(split)
+        if max_samples is not None and max_samples < len(ds):
+            import numpy as np
+
+            idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples])
+            ds = ds.subset(idx)
+        return tokenize(ds, self.tokenizer, self.data.max_length)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train_run(folder: str | Path, *, model: str | None = None, data: DataSettings | None = None,
+              space: str = "medium", train_config: TrainConfig | None = None, reorder: bool = True,
+              overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> Run:
+    """Stage ``train``: load, (re-order), train the super-network, save it in ``folder/supernet``.
+
+    If ``folder`` holds an unfinished run with the same settings, training resumes from its checkpoint; a finished
+    one is returned as is. Other settings in an existing folder need ``overwrite``.
+    """
+    folder = Path(folder)
+    data = data or DataSettings()
+    cfg = train_config or TrainConfig()
+    spec = data.spec()
+    settings = {"model": model, "data": asdict(data), "space": space, "train": asdict(cfg), "reorder": reorder}
+    run_json = folder / "run.json"
+    if run_json.exists():
+        old = json.loads(run_json.read_text())
+        same = {k: old.get(k) for k in settings} == settings
+        if not same and not overwrite:
+            raise RunError(f"{folder} holds a run with other settings; pass --overwrite to replace it, "
+                           "or choose another output folder")
+        if not same:
+            shutil.rmtree(folder)
+        elif old.get("status") == "trained" and (folder / "supernet" / "model.safetensors").exists():
+            log.info("super-network already trained in %s", folder)
+            return load_run(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(run_json, {**settings, "status": "training"})
+
+    net, tokenizer = load_model(model, num_labels=spec.num_labels, regression=spec.is_regression)
+    supernet = SuperNetwork(net)
+    dims = supernet.dims
+    search_space = make_space(space, dims, fixed_parameters(net))
+    train_data = data.load("train")
+    encoded = tokenize(train_data, tokenizer, data.max_length)
+    importance = None
+    if reorder and not (folder / "checkpoints" / "last").exists():
+        importance = reorder_cached(supernet, encoded, folder, progress)
+    stats = train(supernet, search_space, encoded, cfg, folder / "checkpoints", progress=progress, stop_after=stop_after)
+
+    out = folder / "supernet"
+    tmp = folder / "supernet.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    from .slicing import save_sliced  # a full "slice" is the same file layout
+
+    net.config.nasprune_heads = [dims.num_heads] * dims.num_layers
+    net.config.nasprune_units = [dims.intermediate_size] * dims.num_layers
+    save_sliced(net, tmp, tokenizer)
+    if importance is not None or (folder / "importance.json").exists():
+        shutil.copy(folder / "importance.json", tmp / "importance.json")
+    _write_json(tmp / "train_stats.json", {**stats, "train_examples": len(train_data)})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    _write_json(run_json, {**settings, "status": "trained", "dims": dims.to_dict(),
+                           "fixed_params": search_space.fixed_params, "train_stats": stats})
+    return load_run(folder)
+
+
+def reorder_cached(supernet: SuperNetwork, encoded: dict, folder: Path, progress: bool) -> dict:
+    from .importance import reorder_by_importance
+
+    path = folder / "importance.json"
+    if path.exists():
+        imp = json.loads(path.read_text())
+        supernet.reorder_(imp["head_order"], imp["unit_order"])
+    else:
+        imp = reorder_by_importance(supernet, encoded, progress=progress)
+        _write_json(path, imp)
+    return imp
+
+
+def load_run(folder: str | Path) -> Run:
+    """Open a trained run folder (the super-network is loaded from safetensors)."""
+    from .slicing import load_sliced
+
+    folder = Path(folder)
+    run_json = folder / "run.json"
+    if not run_json.exists():
+        raise RunError(f"{folder} is not a nasprune run folder (no run.json); create it with `nasprune train`")
+    try:
+        settings = json.loads(run_json.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{run_json} is corrupt: {e}") from None
+    if settings.get("status") != "trained":
+        raise RunError(f"the super-network in {folder} is not trained yet (status: {settings.get('status')}); "
+                       "run `nasprune train` again with the same options to resume")
+    from transformers import AutoTokenizer
+
+    try:
+        net = load_sliced(folder / "supernet")
+    except Exception as e:  # noqa: BLE001
+        raise RunError(f"cannot load the super-network in {folder / 'supernet'}: {e}") from None
+    tokenizer = AutoTokenizer.from_pretrained(folder / "supernet")
+    supernet = SuperNetwork(net)
+    space = make_space(settings["space"], ModelDims(**settings["dims"]), settings["fixed_params"])
+    data = DataSettings(**settings["data"])
+    return Run(folder, settings, supernet, tokenizer, space, data)
