@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: data location, figure statistics, writing docs/benchmarks.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+
+def data_dir() -> str:
+    d = os.environ.get("NASPRUNE_DATA_DIR") or str(ROOT.parent / "shared" / "data" / "glue")
+    if not Path(d, "SST-2", "train.tsv").is_file():
+        sys.exit(f"GLUE data not found in {d}; set NASPRUNE_DATA_DIR")
+    return d
+
+
+def stats(values) -> dict:
+    v = sorted(values)
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1]}
+
+
+def machine() -> str:
+    import onnxruntime
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}")
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    DOCS.parent.mkdir(exist_ok=True)
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nEvery figure here is printed by a script in `benchmarks/`.\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text)
