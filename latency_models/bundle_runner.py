@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Time and size the profiling micro-graphs on a target; write a latency table.
+
+This file has two lives:
+
+* inside nasprune it is the measuring back end of :func:`latency_models.profile.profile` (run as a clean worker
+  process: ``python latency_models/bundle_runner.py --serve``), and
+* copied into a profiling bundle as ``run_profile.py`` it runs on a device that has only Python, ``onnxruntime``
+  and ``numpy`` (``psutil`` and ``tqdm`` are used when present)::
+
+      python run_profile.py --out table.json
+
+It therefore imports nothing from nasprune: the session / fingerprint helpers come from ``targets.session`` or, in
+a bundle, from the copy ``nasprune_session.py`` next to this file.
+
+How one graph is measured (:func:`measure_graph`), in a child process forked for that graph (Linux):
+
+* latency: ``warmup`` runs, then repetitions until at least ``min_reps`` runs and ``min_time_s`` seconds (at most
+  ``max_reps``); the statistic is the median of the per-run wall times (``time.perf_counter``).
+* memory: the peak resident set size while the session runs, minus the resident size before the session was
+  created. The kernel's peak counter (``VmHWM``) is reset after the session is created (``/proc/self/clear_refs``
+  = 5), so load-time transients (the ONNX protobuf next to the initializers) are not counted: the figure is what
+  the model occupies while it serves requests -- weights as ONNX Runtime holds them, plus its arena (activations).
+  Without /proc, the resident size after the runs is used (psutil).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+try:  # inside nasprune
+    from targets.session import fingerprint_key, machine_fingerprint, open_session
+except ImportError:  # inside a bundle (or run from a source tree that is not installed)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from nasprune_session import fingerprint_key, machine_fingerprint, open_session  # type: ignore
+    except ImportError:
+        sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+        from targets.session import fingerprint_key, machine_fingerprint, open_session
+
+TABLE_FORMAT = "nasprune.latency_table"
+TABLE_VERSION = 1
+MB = 1e6  # memory figures are in MB = 10^6 bytes
+
+DEFAULT_MEASUREMENT = {"warmup": 5, "min_reps": 15, "min_time_s": 0.3, "max_reps": 2000, "statistic": "median"}
+MEMORY_METHOD = ("peak RSS while running (VmHWM reset after session creation via /proc/self/clear_refs) minus RSS "
+                 "before session creation, in a child process forked per graph; MB = 1e6 bytes")
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def _proc_status() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS", "VmHWM")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _rss() -> int:
+    st = _proc_status()
+    if "VmRSS" in st:
+        return st["VmRSS"]
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_feed(input_names, batch: int, seq_len: int, vocab_size: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feed = {}
+    for name in input_names:
+        if name == "input_ids":
+            feed[name] = rng.integers(5, max(6, vocab_size - 1), size=(batch, seq_len), dtype=np.int64)
+        elif name == "attention_mask":
+            feed[name] = np.ones((batch, seq_len), dtype=np.int64)
+        else:
+            feed[name] = np.zeros((batch, seq_len), dtype=np.int64)
+    return feed
+
+
+def _measure_here(onnx_path, target: dict, vocab_size: int, measurement: dict) -> dict:
+    m = {**DEFAULT_MEASUREMENT, **(measurement or {})}
+    base = _rss()
+    sess = open_session(onnx_path, target["providers"], target.get("optional_providers", ()),
+                        target.get("intra_op_threads", "auto"), target.get("graph_optimization_level", "all"))
+    loaded = _rss()
+    peak_ok = _reset_peak()
+    feed = make_feed([i.name for i in sess.get_inputs()], target.get("batch_size", 1),
+                     target.get("sequence_length", 128), vocab_size)
+    for _ in range(int(m["warmup"])):
+        sess.run(None, feed)
+    times = []
+    t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        if len(times) >= m["max_reps"] or (len(times) >= m["min_reps"] and t1 - t_start >= m["min_time_s"]):
+            break
+    times.sort()
+    n = len(times)
+    med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+    st = _proc_status()
+    peak = st.get("VmHWM", 0) if peak_ok else _rss()
+    return {
+        "latency_ms": med * 1e3,
+        "q25_ms": times[n // 4] * 1e3,
+        "q75_ms": times[(3 * n) // 4] * 1e3,
+        "reps": n,
+        "memory_mb": max(peak - base, 0) / MB,
+        "loaded_mb": max(loaded - base, 0) / MB,
+        "memory_method": "vmhwm" if peak_ok else "rss",
+    }
+
+
+def measure_graph(onnx_path, target: dict, vocab_size: int, measurement: dict | None = None) -> dict:
+    """Latency (median ms) and peak memory (MB) of one ONNX graph with the target's session settings.
+
+    On POSIX the measurement runs in a forked child so each graph starts from the same resident baseline.
+    """
+    if not hasattr(os, "fork"):
+        return _measure_here(onnx_path, target, vocab_size, measurement or {})
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            payload = json.dumps(_measure_here(onnx_path, target, vocab_size, measurement or {}))
+        except BaseException as e:  # report, never return into the parent's code
+            payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
+            code = 1
+        with os.fdopen(w, "w") as fh:
+            fh.write(payload)
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    try:
+        result = json.loads(data)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"measuring {onnx_path} crashed the measuring process") from None
+    if "error" in result:
+        raise RuntimeError(f"measuring {onnx_path} failed: {result['error']}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the grid run
+def manifest_key(manifest: dict) -> str:
+    """What must match for a partial result file to be resumed."""
+    data = {k: manifest.get(k) for k in ("target", "precision", "model", "grid", "measurement")}
+    data["graphs"] = [g["key"] for g in manifest["graphs"]]
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def partial_path_for(out_path) -> Path:
+    return Path(str(out_path) + ".partial.json")
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="graph", dynamic_ncols=True)
+    except ImportError:
+        return None
+
+
+def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=None, on_point=None,
+             progress: bool = True, resume: bool = True) -> dict:
+    """Measure every graph of ``manifest`` not measured yet; after each, write ``<out_path>.partial.json``.
+
+    ``prepare(entry) -> path`` makes the graph file (default: ``manifest['root']/entry['file']``);
+    ``measure(path) -> dict`` times it; ``on_point(key, result, n_done)`` is called after each point (tests use
+    it to interrupt). Returns ``{key: result}`` for all graphs.
+    """
+    partial = partial_path_for(out_path)
+    mkey = manifest_key(manifest)
+    fkey = fingerprint_key(fingerprint)
+    results: dict = {}
+    if resume and partial.is_file():
+        try:
+            old = json.loads(partial.read_text())
+            if old.get("manifest_key") == mkey and old.get("fingerprint_key") == fkey:
+                results = dict(old.get("results", {}))
+            else:
+                print(f"note: {partial} belongs to another profile (grid, target or machine differ): starting over",
+                      file=sys.stderr)
+        except (json.JSONDecodeError, OSError, AttributeError):
+            print(f"note: {partial} is unreadable: starting over", file=sys.stderr)
+    keys = [g["key"] for g in manifest["graphs"]]
+    results = {k: v for k, v in results.items() if k in keys}
+    if measure is None:
+        measure = lambda path: measure_graph(path, manifest["target"], manifest["vocab_size"], manifest["measurement"])  # noqa: E731
+    if prepare is None:
+        root = Path(manifest.get("root", "."))
+        prepare = lambda entry: root / entry["file"]  # noqa: E731
+    todo = [g for g in manifest["graphs"] if g["key"] not in results]
+    bar = _progress(len(keys), len(keys) - len(todo), progress, f"profiling {manifest['precision']}")
+    try:
+        for entry in todo:
+            path = prepare(entry)
+            res = measure(path)
+            if "weight_bytes" in entry:
+                res["weight_bytes"] = entry["weight_bytes"]
+            results[entry["key"]] = res
+            tmp = partial.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"manifest_key": mkey, "fingerprint_key": fkey, "results": results}))
+            tmp.replace(partial)
+            if bar is not None:
+                bar.update(1)
+            elif progress:
+                print(f"  {len(results)}/{len(keys)} {entry['key']}: {res['latency_ms']:.3f} ms", file=sys.stderr)
+            if on_point is not None:
+                on_point(entry["key"], res, len(results))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def grid_key(h: int, u: int) -> str:
+    return f"h{h}_u{u}"
+
+
+def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: float | None = None) -> dict:
+    """The latency table (see docs/profiling.md) from the per-graph measurements.
+
+    Block cost of a layer with ``h`` heads and ``u`` units = T(one-layer model h,u) - T(zero-layer model); the
+    zero-layer model (embeddings, pooler, classifier, session overhead) is the base. A layer keeping nothing is
+    dropped: its cost is 0.
+    """
+    heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
+    base = results["base"]
+    base_w = base.get("weight_bytes", 0) / MB
+    lat, wts, work, reps = [], [], [], []
+    for h in heads:
+        rl, rw, rk, rr = [], [], [], []
+        for u in units:
+            if h == 0 and u == 0:
+                rl.append(0.0), rw.append(0.0), rk.append(0.0), rr.append(0)
+                continue
+            r = results[grid_key(h, u)]
+            w = r.get("weight_bytes", 0) / MB - base_w
+            rl.append(r["latency_ms"] - base["latency_ms"])
+            rw.append(w)
+            rk.append(r["memory_mb"] - base["memory_mb"] - w)
+            rr.append(r["reps"])
+        lat.append(rl), wts.append(rw), work.append(rk), reps.append(rr)
+    return {
+        "format": TABLE_FORMAT,
+        "version": TABLE_VERSION,
+        "fingerprint": fingerprint,
+        "fingerprint_key": fingerprint_key(fingerprint),
+        "target": manifest["target"],
+        "model": manifest["model"],
+        "grid": {"heads": list(heads), "units": list(units)},
+        "base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"], "weights_mb": base_w},
+        "blocks": {"latency_ms": lat, "weights_mb": wts, "working_mb": work},
+        "measurement": {
+            **{k: manifest["measurement"].get(k, v) for k, v in DEFAULT_MEASUREMENT.items()},
+            "reps": reps,
+            "base_reps": base["reps"],
+            "method": "one-layer sliced model minus zero-layer model, exported and fused like the compiled models",
+            "memory_method": MEMORY_METHOD,
+            "wall_s": wall_s,
+        },
+        "calibration": {"latency": {"a": 1.0, "b": 0.0, "n": 0}, "memory": {"a": 1.0, "b": 0.0, "n": 0}},
+        "validation": {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def fingerprint_for(manifest: dict) -> dict:
+    t = manifest["target"]
+    return machine_fingerprint(t["providers"], t.get("optional_providers", ()), t.get("intra_op_threads", "auto"),
+                               manifest["precision"], t.get("batch_size", 1), t.get("sequence_length", 128),
+                               t.get("name", ""))
+
+
+def run_bundle(manifest_path, out_path, progress: bool = True, resume: bool = True) -> Path:
+    manifest_path = Path(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["root"] = str(manifest_path.parent)
+    fp = fingerprint_for(manifest)
+    t0 = time.perf_counter()
+    results = run_grid(manifest, out_path, fp, progress=progress, resume=resume)
+    table = assemble_table(manifest, results, fp, wall_s=time.perf_counter() - t0)
+    table["measurement"]["where"] = "bundle (run_profile.py)"
+    write_json(out_path, table)
+    partial_path_for(out_path).unlink(missing_ok=True)
+    return Path(out_path)
+
+
+# ------------------------------------------------------------------------------------------ worker protocol
+def serve(stdin=None, stdout=None) -> None:
+    """One JSON request per line: ``{"path", "target", "vocab_size", "measurement"}`` -> one JSON reply per line."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    for line in stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        try:
+            reply = measure_graph(req["path"], req["target"], req["vocab_size"], req.get("measurement"))
+        except Exception as e:  # noqa: BLE001 - reported to the client
+            reply = {"error": str(e)}
+        stdout.write(json.dumps(reply) + "\n")
+        stdout.flush()
+
+
+def main(argv=None) -> int:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description="Profile the nasprune micro-graphs of this bundle on this device.")
+    ap.add_argument("--manifest", default=str(here / "manifest.json"), help="bundle manifest (default: next to me)")
+    ap.add_argument("--out", default="table.json", help="latency table to write (default: table.json)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-resume", action="store_true", help="ignore <out>.partial.json from an interrupted run")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        serve()
+        return 0
+    out = run_bundle(args.manifest, args.out, progress=not args.no_progress, resume=not args.no_resume)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The latency table: per-block latency and memory of one model family on one target, and the predictors.
+
+The JSON file (format ``nasprune.latency_table``, see docs/profiling.md) holds the target's fingerprint, the
+measured base (zero-layer model) and per-block costs on a (heads x units) grid, how they were measured, a linear
+calibration fitted on end-to-end measurements, and the validation error on held-out sub-networks.
+
+Predictions::
+
+    latency(subnet) = a_lat * (base + sum_l L(h_l, u_l)) + b_lat                        [ms]
+    memory(subnet)  = a_mem * (base + sum_l W(h_l, u_l) + max_l K(h_l, u_l)) + b_mem     [MB]
+
+with L / W / K the block latency / weight / working-memory grids, linearly interpolated over units (and heads
+where the head grid is not complete); a dropped layer (0 heads, 0 units) costs nothing. Weights add up over
+layers; ONNX Runtime's arena reuses activation buffers between layers, so working memory is the largest layer's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_CHECKED = ("cpu_model", "physical_cores", "threads", "onnxruntime", "provider", "precision",
+                       "batch_size", "sequence_length")
+
+
+class TableError(ValueError):
+    """A latency table file that cannot be used; the message names the file and what is wrong."""
+
+
+class FingerprintMismatchWarning(UserWarning):
+    """The table was measured on another machine / runtime / setting than the one asked for."""
+
+
+def _interp_axis(grid: list[int], x: float) -> tuple[int, int, float]:
+    """Indices i, j and weight t so that value = (1-t)*v[i] + t*v[j]; clamps outside the grid."""
+    if x <= grid[0]:
+        return 0, 0, 0.0
+    if x >= grid[-1]:
+        n = len(grid) - 1
+        return n, n, 0.0
+    j = bisect.bisect_left(grid, x)
+    if grid[j] == x:
+        return j, j, 0.0
+    i = j - 1
+    return i, j, (x - grid[i]) / (grid[j] - grid[i])
+
+
+class LatencyTable:
+    def __init__(self, data: dict, path: str | Path | None = None):
+        self.data = data
+        self.path = Path(path) if path is not None else None
+        _validate(data, str(path or "<table>"))
+        self.heads_grid = [int(h) for h in data["grid"]["heads"]]
+        self.units_grid = [int(u) for u in data["grid"]["units"]]
+        b = data["blocks"]
+        self._lat = np.asarray(b["latency_ms"], dtype=float)
+        self._wts = np.asarray(b["weights_mb"], dtype=float)
+        self._work = np.asarray(b["working_mb"], dtype=float)
+
+    # --------------------------------------------------------------------- io
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise TableError(f"latency table not found: {path}") from None
+        except OSError as e:
+            raise TableError(f"{path}: cannot read ({e})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TableError(f"{path}: not valid JSON ({e}); re-run nasprune-profile to regenerate it") from None
+        return cls(data, path)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.path)
+        write_json(path, self.data)
+        self.path = path
+        return path
+
+    # ------------------------------------------------------------------ views
+    @property
+    def fingerprint(self) -> dict:
+        return self.data["fingerprint"]
+
+    @property
+    def precision(self) -> str:
+        return self.fingerprint["precision"]
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def calibration(self) -> dict:
+        return self.data.setdefault("calibration", {})
+
+    @property
+    def validation(self) -> dict:
+        return self.data.setdefault("validation", {})
+
+    def fingerprint_differences(self, fingerprint: dict) -> dict:
+        """``{field: (table's value, given value)}`` for the fields that decide whether the table applies."""
+        mine = self.fingerprint
+        return {k: (mine.get(k), fingerprint.get(k)) for k in FINGERPRINT_CHECKED if mine.get(k) != fingerprint.get(k)}
+
+    def check_fingerprint(self, target, precision: str | None = None) -> dict:
+        """Warn (:class:`FingerprintMismatchWarning`) when this table was measured under other conditions than
+        ``target`` at ``precision`` on this machine; returns the differences."""
+        fp = target.fingerprint(precision)
+        diff = self.fingerprint_differences(fp)
+        if diff:
+            lines = ", ".join(f"{k}: table {a!r} vs now {b!r}" for k, b_a in diff.items() for a, b in [b_a])
+            warnings.warn(
+                f"latency table {self.path or ''} was measured under different conditions ({lines}); "
+                "predictions may be off -- re-profile with nasprune-profile",
+                FingerprintMismatchWarning, stacklevel=2,
+            )
+        return diff
+
+    def check_model(self, dims) -> None:
+        d = dims.to_dict() if hasattr(dims, "to_dict") else dict(dims)
+        m = self.model
+        for k in ("hidden_size", "num_heads", "head_size", "intermediate_size"):
+            if k in m and m[k] != d.get(k):
+                raise TableError(f"latency table {self.path or ''} is for a model with {k}={m[k]}, not {d.get(k)}")
+
+    # ------------------------------------------------------------ predictors
+    def _block(self, grid: np.ndarray, h: int, u: int) -> float:
+        if h == 0 and u == 0:
+            return 0.0
+        hi, hj, ht = _interp_axis(self.heads_grid, h)
+        ui, uj, ut = _interp_axis(self.units_grid, u)
+
+        def at(a, b):
+            if self.heads_grid[a] == 0 and self.units_grid[b] == 0:  # (0,0) is "dropped"; use the nearest real block
+                return grid[a, min(b + 1, grid.shape[1] - 1)] if u > 0 else grid[min(a + 1, grid.shape[0] - 1), b]
+            return grid[a, b]
+
+        top = (1 - ut) * at(hi, ui) + ut * at(hi, uj)
+        bot = (1 - ut) * at(hj, ui) + ut * at(hj, uj)
+        return float((1 - ht) * top + ht * bot)
+
+    def layer_latency(self, heads: int, units: int) -> float:
+        return self._block(self._lat, heads, units)
+
+    def raw_latency(self, subnet) -> float:
+        """Uncalibrated latency (ms): base + sum of block costs."""
+        return float(self.data["base"]["latency_ms"] + sum(
+            self._block(self._lat, h, u) for h, u in zip(subnet.heads, subnet.units)))
+
+    def raw_memory(self, subnet) -> float:
+        """Uncalibrated memory (MB): base + weights of every kept layer + the largest layer's working memory."""
+        layers = [(h, u) for h, u in zip(subnet.heads, subnet.units) if h or u]
+        weights = sum(self._block(self._wts, h, u) for h, u in layers)
+        working = max((self._block(self._work, h, u) for h, u in layers), default=0.0)
+        return float(self.data["base"]["memory_mb"] + weights + max(working, 0.0))
+
+    def weights_mb(self, subnet) -> float:
+        """Weight bytes (MB) of the sliced model at this table's precision."""
+        return float(self.data["base"].get("weights_mb", 0.0) + sum(
+            self._block(self._wts, h, u) for h, u in zip(subnet.heads, subnet.units)))
+
+    def _calibrated(self, kind: str, raw: float) -> float:
+        c = self.calibration.get(kind) or {}
+        return float(c.get("a", 1.0) * raw + c.get("b", 0.0))
+
+    def predict_latency(self, subnet) -> float:
+        """Predicted end-to-end latency (ms) of the sliced, exported ``subnet`` on this table's target."""
+        return self._calibrated("latency", self.raw_latency(subnet))
+
+    def predict_memory(self, subnet) -> float:
+        """Predicted peak resident memory (MB) of the sliced, exported ``subnet`` while it runs."""
+        return self._calibrated("memory", self.raw_memory(subnet))
+
+    def set_calibration(self, kind: str, raw: list[float], measured: list[float]) -> dict:
+        """Least-squares ``measured ~ a * raw + b`` (falls back to a pure scale for < 3 samples)."""
+        x, y = np.asarray(raw, float), np.asarray(measured, float)
+        if len(x) >= 3 and np.ptp(x) > 0:
+            a, b = np.polyfit(x, y, 1)
+        elif len(x):
+            a, b = float(np.sum(x * y) / np.sum(x * x)), 0.0
+        else:
+            a, b = 1.0, 0.0
+        cal = {"a": float(a), "b": float(b), "n": int(len(x)), "method": "least squares measured = a * raw + b",
+               "samples": [{"raw": float(r), "measured": float(m)} for r, m in zip(x, y)]}
+        self.calibration[kind] = cal
+        return cal
+
+    def summary(self) -> str:
+        fp = self.fingerprint
+        lines = [f"latency table {self.path or ''}",
+                 f"  target {fp.get('target')} / {fp.get('provider')} / {fp.get('precision')} / {fp.get('threads')} "
+                 f"threads / ORT {fp.get('onnxruntime')} / {fp.get('cpu_model')}",
+                 f"  grid {len(self.heads_grid)} heads x {len(self.units_grid)} units, base "
+                 f"{self.data['base']['latency_ms']:.2f} ms"]
+        for kind, v in self.validation.items():
+            if isinstance(v, dict) and "mape" in v:
+                lines.append(f"  {kind}: MAPE {v['mape']:.1f}%, within 5% {100 * v['within_5']:.0f}%, within 10% "
+                             f"{100 * v['within_10']:.0f}% (n={v['n']})")
+        return "\n".join(lines)
+
+
+def error_stats(predicted, measured) -> dict:
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    if not len(p):
+        return {"n": 0}
+    rel = np.abs(p - m) / np.maximum(np.abs(m), 1e-12)
+    return {"n": int(len(p)), "mape": float(100 * rel.mean()), "max_ape": float(100 * rel.max()),
+            "within_5": float(np.mean(rel <= 0.05)), "within_10": float(np.mean(rel <= 0.10))}
+
+
+# ------------------------------------------------------------------------------------------------- validation
+_REQUIRED = {
+    "format": str, "version": int, "fingerprint": dict, "model": dict, "grid": dict, "base": dict, "blocks": dict,
+    "measurement": dict,
+}
+
+
+def _validate(data, where: str) -> None:
+    def fail(msg):
+        raise TableError(f"{where}: {msg}; re-run nasprune-profile to regenerate it")
+
+    if not isinstance(data, dict):
+        fail("not a latency table (expected a JSON object)")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        fail(f"missing key(s) {', '.join(missing)}")
+    for k, t in _REQUIRED.items():
+        if not isinstance(data[k], t):
+            fail(f"key '{k}' should be a {t.__name__}, got {type(data[k]).__name__}")
+    if data["format"] != TABLE_FORMAT:
+        fail(f"format is {data['format']!r}, expected {TABLE_FORMAT!r}")
+    if data["version"] > TABLE_VERSION:
+        fail(f"table version {data['version']} is newer than this nasprune understands ({TABLE_VERSION})")
+    for k in ("precision", "provider", "onnxruntime", "threads"):
+        if k not in data["fingerprint"]:
+            fail(f"fingerprint has no '{k}'")
+    grid = data["grid"]
+    for axis in ("heads", "units"):
+        vals = grid.get(axis)
+        if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and v >= 0 for v in vals):
+            fail(f"grid.{axis} must be a non-empty list of integers >= 0")
+        if sorted(set(vals)) != vals:
+            fail(f"grid.{axis} must be strictly increasing")
+    for k in ("latency_ms", "memory_mb"):
+        if not isinstance(data["base"].get(k), (int, float)):
+            fail(f"base.{k} missing or not a number")
+    shape = (len(grid["heads"]), len(grid["units"]))
+    for k in ("latency_ms", "weights_mb", "working_mb"):
+        block = data["blocks"].get(k)
+        if block is None:
+            fail(f"blocks.{k} missing")
+        try:
+            arr = np.asarray(block, dtype=float)
+        except (TypeError, ValueError):
+            fail(f"blocks.{k} is not a numeric grid")
+        if arr.shape != shape:
+            fail(f"blocks.{k} has shape {arr.shape}, the grid needs {shape} (heads x units)")
+        if not np.all(np.isfinite(arr)):
+            fail(f"blocks.{k} contains non-finite values")
