@@ -1,0 +1,116 @@
+"""Search methods on the SST-2 super-network (issue: search): NSGA-II vs random search vs local search.
+
+Objectives: validation error with shared weights (on a seeded SST-2 dev subsample) and latency predicted by the
+target's latency table. Every method gets the same budget of distinct evaluations, 3 seeds each. Reported: the
+hypervolume (fixed normalisation: error as is, latency / unpruned latency, reference point 1.1; see
+docs/search.md) after 25 %, 50 % and 100 % of the budget, median (min-max) over seeds.
+
+The error of a sub-network does not depend on who asks for it, so one cached evaluator serves all runs (each
+distinct sub-network is run on the data once); search wall times are therefore not comparable and not reported.
+
+    python benchmarks/bench_search.py --run runs/bench/sst2-standard-4000 [--n-evals 100] [--eval-samples 300]
+        [--latency-table table.json]   # default: the cached table of --target, profiled if there is none
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import machine, stats, write_section
+from toolchain.evaluation import Evaluator
+from toolchain.run import load_run
+from toolchain.search import run_search, summarize
+
+METHODS = ("nsga2", "random", "local")
+
+
+def latency_table(args, dims):
+    from latency_models.cli_api import find_table, run_profile
+    from latency_models.lookup_table import LatencyTable
+
+    if args.latency_table:
+        return LatencyTable.load(args.latency_table)
+    table = find_table(args.target, None, dims)
+    if table is None:
+        print(f"no cached latency table for {args.target}; profiling (cached afterwards)", flush=True)
+        table = LatencyTable.load(run_profile(target=args.target, progress=True))
+    table.check_model(dims)
+    return table
+
+
+def anytime_hv(result, fractions):
+    """Hypervolume of the first ``f * len(records)`` candidates (same fixed normalisation)."""
+    out = []
+    for f in fractions:
+        n = max(1, int(round(f * len(result.records))))
+        out.append(summarize(result.records[:n], result.objectives, result.normalizers)[2])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/bench/sst2-standard-4000", help="trained SST-2 run folder")
+    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--latency-table")
+    ap.add_argument("--n-evals", type=int, default=100)
+    ap.add_argument("--pop-size", type=int, default=10)
+    ap.add_argument("--eval-samples", type=int, default=300, help="SST-2 dev subsample for the search error")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    run = load_run(args.run)
+    space = run.space
+    table = latency_table(args, space.dims)
+    ev = Evaluator(run.supernet, run.encoded("validation", max_samples=args.eval_samples, seed=0), run.spec,
+                   param_count=space.num_parameters)
+
+    def evaluate(subnet):
+        return {"error": ev(subnet)["error"], "latency": table.predict_latency(subnet),
+                "params": float(space.num_parameters(subnet))}
+
+    normalizers = {"latency": table.predict_latency(space.largest())}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = (0.25, 0.5, 1.0)
+    hv: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+    front: dict[str, list[int]] = {m: [] for m in METHODS}
+    t0 = time.time()
+    for seed in seeds:
+        for method in METHODS:
+            res = run_search(space, evaluate, objectives=("error", "latency"), method=method, n_evals=args.n_evals,
+                             pop_size=args.pop_size, seed=seed, normalizers=normalizers, progress=False)
+            hv[method].append(anytime_hv(res, fractions))
+            front[method].append(len(res.pareto))
+            print(f"seed {seed} {method:6s} HV " + " ".join(f"{v:.4f}" for v in hv[method][-1])
+                  + f"  pareto {len(res.pareto)}  ({ev.calls} distinct sub-networks run so far, "
+                  f"{time.time() - t0:.0f}s)", flush=True)
+
+    md = ["## Search methods (SST-2, error + latency)\n",
+          f"`python benchmarks/bench_search.py --run {args.run} --n-evals {args.n_evals} --eval-samples "
+          f"{args.eval_samples}` -- {run.settings.get('train', {}).get('strategy', '?')} super-network "
+          f"({space.name.upper()} space), error on a seeded {args.eval_samples}-example SST-2 dev subsample, latency "
+          f"predicted by the {args.target} table (unpruned: {normalizers['latency']:.2f} ms). Budget "
+          f"{args.n_evals} distinct evaluations per run (NSGA-II population {args.pop_size}), seeds "
+          f"{args.seeds}. Hypervolume with the fixed normalisation of docs/search.md (error as is, latency / "
+          f"unpruned latency, reference point 1.1); median (min-max) over seeds. Machine: {machine()}.\n",
+          "| method | HV @ 25 % budget | HV @ 50 % | HV @ 100 % | Pareto points (median) |",
+          "| --- | --- | --- | --- | ---: |"]
+    for method in METHODS:
+        cols = []
+        for j in range(len(fractions)):
+            s = stats([h[j] for h in hv[method]])
+            cols.append(f"{s['median']:.4f} ({s['min']:.4f}-{s['max']:.4f})")
+        md.append(f"| {method} | " + " | ".join(cols) + f" | {np.median(front[method]):.0f} |")
+    text = "\n".join(md)
+    print(text)
+    if not args.no_write:
+        write_section("bench_search", text)
+
+
+if __name__ == "__main__":
+    main()
