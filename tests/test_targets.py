@@ -1,0 +1,133 @@
+"""Targets: built-in and user TOML files, validation errors, sessions, fingerprints."""
+
+from __future__ import annotations
+
+import pytest
+
+from targets import (PRECISIONS, ProviderUnavailableError, Target, TargetError, fingerprint_key, list_targets,
+                     load_target, physical_cores)
+
+GOOD = """
+name = "mine"
+providers = ["CPUExecutionProvider"]
+batch_size = 1
+sequence_length = 64
+precisions = ["int8", "fp32"]
+intra_op_threads = 1
+graph_optimization_level = "extended"
+"""
+
+
+def write(tmp_path, text, name="t.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def identity_onnx(tmp_path_factory):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    p = tmp_path_factory.mktemp("onnx") / "id.onnx"
+    onnx.save(model, str(p))
+    return p
+
+
+def test_builtin_targets_load():
+    assert {"cpu", "cuda", "arm64"} <= set(list_targets())
+    cpu = load_target("cpu")
+    assert cpu.providers == ("CPUExecutionProvider",)
+    assert cpu.intra_op_threads == "auto" and cpu.threads == physical_cores() >= 1
+    assert (cpu.batch_size, cpu.sequence_length) == (1, 128)
+    assert cpu.default_precision == "fp32" and "int8" in cpu.precisions
+    cuda = load_target("cuda")
+    assert cuda.providers[0] == "CUDAExecutionProvider" and set(cuda.precisions) == {"fp32", "fp16"}
+    arm = load_target("arm64")
+    assert arm.threads == 4 and "XnnpackExecutionProvider" in arm.optional_providers
+    for name in list_targets():
+        t = load_target(name)
+        assert set(t.precisions) <= set(PRECISIONS)
+
+
+def test_user_toml(tmp_path):
+    t = load_target(write(tmp_path, GOOD))
+    assert isinstance(t, Target)
+    assert t.name == "mine" and t.sequence_length == 64 and t.threads == 1
+    assert t.default_precision == "int8" and t.graph_optimization_level == "extended"
+    assert t.check_precision(None) == "int8"
+    with pytest.raises(TargetError, match="fp16"):
+        t.check_precision("fp16")
+
+
+@pytest.mark.parametrize("bad, field", [
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\ncolour = "red"\n', "colour"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nbatch_size = "one"\n', "batch_size"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nintra_op_threads = 0\n', "intra_op_threads"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nintra_op_threads = "many"\n', "intra_op_threads"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nprecisions = ["fp8"]\n', "precisions"),
+    ('name = "x"\nproviders = ["QuantumExecutionProvider"]\n', "providers"),
+    ('name = "x"\nproviders = "CPUExecutionProvider"\n', "providers"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\ngraph_optimization_level = "max"\n', "graph_optimization_level"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nsequence_length = 0\n', "sequence_length"),
+    ('providers = ["CPUExecutionProvider"]\n', "name"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nbatch_size = true\n', "batch_size"),
+])
+def test_validation_errors_name_file_and_field(tmp_path, bad, field):
+    p = write(tmp_path, bad)
+    with pytest.raises(TargetError) as e:
+        load_target(p)
+    assert str(p) in str(e.value) and field in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(TargetError, match="not found"):
+        load_target(tmp_path / "nope.toml")
+    with pytest.raises(TargetError, match="unknown target 'nosuchdevice'"):
+        load_target("nosuchdevice")
+    p = write(tmp_path, "name = [unclosed\n")
+    with pytest.raises(TargetError, match="not valid TOML"):
+        load_target(p)
+
+
+def test_session_cpu_and_optional_xnnpack(identity_onnx):
+    import numpy as np
+
+    sess = load_target("cpu").session(identity_onnx)
+    assert sess.get_providers()[-1] == "CPUExecutionProvider"
+    out = sess.run(None, {"x": np.ones((1, 4), np.float32)})[0]
+    assert out.shape == (1, 4)
+    sess = load_target("arm64").session(identity_onnx)  # XNNPACK only where the build has it
+    assert "CPUExecutionProvider" in sess.get_providers()
+
+
+def test_session_unavailable_provider_is_clear(identity_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider.*not available"):
+        load_target("cuda").session(identity_onnx)
+
+
+def test_fingerprint_and_key(tmp_path):
+    import onnxruntime as ort
+
+    cpu = load_target("cpu")
+    fp = cpu.fingerprint("int8")
+    for k in ("cpu_model", "physical_cores", "threads", "onnxruntime", "provider", "precision", "batch_size",
+              "sequence_length"):
+        assert k in fp
+    assert fp["onnxruntime"] == ort.__version__ and fp["precision"] == "int8" and fp["threads"] == cpu.threads
+    key = fingerprint_key(fp)
+    assert len(key) == 12 and key == fingerprint_key(cpu.fingerprint("int8"))
+    assert key != fingerprint_key(cpu.fingerprint("fp32"))
+    assert cpu.fingerprint()["precision"] == "fp32"
+    with pytest.raises(TargetError):
+        cpu.fingerprint("fp16")
