@@ -16,6 +16,7 @@ memory) meets the constraints; violators are reported and kept apart. :func:`wri
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -142,15 +143,49 @@ def _target_info(target, precision: str) -> dict | None:
         except Exception as e:  # a fingerprint that cannot be taken is recorded, not fatal
             fp = {"error": f"{type(e).__name__}: {e}"}
     return {"name": getattr(target, "name", None), "fingerprint": fp,
-            "intra_op_threads": getattr(target, "intra_op_threads", None)}
+            "intra_op_threads": target_threads(target)}
 
 
 def _uses_gpu(target) -> bool:
+    flag = getattr(target, "uses_gpu", None) if target is not None else None
+    if isinstance(flag, bool):
+        return flag
     for attr in ("provider", "execution_provider", "providers"):
         v = getattr(target, attr, None) if target is not None else None
         if v and any("CUDA" in str(p) or "Tensorrt" in str(p) or "ROCM" in str(p) for p in np.atleast_1d(v)):
             return True
     return False
+
+
+@contextlib.contextmanager
+def _quiet_optimizer():
+    """ORT's attention fusion warns about every layer whose width differs from the hidden size (expected after
+    pruning: the head count is read per layer) and the quantizer asks for pre-processing: keep those out of logs."""
+    names = ("fusion_attention", "onnxruntime.transformers.fusion_attention", "root")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names[:2]]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    root_filter = _DropMessages(("Input hidden size", "pre-processing before quantization"))
+    logging.getLogger().addFilter(root_filter)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+        logging.getLogger().removeFilter(root_filter)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # pragma: no cover
+            return True
+        return not any(f in msg for f in self.fragments)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -217,7 +252,8 @@ def export_point(
     tmp.mkdir()
     try:
         onnx_path = tmp / "model.onnx"
-        fused = build_onnx(sliced, onnx_path, precision, batch, seq_len, use_gpu=_uses_gpu(target))
+        with _quiet_optimizer():
+            fused = build_onnx(sliced, onnx_path, precision, batch, seq_len, use_gpu=_uses_gpu(target))
         graph_ops = count_ops(onnx_path)
         expected_att = sum(1 for i in subnet.kept_layers if subnet.heads[i] > 0)
         found_att = sum(graph_ops.get(op, 0) for op in ATTENTION_OPS)

@@ -79,8 +79,15 @@ def open_session(onnx_path: str | Path, target=None, session_factory: Callable |
 
 def target_threads(target=None, session=None) -> int:
     """Intra-op threads the session runs with (the target's, else the physical cores)."""
-    n = getattr(target, "intra_op_threads", None) if target is not None else None
-    return int(n) if n else physical_cores()
+    if target is None:
+        return physical_cores()
+    n = getattr(target, "threads", None)  # targets.Target resolves "auto" here
+    if isinstance(n, int) and n > 0:
+        return n
+    n = getattr(target, "intra_op_threads", None)
+    if isinstance(n, int) or (isinstance(n, str) and n.isdigit()):
+        return max(1, int(n))
+    return physical_cores()  # "auto" or unset
 
 
 def target_providers(target=None, session=None) -> list[str]:
