@@ -138,7 +138,218 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_COMMANDS: list = []  # (sub-parsers registered by the search/export/profile/compile sections below)
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target device")
+    g.add_argument("--target", default="cpu",
+                   help="target name (cpu, cuda, arm64) or a TOML file of your own (default: cpu)")
+    g.add_argument("--latency-table", default=None,
+                   help="latency table JSON measured on the device (nasprune-profile --bundle); default: profile "
+                        "this machine, cached per target fingerprint")
+    g.add_argument("--precision", default=None, help="fp32 | fp16 | int8 (default: the target's first precision)")
+
+
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("search and constraints")
+    g.add_argument("--max-latency", default=None, help="latency budget on the target: 20, 20ms, 0.02s")
+    g.add_argument("--max-memory", default=None, help="memory budget: 300MB, 0.5GB, 256MiB, 1GiB")
+    g.add_argument("--max-params", default=None, help="parameter budget: 10M, 500K")
+    g.add_argument("--objectives", default="error,latency",
+                   help="comma-separated, from: error, latency, memory, params (default: error,latency)")
+    g.add_argument("--method", choices=("nsga2", "random", "local"), default="nsga2",
+                   help="search method (default: nsga2)")
+    g.add_argument("--preset", choices=("quick", "default", "paper"), default="default",
+                   help="budgets of every stage (training data, evaluations, exported points); explicit options win")
+    g.add_argument("--n-evals", type=int, default=None, help="search budget: number of evaluated sub-networks")
+    g.add_argument("--max-search-time", type=float, default=None, help="search budget: wall time in seconds")
+    g.add_argument("--search-eval-samples", type=int, default=None,
+                   help="validation examples used per candidate during search (seeded subset)")
+
+
+def _compile_options(args, **over):
+    from .compile import CompileOptions
+    from .units import parse_latency, parse_memory, parse_params
+
+    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    return CompileOptions(
+        model=getattr(args, "model", None), data=_data_settings(args) if hasattr(args, "task") else None,
+        target=args.target, latency_table=args.latency_table, precision=args.precision,
+        max_latency=parse_latency(args.max_latency) if args.max_latency is not None else None,
+        max_memory=parse_memory(args.max_memory) if args.max_memory is not None else None,
+        max_params=parse_params(args.max_params) if args.max_params is not None else None,
+        objectives=objectives, space=getattr(args, "space", "medium"), strategy=getattr(args, "strategy", "sandwich"),
+        method=args.method, preset=args.preset, n_evals=args.n_evals, max_search_seconds=args.max_search_time,
+        search_eval_samples=args.search_eval_samples, n_export=getattr(args, "export", None),
+        max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
+        reorder=not getattr(args, "no_reorder", False), output=getattr(args, "output", None), seed=args.seed,
+        resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False), **over)
+
+
+def _table_for_run(run, opts):
+    from targets import load_target
+
+    from .compile import latency_table_for
+
+    target = load_target(opts.target)
+    precision = target.check_precision(opts.precision)
+    return target, precision, latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
+
+
+def cmd_search(args) -> int:
+    from .compile import InfeasibleError, search_stage
+    from .run import load_run
+    from .search import infeasible_message
+
+    run = load_run(args.run_dir)
+    opts = _compile_options(args)
+    opts.data = run.data
+    _, _, table = _table_for_run(run, opts)
+    result, _ = search_stage(run, table, opts, Path(args.run_dir))
+    if not result.feasible:
+        raise InfeasibleError(infeasible_message(result))
+    print(f"{len(result.records)} candidates, {len(result.pareto)} on the Pareto front, "
+          f"hypervolume {result.hypervolume:.4f}; written to {Path(args.run_dir) / 'pareto.json'}")
+    for r in result.pareto:
+        print("  " + ", ".join(f"{o} {r[o]:.4g}" for o in result.objectives) + f"  {r['subnet'].to_json()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .compile import export_stage
+    from .evaluation import Evaluator
+    from .run import load_run
+    from .subnetwork import SubNetwork
+
+    folder = Path(args.run_dir)
+    run = load_run(folder)
+    pareto_json = folder / "pareto.json"
+    if not pareto_json.exists():
+        raise FileNotFoundError(f"{pareto_json} not found: run `nasprune search {folder}` first")
+    pareto = json.loads(pareto_json.read_text())["pareto"]
+    opts = _compile_options(args)
+    opts.data = run.data
+    target, precision, table = _table_for_run(run, opts)
+    full = Evaluator(run.supernet, run.encoded("validation"), run.spec, param_count=run.space.num_parameters)
+    front = []
+    for r in pareto:
+        subnet = SubNetwork.from_dict(r["subnet"])
+        m = full(subnet)
+        front.append({**r, "subnet": subnet, "search_error": r.get("error"), "error": m["error"], "score": m["score"]})
+    shipped, selection, unpruned = export_stage(run, table, target, precision, front, None, opts, folder)
+    print(selection.report())
+    print_points(selection.shipped, unpruned)
+    return 0 if shipped else 3
+
+
+def cmd_profile(args) -> int:
+    from latency_models.cli_api import run_profile
+
+    path = run_profile(target=args.target, model=args.model, precision=args.precision, out=args.output,
+                       bundle=args.bundle, unit_step=args.unit_step, calibrate_samples=args.calibrate_samples,
+                       validate_samples=args.validate_samples, resume=not args.restart, progress=True)
+    print(f"written: {path}")
+    return 0
+
+
+def print_points(shipped, unpruned: dict | None = None) -> None:
+    header = f"{'point':<18} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'metric':>7}  path"
+    print(header)
+    print("-" * len(header))
+    if unpruned:
+        print(f"{'unpruned':<18} {unpruned['parameters'] / 1e6:>7.2f}M {unpruned['predicted_latency_ms']:>8.2f} "
+              f"{unpruned['measured_latency_ms']:>8.2f} {unpruned['measured_memory_mb'] or 0:>7.1f} "
+              f"{unpruned['metric'] or 0:>7.4f}  {unpruned['path']}")
+    for res in shipped:
+        pred = (res.info.get("predicted") or {}).get("latency_ms")
+        print(f"{res.point_id:<18} {res.parameters / 1e6:>7.2f}M {pred or 0:>8.2f} {res.measured_latency_ms or 0:>8.2f} "
+              f"{res.measured_memory_mb or 0:>7.1f} {(res.metric or {}).get('score') or 0:>7.4f}  {res.path}")
+
+
+def cmd_compile(args) -> int:
+    from .compile import compile_model
+
+    opts = _compile_options(args)
+    manifest = compile_model(opts)
+    out = Path(manifest["output"])
+    print(f"\nshipped {manifest['num_feasible']} point(s) to {out} "
+          f"(total {manifest['timings']['total_s']:.0f} s; report: {out / 'report.html'})")
+    unpruned = manifest["settings"].get("unpruned") or {}
+    rows = [("unpruned", unpruned.get("parameters"), unpruned.get("predicted_latency_ms"),
+             unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"), unpruned.get("metric"),
+             unpruned.get("path"))]
+    rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
+              p["metric"], p["path"] + ("" if p["feasible"] else "  (over budget, not shipped)"))
+             for p in manifest["points"]]
+    header = f"{'point':<16} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'metric':>7}  path"
+    print(header + "\n" + "-" * len(header))
+    for pid, params, pred, meas, mem, metric, path in rows:
+        print(f"{pid:<16} {(params or 0) / 1e6:>7.2f}M {pred or 0:>8.2f} {meas or 0:>8.2f} {mem or 0:>7.1f} "
+              f"{metric or 0:>7.4f}  {path}")
+    return 0
+
+
+def _register_stages(sub) -> None:
+    p = sub.add_parser("search", help="multi-objective search over a trained run folder",
+                       description="Search the super-network of a run folder for the Pareto set (error vs the "
+                                   "target's latency/memory/params). History: <run>/search_history.csv (resumes).")
+    p.add_argument("run_dir", help="run folder written by `nasprune train` or `nasprune-compile`")
+    add_target_options(p)
+    add_search_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export the Pareto points of a run folder as verified ONNX models",
+                       description="Slice, export, optimize, verify and measure the Pareto points in "
+                                   "<run>/pareto.json; writes <run>/points/<id>/ and manifest.json.")
+    p.add_argument("run_dir")
+    add_target_options(p)
+    add_search_options(p)
+    p.add_argument("--export", type=int, default=None, help="number of points to ship (default: preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("profile", help="build a latency/memory lookup table for a target (= nasprune-profile)")
+    add_profile_options(p)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("compile", help="everything: train, profile, search, export, report (= nasprune-compile)")
+    add_compile_options(p)
+    p.set_defaults(func=cmd_compile)
+
+
+def add_profile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", help="target name (cpu, cuda, arm64) or TOML file (default: cpu)")
+    p.add_argument("--model", default=None, help="model whose dimensions are profiled (default: all-MiniLM-L6-v2)")
+    p.add_argument("--precision", default=None, help="fp32 | fp16 | int8 (default: the target's first)")
+    p.add_argument("--output", "-o", default=None, help="table JSON (default: the cache, per target fingerprint)")
+    p.add_argument("--bundle", default=None,
+                   help="instead of profiling here, write micro-graphs + a torch-free runner to this folder, to run "
+                        "on the device: python run_profile.py --out table.json")
+    p.add_argument("--unit-step", type=int, default=128, help="FFN-unit grid step (default: 128)")
+    p.add_argument("--calibrate-samples", type=int, default=16, help="random sub-networks measured for calibration")
+    p.add_argument("--validate-samples", type=int, default=16, help="held-out sub-networks measured for validation")
+    p.add_argument("--restart", action="store_true", help="ignore a partial profile instead of resuming it")
+
+
+def add_compile_options(p: argparse.ArgumentParser) -> None:
+    add_model_data_options(p)
+    add_target_options(p)
+    add_search_options(p)
+    g = p.add_argument_group("super-network")
+    g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")
+    g.add_argument("--strategy", choices=STRATEGIES, default="sandwich", help="training strategy (default: sandwich)")
+    g.add_argument("--epochs", type=float, default=None, help="training epochs (default: preset)")
+    g.add_argument("--max-train-samples", type=int, default=None, help="training examples (default: preset)")
+    g.add_argument("--no-reorder", action="store_true", help="skip importance re-ordering")
+    g = p.add_argument_group("output")
+    g.add_argument("--export", type=int, default=None, help="number of Pareto points to ship (default: preset)")
+    g.add_argument("--output", "-o", default=None,
+                   help="run folder (default: nasprune-out/<task>-<target>[-<budget>])")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run (<output>.partial)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+EXTRA_COMMANDS: list = [_register_stages]
 
 
 def run_command(args) -> int:
@@ -167,6 +378,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     return run_command(args)
+
+
+def compile_main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p = argparse.ArgumentParser(
+        prog="nasprune-compile",
+        description="Compile a pre-trained BERT/RoBERTa model and a task into the Pareto set of pruned sub-networks "
+                    "for a target device, exported as optimized, verified ONNX models. Example: "
+                    "nasprune-compile --target cpu --max-latency 20ms",
+        epilog=EPILOG)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    add_compile_options(p)
+    p.set_defaults(func=cmd_compile)
+    return run_command(p.parse_args(argv))
+
+
+def profile_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="nasprune-profile",
+        description="Measure per-block latency and memory of a model family on a target through ONNX Runtime and "
+                    "write the lookup table (resumes an interrupted profile).")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_profile_options(p)
+    p.set_defaults(func=cmd_profile)
+    return run_command(p.parse_args(argv))
 
 
 if __name__ == "__main__":

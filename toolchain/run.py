@@ -183,11 +183,12 @@ def load_run(folder: str | Path) -> Run:
                        "run `nasprune train` again with the same options to resume")
     from transformers import AutoTokenizer
 
+    supernet_dir = Path(settings.get("supernet_dir") or folder / "supernet")  # compile runs share a cached one
     try:
-        net = load_sliced(folder / "supernet")
+        net = load_sliced(supernet_dir)
     except Exception as e:  # noqa: BLE001
-        raise RunError(f"cannot load the super-network in {folder / 'supernet'}: {e}") from None
-    tokenizer = AutoTokenizer.from_pretrained(folder / "supernet")
+        raise RunError(f"cannot load the super-network in {supernet_dir}: {e}") from None
+    tokenizer = AutoTokenizer.from_pretrained(supernet_dir)
     supernet = SuperNetwork(net)
     space = make_space(settings["space"], ModelDims(**settings["dims"]), settings["fixed_params"])
     data = DataSettings(**settings["data"])

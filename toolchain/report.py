@@ -1,0 +1,92 @@
+"""What a person looks at first: ``pareto.png`` and ``report.html`` in the run folder."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+AXIS_LABELS = {"latency": "latency on target (ms, predicted)", "memory": "memory (MB, predicted)",
+               "params": "parameters (millions)", "error": "validation error (1 - metric)"}
+
+
+def _x(record: dict, axis: str) -> float:
+    v = record[axis]
+    return v / 1e6 if axis == "params" else v
+
+
+def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_axis: str = "latency",
+                metric_name: str = "metric", budget: float | None = None, unpruned: dict | None = None,
+                shipped: list[dict] | None = None, title: str = "") -> Path:
+    """Scatter of every evaluated candidate, the Pareto front, the budget line, the unpruned model, shipped points.
+
+    ``records``/``pareto``/``unpruned`` are dicts with ``x_axis`` and ``error`` keys; ``shipped`` dicts also carry
+    ``measured_latency_ms`` and ``label``.
+    """
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+    xs = [_x(r, x_axis) for r in records]
+    ax.scatter(xs, [1 - r["error"] for r in records], s=10, c="#b0b0b0", label=f"evaluated candidates ({len(records)})",
+               zorder=1)
+    front = sorted(pareto, key=lambda r: r[x_axis])
+    ax.step([_x(r, x_axis) for r in front], [1 - r["error"] for r in front], where="post", c="#1f77b4", lw=1.8,
+            zorder=2)
+    ax.scatter([_x(r, x_axis) for r in front], [1 - r["error"] for r in front], s=28, c="#1f77b4",
+               label=f"Pareto front ({len(front)})", zorder=3)
+    if budget is not None:
+        ax.axvline(budget / 1e6 if x_axis == "params" else budget, c="#d62728", ls="--", lw=1.5,
+                   label=f"budget ({budget:g}{' ms' if x_axis == 'latency' else ''})")
+        ax.axvspan(budget, ax.get_xlim()[1] if xs else budget, color="#d62728", alpha=0.06, zorder=0)
+    if unpruned is not None:
+        ax.scatter([_x(unpruned, x_axis)], [1 - unpruned["error"]], marker="*", s=220, c="#ff7f0e",
+                   edgecolors="k", label="unpruned model", zorder=4)
+    for i, s in enumerate(shipped or []):
+        ax.scatter([_x(s, x_axis)], [1 - s["error"]], marker="D", s=70, c="#2ca02c", edgecolors="k", zorder=5,
+                   label="shipped (exported, verified)" if i == 0 else None)
+        ax.annotate(s.get("label", ""), (_x(s, x_axis), 1 - s["error"]), textcoords="offset points", xytext=(6, -14),
+                    fontsize=8, color="#1a6e1a")
+    ax.set_xlabel(AXIS_LABELS.get(x_axis, x_axis))
+    ax.set_ylabel(f"validation {metric_name} (shared weights)")
+    ax.set_title(title or "nasprune: accuracy vs cost of every evaluated sub-network", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def html_report(path: str | Path, *, title: str, png: Path, settings: dict, shipped_rows: list[dict],
+                rejected_rows: list[dict], notes: list[str]) -> Path:
+    """A single self-contained HTML page (the plot is embedded)."""
+    img = base64.b64encode(Path(png).read_bytes()).decode()
+    cols = ["point", "parameters", "predicted latency (ms)", "measured latency (ms)", "memory (MB)", "metric", "path"]
+
+    def table(rows):
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                       for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    settings_html = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                            for k, v in settings.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px;text-align:left}}
+th{{background:#f3f3f3}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<img src="data:image/png;base64,{img}" alt="Pareto front" style="max-width:100%">
+<h2>Shipped points</h2>{table(shipped_rows) if shipped_rows else "<p>none</p>"}
+{"<h2>Not shipped (measured over budget)</h2>" + table(rejected_rows) if rejected_rows else ""}
+<h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in notes)}</ul>
+<h2>Settings</h2><table>{settings_html}</table>
+</body></html>"""
+    path = Path(path)
+    path.write_text(page)
+    return path
