@@ -352,6 +352,25 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
 EXTRA_COMMANDS: list = [_register_stages]
 
 
+BUDGET_OPTIONS = ("--max-latency", "--max-memory", "--max-params")
+
+
+def _join_budget_values(argv: list[str] | None) -> list[str]:
+    """``--max-latency -5ms`` -> ``--max-latency=-5ms``, so a negative budget gets its own clear error instead of
+    argparse's "expected one argument"."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in BUDGET_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def run_command(args) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -373,7 +392,7 @@ def run_command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_budget_values(argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
@@ -391,7 +410,7 @@ def compile_main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     add_compile_options(p)
     p.set_defaults(func=cmd_compile)
-    return run_command(p.parse_args(argv))
+    return run_command(p.parse_args(_join_budget_values(argv)))
 
 
 def profile_main(argv: list[str] | None = None) -> int:

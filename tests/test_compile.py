@@ -1,0 +1,154 @@
+"""nasprune-compile end to end on a tiny model and a real-data slice; bad input; no overwrite; resume after SIGINT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from toolchain.cli import compile_main, main
+from toolchain.units import BudgetError, parse_latency, parse_memory, parse_params
+
+# budgets small enough for CI (2 cores): a tiny random BERT, 64 training examples, a few evaluations
+FAST = ["--preset", "quick", "--max-train-samples", "64", "--n-evals", "10", "--search-eval-samples", "32",
+        "--export", "2"]
+
+
+# ------------------------------------------------------------------------------------------------------ units
+@pytest.mark.parametrize("text,ms", [("20", 20.0), ("20ms", 20.0), ("0.02s", 20.0), (" 7.5 ms", 7.5), ("500us", 0.5)])
+def test_latency_budgets(text, ms):
+    assert parse_latency(text) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("text", ["-5ms", "0ms", "abc", "", "20 parsecs", "nan", "inf"])
+def test_bad_latency_budgets(text):
+    with pytest.raises(BudgetError):
+        parse_latency(text)
+
+
+def test_memory_and_param_units():
+    assert parse_memory("300MB") == 300 and parse_memory("1GB") == 1000
+    assert parse_memory("1GiB") == pytest.approx(1073.741824) and parse_memory("512KB") == pytest.approx(0.512)
+    assert parse_params("10M") == 1e7 and parse_params("500K") == 5e5 and parse_params("1234") == 1234
+    for bad in ("-1M", "0", "10X"):
+        with pytest.raises(BudgetError):
+            parse_params(bad)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def env(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NASPRUNE_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-latency", "-5ms"], "positive"),
+    (["--max-latency", "0ms"], "positive"),
+    (["--max-latency", "abc"], "cannot read latency budget"),
+    (["--max-memory", "12 parsecs"], "unit"),
+    (["--target", "toaster"], "toaster"),
+    (["--task", "imagenet"], "imagenet"),
+    (["--model", "./no/such/model"], "not found"),
+    (["--train-file", "missing.csv", "--validation-file", "missing.csv"], "missing.csv"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero_exit(env, capsys, args, message):
+    rc = compile_main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("error:") and message in err
+    assert len(err.splitlines()) == 1
+    assert not (env / "nasprune-out").exists() or not any((env / "nasprune-out").glob("*[!l]"))
+
+
+def test_missing_data_dir(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
+    rc = compile_main(["--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")])
+    assert rc != 0 and "nowhere" in capsys.readouterr().err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    rc = main(["train", "--model", str(tmp_path / "gpt2"), "-o", str(tmp_path / "run"), "--max-train-samples", "8"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "unsupported architecture 'gpt2'" in err and "bert" in err and "roberta" in err
+
+
+# -------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_dir, capsys):
+    out = env / "out"
+    rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--max-latency", "50ms", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_feasible"] >= 1
+    for p in manifest["points"]:
+        if p["feasible"]:
+            assert p["measured_latency_ms"] <= 50
+            folder = out / p["path"]
+            assert {"model.onnx", "config.json", "nasprune.json", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
+    for name in ("pareto.png", "report.html", "search_history.csv", "pareto.json", "run.json"):
+        assert (out / name).is_file(), name
+    assert "unpruned" in printed and "shipped" in printed
+    assert not out.with_name("out.partial").exists()
+
+    # a finished run is never overwritten without --overwrite
+    before = (out / "manifest.json").read_text()
+    rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--max-latency", "50ms", "-o", str(out)])
+    assert rc != 0 and "--overwrite" in capsys.readouterr().err
+    assert (out / "manifest.json").read_text() == before
+
+    # the stages work on their own over the same folder (super-network comes from the cache)
+    assert main(["evaluate", str(out), "--max-eval-samples", "16"]) == 0
+    capsys.readouterr()
+
+    # an impossible budget: clear message with the closest points, non-zero exit, no output folder
+    t = time.time()
+    rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--max-latency", "0.0001ms", "-o", str(env / "x")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "no sub-network meets --max-latency" in err and "closest" in err
+    assert not (env / "x").exists()
+    assert time.time() - t < 120  # caches (table, super-network) were reused
+
+
+@pytest.mark.slow
+def test_sigint_then_resume(env, tiny_model_dir):
+    out = env / "run"
+    cmd = [sys.executable, "-c", "import sys; from toolchain.cli import compile_main; sys.exit(compile_main())",
+           "--model", str(tiny_model_dir), *FAST[:-4], "--n-evals", "400", "--search-eval-samples", "32",
+           "--export", "1", "-o", str(out)]
+    history = out.with_name("run.partial") / "search_history.csv"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) > 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    done = len(history.read_text().splitlines()) - 1
+    assert done >= 4 and not out.exists()
+
+    # without --resume the unfinished run is not silently replaced
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+    resumed = subprocess.run(cmd[:3] + ["--resume"] + cmd[3:] + ["--n-evals", "24"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = (out / "search_history.csv").read_text().splitlines()[1:]
+    assert len(rows) == max(24, done)
+    assert (out / "manifest.json").is_file()
