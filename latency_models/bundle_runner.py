@@ -204,6 +204,7 @@ def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=
     it to interrupt). Returns ``{key: result}`` for all graphs.
     """
     partial = partial_path_for(out_path)
+    partial.parent.mkdir(parents=True, exist_ok=True)
     mkey = manifest_key(manifest)
     fkey = fingerprint_key(fingerprint)
     results: dict = {}

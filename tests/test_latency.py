@@ -1,0 +1,254 @@
+"""Profiling, latency tables, predictors, resume, bundles (tiny configs: timings are tiny and noisy, so the
+assertions are about structure and robust sanity, not tight error bounds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from latency_models import FingerprintMismatchWarning, LatencyTable, TableError
+from latency_models.bundle_runner import partial_path_for
+from targets import load_target
+from toolchain.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.search_space import layer_parameters, make_space
+from toolchain.subnetwork import SubNetwork
+
+FAST = {"warmup": 2, "min_reps": 5, "min_time_s": 0.02, "max_reps": 200}
+TARGET_TOML = """
+name = "tiny-cpu"
+providers = ["CPUExecutionProvider"]
+batch_size = 1
+sequence_length = 32
+precisions = ["fp32", "int8"]
+intra_op_threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("latency")
+    (d / "tiny.toml").write_text(TARGET_TOML)
+    cfg = tiny_config(hidden_size=32, num_attention_heads=2, intermediate_size=16, num_hidden_layers=3)
+    return d, load_target(d / "tiny.toml"), cfg, ModelDims.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def table(setup):
+    from latency_models.profile import profile
+
+    d, target, cfg, dims = setup
+    import torch
+
+    torch.manual_seed(0)
+    model = model_from_config(copy.deepcopy(cfg)).eval()
+    return profile(dims, target, "fp32", d / "table.json", model_config=cfg, unit_step=8, progress=False,
+                   measurement=FAST, model=model, calibrate_samples=3, validate_samples=2)
+
+
+def test_profile_writes_a_complete_table(setup, table):
+    d, target, cfg, dims = setup
+    assert table.heads_grid == [0, 1, 2] and table.units_grid == [0, 8, 16]
+    loaded = LatencyTable.load(d / "table.json")
+    assert not partial_path_for(d / "table.json").exists()
+    data = loaded.data
+    assert data["fingerprint"]["precision"] == "fp32" and data["fingerprint"]["threads"] == 1
+    assert data["fingerprint"]["sequence_length"] == 32
+    assert data["measurement"]["statistic"] == "median" and "memory_method" in data["measurement"]
+    assert data["base"]["latency_ms"] > 0 and data["base"]["memory_mb"] > 0
+    assert data["blocks"]["latency_ms"][0][0] == 0.0  # a dropped layer costs nothing
+    # weights are the initializer bytes of the exported graphs: about the layer's parameters x 4 bytes (fp32;
+    # ORT's fusion folds a few constants differently with and without an encoder layer)
+    full_w = data["blocks"]["weights_mb"][-1][-1] * 1e6
+    assert full_w == pytest.approx(4 * layer_parameters(32, 16, 2, 16), rel=0.05)
+    assert data["calibration"]["latency"]["n"] == 3 and data["calibration"]["memory"]["n"] == 3
+    for kind in ("latency", "memory"):
+        v = data["validation"][kind]
+        assert v["n"] == 2 and 0 <= v["within_5"] <= v["within_10"] <= 1 and len(v["samples"]) == 2
+
+
+def test_predictions_are_sane(setup, table):
+    d, target, cfg, dims = setup
+    full = SubNetwork.full(3, 2, 16)
+    one = SubNetwork((1, 0, 0), (8, 0, 0))
+    assert table.predict_latency(full) > 0 and table.predict_memory(full) > 0
+    assert table.raw_latency(full) > table.raw_latency(one)  # three full layers cost more than one small one
+    assert table.weights_mb(full) > table.weights_mb(one)
+    # interpolation between unit grid points lies between its neighbours
+    lo, mid, hi = (table.layer_latency(2, u) for u in (8, 12, 16))
+    assert min(lo, hi) - 1e-12 <= mid <= max(lo, hi) + 1e-12
+    # memory is dominated by exact quantities here: the tiny model's prediction is close to the measurement
+    assert table.validation["memory"]["mape"] < 25
+
+
+def test_corrupt_and_incomplete_tables(tmp_path, table):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(TableError, match="not valid JSON"):
+        LatencyTable.load(bad)
+    with pytest.raises(TableError, match="not found"):
+        LatencyTable.load(tmp_path / "missing.json")
+    data = copy.deepcopy(table.data)
+    del data["blocks"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(TableError, match="missing key.*blocks"):
+        LatencyTable.load(bad)
+    data = copy.deepcopy(table.data)
+    data["blocks"]["latency_ms"] = data["blocks"]["latency_ms"][:-1]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(TableError, match="shape"):
+        LatencyTable.load(bad)
+    data = copy.deepcopy(table.data)
+    data["grid"]["units"] = [16, 8, 0]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(TableError, match="increasing"):
+        LatencyTable.load(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(TableError, match="not a latency table"):
+        LatencyTable.load(bad)
+
+
+def test_fingerprint_mismatch_warns(setup, table):
+    d, target, cfg, dims = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert table.check_fingerprint(target, "fp32") == {}
+    other = LatencyTable(copy.deepcopy(table.data))
+    other.data["fingerprint"].update(cpu_model="Some Other CPU", onnxruntime="0.0.1", threads=7)
+    with pytest.warns(FingerprintMismatchWarning) as rec:
+        diff = other.check_fingerprint(target, "fp32")
+    msg = str(rec[0].message)
+    assert set(diff) == {"cpu_model", "onnxruntime", "threads"}
+    assert "cpu_model" in msg and "onnxruntime" in msg and "threads" in msg
+    with pytest.warns(FingerprintMismatchWarning, match="precision"):
+        table.check_fingerprint(target, "int8")
+
+
+def test_interrupted_profile_resumes_without_remeasuring(setup):
+    from latency_models.profile import profile
+
+    d, target, cfg, dims = setup
+    out = d / "resume.json"
+
+    class Stop(Exception):
+        pass
+
+    first: list[str] = []
+
+    def stop_after_3(key, result, n_done):
+        first.append(key)
+        if n_done == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        profile(dims, target, "fp32", out, model_config=cfg, unit_step=8, progress=False, measurement=FAST,
+                on_point=stop_after_3)
+    partial = partial_path_for(out)
+    assert partial.is_file() and not out.exists()
+    assert set(json.loads(partial.read_text())["results"]) == set(first)
+    second: list[str] = []
+    table = profile(dims, target, "fp32", out, model_config=cfg, unit_step=8, progress=False, measurement=FAST,
+                    on_point=lambda k, r, n: second.append(k))
+    assert not set(first) & set(second)  # done points are not measured again
+    assert len(first) + len(second) == 1 + 3 * 3 - 1  # base + grid without (0, 0)
+    assert out.is_file() and not partial.exists()
+    assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
+
+
+def test_default_table_path(monkeypatch, tmp_path, setup):
+    from latency_models.cli_api import default_table_path
+
+    d, target, cfg, dims = setup
+    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))
+    p32 = default_table_path(target, "fp32", dims)
+    p8 = default_table_path(target, "int8", dims)
+    assert p32.parent == tmp_path / "tables" and p32.suffix == ".json" and p32 != p8
+    assert p32 == default_table_path(target, None, dims)
+
+
+def test_sequence_longer_than_model_is_rejected(setup):
+    from latency_models.profile import MicroGraphBuilder
+
+    d, target, cfg, dims = setup
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        MicroGraphBuilder(dims, load_target("cpu"), "fp32", cfg)  # seq 128 > 80 positions
+
+
+# ------------------------------------------------------------------------------------------------------ bundles
+NO_TORCH_VENV = Path(os.environ.get("NASPRUNE_NOTORCH_VENV", Path.home() / ".cache" / "nasprune" / "venv-notorch"))
+
+
+def _notorch_python() -> Path | None:
+    py = NO_TORCH_VENV / "bin" / "python"
+    ok = py.is_file() and subprocess.run([str(py), "-c", "import onnxruntime, numpy"], capture_output=True).returncode == 0
+    if not ok:
+        shutil.rmtree(NO_TORCH_VENV, ignore_errors=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(NO_TORCH_VENV)], check=True, capture_output=True,
+                           timeout=120)
+            subprocess.run([str(py), "-m", "pip", "install", "-q", "onnxruntime", "numpy"], check=True,
+                           capture_output=True, timeout=600)
+        except (subprocess.SubprocessError, OSError):
+            return None
+    if subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0:
+        return None  # not a torch-free interpreter
+    return py
+
+
+@pytest.fixture(scope="module")
+def bundle(setup):
+    from latency_models.profile import write_bundle
+
+    d, target, cfg, dims = setup
+    folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
+                          progress=False)
+    return folder
+
+
+def _run_bundle(python, folder: Path, out: Path, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(extra_env or {})
+    # run from a folder where neither nasprune nor torch can be imported by accident
+    return subprocess.run([str(python), str(folder / "run_profile.py"), "--out", str(out), "--no-progress"],
+                          cwd=str(folder), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
+    """Fast: the bundle's runner in this interpreter, with torch and nasprune made unimportable."""
+    d, target, cfg, dims = setup
+    names = {p.name for p in bundle.iterdir()}
+    assert {"run_profile.py", "nasprune_session.py", "manifest.json", "graphs", "README.txt"} <= names
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(list((bundle / "graphs").glob("*.onnx"))) == len(manifest["graphs"]) == 9
+    block = tmp_path / "block"
+    block.mkdir()
+    for mod in ("torch", "toolchain", "latency_models", "targets", "transformers"):
+        (block / f"{mod}.py").write_text(f"raise ImportError('{mod} must not be needed on the device')\n")
+    out = tmp_path / "table.json"
+    r = _run_bundle(sys.executable, bundle, out, {"PYTHONPATH": str(block)})
+    assert r.returncode == 0, r.stderr
+    table = LatencyTable.load(out)
+    assert table.precision == "int8" and table.data["measurement"]["where"].startswith("bundle")
+    assert table.fingerprint == target.fingerprint("int8") | {"target": "tiny-cpu"}
+    assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
+
+
+@pytest.mark.slow
+def test_bundle_in_torch_free_venv(bundle, tmp_path):
+    py = _notorch_python()
+    if py is None:
+        pytest.skip("could not create a torch-free venv with onnxruntime + numpy (offline?)")
+    out = tmp_path / "table.json"
+    r = _run_bundle(py, bundle, out)
+    assert r.returncode == 0, r.stderr
+    table = LatencyTable.load(out)
+    assert table.heads_grid == [0, 1, 2] and table.units_grid == [0, 8, 16]
+    assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
+    assert table.predict_memory(SubNetwork((2, 0, 1), (16, 0, 8))) > 0
