@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
         "settings": {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds, "reps": args.reps,
                      "target": getattr(target, "name", "cpu-default"), "threads": fp.get("threads"),
                      "cpu": fp.get("cpu_model"), "onnxruntime": fp.get("onnxruntime"), "source": source},
-        "wall_s": time.time() - t_start, "out": str(out),
+        "wall_s": time.time() - t_start, "out": str(out), "load_average": list(os.getloadavg()),
     }
     (out / "bench_export.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -238,7 +239,9 @@ def main(argv=None) -> int:
         f"(`model_from_config`, random weights, exported the same way): {p['native_ms']:.2f} ms; ratio {ratio:.3f} "
         f"({'within' if p['within_10pct'] else 'NOT within'} 10 %).",
         "",
-        f"Benchmark wall time {summary['wall_s']:.0f} s.",
+        f"Benchmark wall time {summary['wall_s']:.0f} s; load average at the end "
+        f"{'/'.join(f'{x:.1f}' for x in summary['load_average'])} (1/5/15 min) on {os.cpu_count()} logical CPUs — "
+        f"absolute latencies include contention from other processes; the round-robin ratios are the robust part.",
     ]
     text = "\n".join(lines)
     print(text)
