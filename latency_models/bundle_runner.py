@@ -256,13 +256,15 @@ def grid_key(h: int, u: int) -> str:
 def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: float | None = None) -> dict:
     """The latency table (see docs/profiling.md) from the per-graph measurements.
 
-    Block cost of a layer with ``h`` heads and ``u`` units = T(one-layer model h,u) - T(zero-layer model); the
-    zero-layer model (embeddings, pooler, classifier, session overhead) is the base. A layer keeping nothing is
-    dropped: its cost is 0.
+    Block cost of a layer with ``h`` heads and ``u`` units = T(one-layer model h,u) - T(zero-layer model of the same
+    vocabulary, ``base_micro`` when present); the zero-layer model with the real vocabulary (embeddings, pooler,
+    classifier, session overhead) is the base. A layer keeping nothing is dropped: its cost is 0.
     """
     heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
     base = results["base"]
     base_w = base.get("weight_bytes", 0) / MB
+    ref = results.get("base_micro", base)  # the zero-layer graph with the one-layer graphs' vocabulary
+    ref_w = ref.get("weight_bytes", 0) / MB
     lat, wts, work, reps = [], [], [], []
     for h in heads:
         rl, rw, rk, rr = [], [], [], []
@@ -271,10 +273,10 @@ def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: flo
                 rl.append(0.0), rw.append(0.0), rk.append(0.0), rr.append(0)
                 continue
             r = results[grid_key(h, u)]
-            w = r.get("weight_bytes", 0) / MB - base_w
-            rl.append(r["latency_ms"] - base["latency_ms"])
+            w = r.get("weight_bytes", 0) / MB - ref_w
+            rl.append(r["latency_ms"] - ref["latency_ms"])
             rw.append(w)
-            rk.append(r["memory_mb"] - base["memory_mb"] - w)
+            rk.append(r["memory_mb"] - ref["memory_mb"] - w)
             rr.append(r["reps"])
         lat.append(rl), wts.append(rw), work.append(rk), reps.append(rr)
     return {

@@ -140,20 +140,34 @@ class Worker:
 
 
 # ------------------------------------------------------------------------------------------------ micro-graphs
+MICRO_VOCAB = 512
+
+
 def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT_UNIT_STEP,
                   measurement: dict | None = None) -> dict:
+    """The graphs to measure: ``base`` (zero-layer model, real vocabulary), and, when the vocabulary is larger
+    than :data:`MICRO_VOCAB`, ``base_micro`` plus one-layer models with a :data:`MICRO_VOCAB`-row embedding (block
+    costs are differences between graphs of the same vocabulary; a small embedding makes export 4x faster and
+    does not change the encoder layer's cost)."""
     heads = list(range(dims.num_heads + 1))
     units = unit_grid(dims.intermediate_size, unit_step)
-    graphs = [{"key": "base", "file": "graphs/base.onnx", "heads": 0, "units": 0, "layers": 0}]
+    micro = dims.vocab_size > MICRO_VOCAB
+    vocab = "micro" if micro else "full"
+    graphs = [{"key": "base", "file": "graphs/base.onnx", "heads": 0, "units": 0, "layers": 0, "vocab": "full"}]
+    if micro:
+        graphs.append({"key": "base_micro", "file": "graphs/base_micro.onnx", "heads": 0, "units": 0, "layers": 0,
+                       "vocab": "micro"})
     for h in heads:
         for u in units:
             if h or u:
                 k = runner.grid_key(h, u)
-                graphs.append({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1})
+                graphs.append({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1,
+                               "vocab": vocab})
     return {
         "format": "nasprune.profile_manifest", "version": 1,
         "target": target.settings(), "precision": precision, "model": dims.to_dict(),
-        "vocab_size": dims.vocab_size, "grid": {"heads": heads, "units": units},
+        # token ids fed to every graph are < vocab_size: valid for both vocabularies
+        "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
         "measurement": {**runner.DEFAULT_MEASUREMENT, **(measurement or {})}, "graphs": graphs,
     }
 
@@ -162,15 +176,24 @@ class MicroGraphBuilder:
     """Exports the micro-graph of a manifest entry (one-layer model sliced to (h, u), or the zero-layer model)."""
 
     def __init__(self, dims, target: Target, precision: str, model_config=None):
-        import torch
-
-        from toolchain.modeling import model_from_config
-
         cfg = config_for(dims, model_config, num_layers=1)
         check_sequence_length(cfg, target)
-        torch.manual_seed(0)
-        self.model = model_from_config(cfg).eval()
+        self._cfg = cfg
+        self._models: dict = {}
         self.target, self.precision = target, precision
+
+    def model(self, vocab: str = "full"):
+        if vocab not in self._models:
+            import torch
+
+            from toolchain.modeling import model_from_config
+
+            cfg = copy.deepcopy(self._cfg)
+            if vocab == "micro":
+                cfg.vocab_size = min(cfg.vocab_size, MICRO_VOCAB)
+            torch.manual_seed(0)
+            self._models[vocab] = model_from_config(cfg).eval()
+        return self._models[vocab]
 
     def build(self, entry: dict, dst) -> Path:
         from toolchain.onnx_export import build_onnx
@@ -179,7 +202,7 @@ class MicroGraphBuilder:
 
         sub = SubNetwork((entry["heads"],), (entry["units"],))
         with _quiet():
-            build_onnx(slice_model(self.model, sub), dst, self.precision, self.target.batch_size,
+            build_onnx(slice_model(self.model(entry.get("vocab", "full")), sub), dst, self.precision, self.target.batch_size,
                        self.target.sequence_length, use_gpu=self.target.uses_gpu)
         entry["weight_bytes"] = onnx_weight_bytes(dst)
         return Path(dst)
@@ -210,7 +233,7 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
             return builder.build(entry, Path(tmp) / f"{entry['key']}.onnx")
 
         def measure(path):
-            res = worker.measure(path, target, dims.vocab_size, manifest["measurement"])
+            res = worker.measure(path, target, manifest["vocab_size"], manifest["measurement"])
             Path(path).unlink(missing_ok=True)
             return res
 
