@@ -37,7 +37,7 @@ def write_section(md_path: Path, body: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder / id (default: all-MiniLM-L6-v2)")
-    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--target", nargs="+", default=["cpu"], help="target name(s) or TOML path(s)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     ap.add_argument("--unit-step", type=int, default=128)
     ap.add_argument("--calibrate", type=int, default=10, help="sub-networks for the calibration fit")
@@ -53,13 +53,13 @@ def main(argv=None) -> int:
     from targets import load_target
     from toolchain.modeling import ModelDims, load_config, model_from_config
 
-    target = load_target(args.target)
+    targets = [load_target(t) for t in args.target]
     _, config = load_config(args.model)
     dims = ModelDims.from_config(config)
     torch.manual_seed(0)
     model = model_from_config(config_for(dims, config)).eval()
     rows = []
-    for precision in args.precisions:
+    for target, precision in [(t, p) for t in targets for p in args.precisions if p in t.precisions]:
         out = Path(args.out_dir) / f"{dims.model_type}-{dims.hidden_size}-{target.name}-{precision}.json"
         out.unlink(missing_ok=True)
         t0 = time.perf_counter()
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         m = table.data["measurement"]
         n_graphs = len(table.heads_grid) * len(table.units_grid)
         v = table.validation
-        rows.append((precision, table, m["profile_wall_s"], total, n_graphs))
+        rows.append((target, precision, table, m["profile_wall_s"], total, n_graphs))
         print(table.summary())
         print(f"  {precision}: profiling {m['profile_wall_s']:.0f} s for {n_graphs} grid points "
               f"(total with calibration/validation {total:.0f} s)")
@@ -79,27 +79,27 @@ def main(argv=None) -> int:
             print(f"  {kind:7s}: MAPE {s['mape']:.2f}%  max {s['max_ape']:.1f}%  within 5% {100 * s['within_5']:.0f}%"
                   f"  within 10% {100 * s['within_10']:.0f}%  (n={s['n']})")
 
-    fp = rows[0][1].fingerprint if rows else target.fingerprint()
+    fp = rows[0][2].fingerprint if rows else targets[0].fingerprint()
     lines = [
         "## Latency and memory predictors (`benchmarks/bench_latency.py`)",
         "",
         f"Model: {dims.model_type}, {dims.num_layers} layers, {dims.num_heads} heads, hidden {dims.hidden_size}, "
-        f"FFN {dims.intermediate_size} (random weights; values do not change latency). Target `{target.name}`: "
-        f"{fp['cpu_model']}, {fp['physical_cores']} physical cores, {fp['threads']} intra-op threads, ONNX Runtime "
-        f"{fp['onnxruntime']}, {fp['provider']}, batch {target.batch_size}, sequence {target.sequence_length}, "
+        f"FFN {dims.intermediate_size} (random weights; values do not change latency). Machine: "
+        f"{fp['cpu_model']}, {fp['physical_cores']} physical cores, ONNX Runtime "
+        f"{fp['onnxruntime']}, {fp['provider']}, batch {fp['batch_size']}, sequence {fp['sequence_length']}, "
         f"Python {platform.python_version()}. Grid: heads 0..{dims.num_heads} x units every {args.unit_step}. "
         f"Calibration on {args.calibrate} random MEDIUM sub-networks, validation on {args.validate} other "
         "(held-out) ones, each sliced, exported with `build_onnx` and measured end to end (median latency; peak "
         "resident memory while running, see docs/profiling.md). Shared 2-core machine: other jobs add noise.",
         "",
-        "| precision | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
+        "| target (threads) | precision | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
         "memory MAPE | mem. within ±5% | mem. within ±10% | calibration + validation time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for precision, table, wall, total, n in rows:
+    for target, precision, table, wall, total, n in rows:
         lv, mv = table.validation["latency"], table.validation["memory"]
         lines.append(
-            f"| {precision} | {n} | {wall / 60:.1f} min | {lv['mape']:.2f}% | {100 * lv['within_5']:.0f}% | "
+            f"| {target.name} ({table.fingerprint['threads']}) | {precision} | {n} | {wall / 60:.1f} min | {lv['mape']:.2f}% | {100 * lv['within_5']:.0f}% | "
             f"{100 * lv['within_10']:.0f}% | {mv['mape']:.2f}% | {100 * mv['within_5']:.0f}% | "
             f"{100 * mv['within_10']:.0f}% | {(total - wall) / 60:.1f} min |")
     lines += ["", "Goal: >= 95 % of latency predictions within ±10 %, >= 80 % within ±5 %, profiling < 10 min.",
