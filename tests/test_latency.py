@@ -252,3 +252,16 @@ def test_bundle_in_torch_free_venv(bundle, tmp_path):
     assert table.heads_grid == [0, 1, 2] and table.units_grid == [0, 8, 16]
     assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
     assert table.predict_memory(SubNetwork((2, 0, 1), (16, 0, 8))) > 0
+
+
+def test_profile_unavailable_provider_suggests_bundle(setup, tmp_path):
+    import onnxruntime as ort
+
+    from latency_models.profile import profile
+    from targets import ProviderUnavailableError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    d, target, cfg, dims = setup
+    with pytest.raises(ProviderUnavailableError, match="bundle"):
+        profile(dims, "cuda", "fp16", tmp_path / "t.json", model_config=cfg, progress=False)
