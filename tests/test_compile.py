@@ -42,9 +42,15 @@ def test_memory_and_param_units():
 
 
 # ------------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for the module: the latency table and the super-network are built once, then reused."""
+    return tmp_path_factory.mktemp("nasprune-cache")
+
+
 @pytest.fixture
-def env(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
+def env(tmp_path, monkeypatch, data_dir, shared_cache):
+    monkeypatch.setenv("NASPRUNE_CACHE", str(shared_cache))
     monkeypatch.setenv("NASPRUNE_DATA_DIR", str(data_dir))
     monkeypatch.chdir(tmp_path)
     return tmp_path
