@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_export:start -->", "<!-- bench_export:end -->"
 
 # Fixed MEDIUM sub-networks for the 6-layer x 12-head x 1536-unit MiniLM, aiming at ~75 %, ~50 %, ~33 % latency.
 # Fractions of the model's heads / units per layer, so that they scale to another model of the family.
@@ -65,19 +66,6 @@ def round_robin_latency(sessions: dict, inputs: dict, rounds: int, reps: int, wa
     return {k: {"median_ms": statistics.median(r["median_ms"] for r in v), "min_ms": min(r["min_ms"] for r in v),
                 "p90_ms": statistics.median(r["p90_ms"] for r in v), "runs": rounds * reps}
             for k, v in per.items()}
-
-
-def replace_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -246,7 +234,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_docs:
-        replace_section(ROOT / "docs" / "benchmarks.md", text)
+        write_section("bench_export", text)
         print(f"\nwrote {ROOT / 'docs' / 'benchmarks.md'}")
     return 0
 

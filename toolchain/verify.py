@@ -25,6 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from targets.session import physical_cores
+
 FP32_TOLERANCE = 1e-4
 
 # Real-ish sentences of very different lengths, so that a batch of them is padded.
@@ -43,17 +45,6 @@ class VerificationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------- sessions
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return max(1, psutil.cpu_count(logical=False) or 1)
-    except Exception:  # pragma: no cover
-        import os
-
-        return max(1, os.cpu_count() or 1)
 
 
 def default_session(onnx_path: str | Path, threads: int | None = None):
