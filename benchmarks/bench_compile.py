@@ -1,0 +1,89 @@
+"""Wall time of `nasprune-compile` on this machine (issue: nasprune-compile).
+
+Runs, in one fresh cache (so the first compile includes profiling and training):
+
+1. the README's main command with the default preset: `nasprune-compile --target cpu --max-latency 20ms`
+2. a recompile with another budget, reusing the cached latency table and super-network
+3. the quick preset in another fresh cache
+
+and checks that every shipped point's *measured* latency is under its budget.
+
+    python benchmarks/bench_compile.py [--budgets 20ms,10ms] [--skip-quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import data_dir, machine, write_section
+
+
+def compile_once(args: list[str], cache: Path, cwd: Path) -> tuple[float, dict, str]:
+    env = {**os.environ, "NASPRUNE_CACHE": str(cache), "NASPRUNE_DATA_DIR": data_dir()}
+    t = time.time()
+    proc = subprocess.run(["nasprune-compile", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.time() - t
+    if proc.returncode != 0:
+        sys.exit(f"nasprune-compile {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    out = next(line.split(" to ", 1)[1].split(" (")[0] for line in proc.stdout.splitlines() if line.startswith("shipped"))
+    manifest = json.loads((cwd / out / "manifest.json").read_text())
+    return wall, manifest, proc.stdout
+
+
+def check(manifest: dict, budget_ms: float) -> str:
+    shipped = [p for p in manifest["points"] if p["feasible"]]
+    ok = all(p["measured_latency_ms"] <= budget_ms for p in shipped)
+    lat = ", ".join(f"{p['measured_latency_ms']:.1f}" for p in shipped)
+    return f"{len(shipped)} shipped, measured {lat} ms: {'all under' if ok else 'NOT all under'} {budget_ms:g} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="20ms,10ms", help="first compile, then recompile budgets")
+    ap.add_argument("--skip-quick", action="store_true")
+    ap.add_argument("--keep", default=None, help="copy the first run folder here (README figures)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="nasprune-bench-compile-"))
+    budgets = args.budgets.split(",")
+    rows, outputs = [], {}
+    cache = work / "cache"
+    for i, budget in enumerate(budgets):
+        wall, manifest, stdout = compile_once(["--target", "cpu", "--max-latency", budget], cache, work)
+        label = "first compile (profile + train + search + export)" if i == 0 else "recompile, new budget (caches reused)"
+        ms = float(budget.rstrip("ms"))
+        rows.append((f"`--max-latency {budget}` default preset: {label}", wall, manifest["timings"], check(manifest, ms)))
+        outputs[budget] = stdout
+        print(f"{label}: {wall:.0f} s; {rows[-1][3]}", flush=True)
+        if i == 0 and args.keep:
+            src = work / manifest["output"] if not Path(manifest["output"]).is_absolute() else Path(manifest["output"])
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(src, args.keep)
+    if not args.skip_quick:
+        wall, manifest, stdout = compile_once(["--target", "cpu", "--max-latency", budgets[0], "--preset", "quick",
+                                               "-o", "quick-run"], work / "cache-quick", work)
+        rows.append((f"`--max-latency {budgets[0]} --preset quick`, fresh cache", wall, manifest["timings"],
+                     check(manifest, float(budgets[0].rstrip("ms")))))
+        print(f"quick preset: {wall:.0f} s; {rows[-1][3]}", flush=True)
+    md = ["## nasprune-compile wall time", "",
+          f"`python benchmarks/bench_compile.py --budgets {args.budgets}`. Machine: {machine()}. Default model "
+          "(all-MiniLM-L6-v2), SST-2, target `cpu` (fp32, batch 1, sequence 128).", "",
+          "| run | wall time (s) | profile | train | search | validate | export | shipped points |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, wall, t, verdict in rows:
+        md.append(f"| {name} | {wall:.0f} | {t.get('profile_s', 0):.0f} | {t.get('train_s', 0):.0f} | "
+                  f"{t.get('search_s', 0):.0f} | {t.get('validate_s', 0):.0f} | {t.get('export_s', 0):.0f} | {verdict} |")
+    md += ["", "Output of the first compile:", "", "```", outputs[budgets[0]].strip()[-3000:], "```"]
+    write_section("bench_compile", "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
