@@ -120,7 +120,8 @@ def load_model(name_or_path: str | None = None, num_labels: int = 2, regression:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, attn_implementation=attn_implementation
+            path, config=config, attn_implementation=attn_implementation,
+            ignore_mismatched_sizes=True,  # a head trained for another label count is replaced by a fresh one
         )
     finally:
         hf_logging.set_verbosity(verbosity)
