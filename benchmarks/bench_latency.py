@@ -12,6 +12,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     dims = ModelDims.from_config(config)
     torch.manual_seed(0)
     model = model_from_config(config_for(dims, config)).eval()
+    load_start = os.getloadavg()[0]
     rows = []
     for target, precision in [(t, p) for t in targets for p in args.precisions if p in t.precisions]:
         out = Path(args.out_dir) / f"{dims.model_type}-{dims.hidden_size}-{target.name}-{precision}.json"
@@ -103,6 +105,11 @@ def main(argv=None) -> int:
             f"{100 * lv['within_10']:.0f}% | {mv['mape']:.2f}% | {100 * mv['within_5']:.0f}% | "
             f"{100 * mv['within_10']:.0f}% | {(total - wall) / 60:.1f} min |")
     lines += ["", "Goal: >= 95 % of latency predictions within ±10 %, >= 80 % within ±5 %, profiling < 10 min.",
+              f"Load average (1 min) at the start / end of the run: {load_start:.1f} / {os.getloadavg()[0]:.1f} on "
+              f"{os.cpu_count()} logical cores. With as many intra-op threads as cores, other jobs preempt one of "
+              "ONNX Runtime's threads and the whole operator waits for it: long runs (the end-to-end models) slow "
+              "down far more than the short micro-graphs, and the error is the box's contention, not the model "
+              "(compare the 1-thread rows, measured in the same run).",
               f"Measured {time.strftime('%Y-%m-%d')}; the tables are written to `benchmarks/results/` (not committed)."]
     body = "\n".join(lines)
     print("\n" + body)
