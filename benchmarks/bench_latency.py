@@ -18,21 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_latency:start -->", "<!-- bench_latency:end -->"
-
-
-def write_section(md_path: Path, body: str) -> None:
-    text = md_path.read_text() if md_path.is_file() else "# Benchmarks\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
-        text = pre + section + post
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -44,7 +32,6 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", type=int, default=10, help="sub-networks for the calibration fit")
     ap.add_argument("--validate", type=int, default=30, help="held-out sub-networks for validation")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--md", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-md", action="store_true")
     args = ap.parse_args(argv)
 
@@ -114,8 +101,7 @@ def main(argv=None) -> int:
     body = "\n".join(lines)
     print("\n" + body)
     if not args.no_md:
-        write_section(Path(args.md), body)
-        print(f"\nwrote {args.md}")
+        write_section("bench_latency", body)
     return 0
 
 
