@@ -35,6 +35,7 @@ def compile_once(args: list[str], cache: Path, cwd: Path) -> tuple[float, dict, 
         sys.exit(f"nasprune-compile {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     out = next(line.split(" to ", 1)[1].split(" (")[0] for line in proc.stdout.splitlines() if line.startswith("shipped"))
     manifest = json.loads((cwd / out / "manifest.json").read_text())
+    manifest["output"] = str(cwd / out)
     return wall, manifest, proc.stdout
 
 
@@ -65,7 +66,7 @@ def main() -> None:
         outputs[budget] = stdout
         print(f"{label}: {wall:.0f} s; {rows[-1][3]}", flush=True)
         if i == 0 and args.keep:
-            src = work / manifest["output"] if not Path(manifest["output"]).is_absolute() else Path(manifest["output"])
+            src = Path(manifest["output"])
             shutil.rmtree(args.keep, ignore_errors=True)
             shutil.copytree(src, args.keep)
     if not args.skip_quick and args.preset != "quick":
