@@ -203,7 +203,7 @@ def cmd_search(args) -> int:
     opts = _compile_options(args)
     opts.data = run.data
     _, _, table = _table_for_run(run, opts)
-    result, _ = search_stage(run, table, opts, Path(args.run_dir))
+    result = search_stage(run, table, opts, Path(args.run_dir))
     if not result.feasible:
         raise InfeasibleError(infeasible_message(result))
     print(f"{len(result.records)} candidates, {len(result.pareto)} on the Pareto front, "
@@ -214,8 +214,8 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .compile import export_stage
-    from .evaluation import Evaluator
+    from .compile import export_stage, validate_front
+    from .export import write_manifest
     from .run import load_run
     from .subnetwork import SubNetwork
 
@@ -224,19 +224,19 @@ def cmd_export(args) -> int:
     pareto_json = folder / "pareto.json"
     if not pareto_json.exists():
         raise FileNotFoundError(f"{pareto_json} not found: run `nasprune search {folder}` first")
-    pareto = json.loads(pareto_json.read_text())["pareto"]
+    search = json.loads(pareto_json.read_text())
+    pareto = [{**r, "subnet": SubNetwork.from_dict(r["subnet"])} for r in search["pareto"]]
     opts = _compile_options(args)
     opts.data = run.data
     target, precision, table = _table_for_run(run, opts)
-    full = Evaluator(run.supernet, run.encoded("validation"), run.spec, param_count=run.space.num_parameters)
-    front = []
-    for r in pareto:
-        subnet = SubNetwork.from_dict(r["subnet"])
-        m = full(subnet)
-        front.append({**r, "subnet": subnet, "search_error": r.get("error"), "error": m["error"], "score": m["score"]})
-    shipped, selection, unpruned = export_stage(run, table, target, precision, front, None, opts, folder)
+    shipped, selection, unpruned = export_stage(run, table, target, precision, validate_front(run, pareto), opts,
+                                                folder)
+    settings = {"target": target.name, "precision": precision, "max_latency_ms": opts.max_latency,
+                "max_memory_mb": opts.max_memory, "unpruned": unpruned}
+    hypervolume = {k: search.get(k) for k in ("hypervolume", "normalizers", "reference_point", "objectives")}
+    write_manifest(folder, settings, {}, hypervolume, selection)
     print(selection.report())
-    print_points(selection.shipped, unpruned)
+    print_manifest(json.loads((folder / "manifest.json").read_text()))
     return 0 if shipped else 3
 
 
@@ -250,28 +250,8 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def print_points(shipped, unpruned: dict | None = None) -> None:
-    header = f"{'point':<18} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'metric':>7}  path"
-    print(header)
-    print("-" * len(header))
-    if unpruned:
-        print(f"{'unpruned':<18} {unpruned['parameters'] / 1e6:>7.2f}M {unpruned['predicted_latency_ms']:>8.2f} "
-              f"{unpruned['measured_latency_ms']:>8.2f} {unpruned['measured_memory_mb'] or 0:>7.1f} "
-              f"{unpruned['metric'] or 0:>7.4f}  {unpruned['path']}")
-    for res in shipped:
-        pred = (res.info.get("predicted") or {}).get("latency_ms")
-        print(f"{res.point_id:<18} {res.parameters / 1e6:>7.2f}M {pred or 0:>8.2f} {res.measured_latency_ms or 0:>8.2f} "
-              f"{res.measured_memory_mb or 0:>7.1f} {(res.metric or {}).get('score') or 0:>7.4f}  {res.path}")
-
-
-def cmd_compile(args) -> int:
-    from .compile import compile_model
-
-    opts = _compile_options(args)
-    manifest = compile_model(opts)
-    out = Path(manifest["output"])
-    print(f"\nshipped {manifest['num_feasible']} point(s) to {out} "
-          f"(total {manifest['timings']['total_s']:.0f} s; report: {out / 'report.html'})")
+def print_manifest(manifest: dict) -> None:
+    """The table of points of a ``manifest.json``: the unpruned reference first, then every exported point."""
     unpruned = manifest["settings"].get("unpruned") or {}
     rows = [("unpruned", unpruned.get("parameters"), unpruned.get("predicted_latency_ms"),
              unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"), unpruned.get("metric"),
@@ -284,6 +264,17 @@ def cmd_compile(args) -> int:
     for pid, params, pred, meas, mem, metric, path in rows:
         print(f"{pid:<16} {(params or 0) / 1e6:>7.2f}M {pred or 0:>8.2f} {meas or 0:>8.2f} {mem or 0:>7.1f} "
               f"{metric or 0:>7.4f}  {path}")
+
+
+def cmd_compile(args) -> int:
+    from .compile import compile_model
+
+    opts = _compile_options(args)
+    manifest = compile_model(opts)
+    out = Path(manifest["output"])
+    print(f"\nshipped {manifest['num_feasible']} point(s) to {out} "
+          f"(total {manifest['timings']['total_s']:.0f} s; report: {out / 'report.html'})")
+    print_manifest(manifest)
     return 0
 
 

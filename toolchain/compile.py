@@ -188,7 +188,7 @@ def compile_model(opts: CompileOptions) -> dict:
 
     # stage 3: search
     t = time.time()
-    result, evaluate = search_stage(run, table, opts, partial)
+    result = search_stage(run, table, opts, partial)
     timings["search_s"] = round(time.time() - t, 1)
     from .search import infeasible_message
 
@@ -197,19 +197,12 @@ def compile_model(opts: CompileOptions) -> dict:
 
     # stage 4: full validation of the Pareto points
     t = time.time()
-    full_eval = run.encoded("validation")
-    from .evaluation import Evaluator
-
-    full = Evaluator(run.supernet, full_eval, run.spec, param_count=run.space.num_parameters)
-    front = []
-    for r in result.pareto:
-        m = full(r["subnet"])
-        front.append({**r, "search_error": r["error"], "error": m["error"], "score": m["score"]})
+    front = validate_front(run, result.pareto)
     timings["validate_s"] = round(time.time() - t, 1)
 
     # stage 5: export, best validation metric first; points measured over budget are not shipped
     t = time.time()
-    shipped, selection, unpruned = export_stage(run, table, target, precision, front, full_eval, opts, partial)
+    shipped, selection, unpruned = export_stage(run, table, target, precision, front, opts, partial)
     timings["export_s"] = round(time.time() - t, 1)
 
     # stage 6: report + manifest
@@ -251,10 +244,22 @@ def search_stage(run, table, opts: CompileOptions, folder: Path):
                         pop_size=opts.budget("pop_size"), seed=opts.seed, history_path=folder / "search_history.csv",
                         normalizers=normalizers, progress=opts.progress)
     result.save(folder / "pareto.json")
-    return result, evaluate
+    return result
 
 
-def export_order(front: list[dict], max_latency: float | None, n: int) -> list[dict]:
+def validate_front(run, pareto: list[dict]) -> list[dict]:
+    """Pareto records re-evaluated on the full validation set (the subsample's error is kept as ``search_error``)."""
+    from .evaluation import Evaluator
+
+    full = Evaluator(run.supernet, run.encoded("validation"), run.spec, param_count=run.space.num_parameters)
+    front = []
+    for r in pareto:
+        m = full(r["subnet"])
+        front.append({**r, "search_error": r["error"], "error": m["error"], "score": m["score"]})
+    return front
+
+
+def export_order(front: list[dict], n: int) -> list[dict]:
     """Candidates in shipping order: the best metric first, then points spread along the front (cheaper ones)."""
     if not front:
         return []
@@ -268,8 +273,7 @@ def export_order(front: list[dict], max_latency: float | None, n: int) -> list[d
     return order + [r for r in by_metric[1:] if r not in order]
 
 
-def export_stage(run, table, target, precision, front, full_eval, opts: CompileOptions, folder: Path):
-    from .data import TextDataset  # noqa: F401  (metric data is the validation set)
+def export_stage(run, table, target, precision, front, opts: CompileOptions, folder: Path):
     from .export import Candidate, export_point, select_and_export
 
     validation = run.data.load("validation")
@@ -278,7 +282,7 @@ def export_stage(run, table, target, precision, front, full_eval, opts: CompileO
                                      "memory_mb": r.get("memory", table.predict_memory(r["subnet"])),
                                      "error": r["error"], "metric_shared_weights": r["score"]},
                        {"search_error": r["search_error"]})
-             for r in export_order(front, opts.max_latency, n)]
+             for r in export_order(front, n)]
     common = dict(precision=precision, target=target, metric_data=validation)
     selection = select_and_export(cands, n, opts.max_latency, max_memory_mb=opts.max_memory,
                                   model_or_supernet=run.supernet, tokenizer=run.tokenizer, run_dir=folder, **common)
@@ -300,7 +304,7 @@ def write_report(folder: Path, run, result, front, selection, unpruned, settings
     budget = {"latency": settings["max_latency_ms"], "memory": settings["max_memory_mb"],
               "params": settings["max_params"]}.get(x_axis)
     metric_name = run.spec.metric
-    records = [r for r in result.records]
+    records = result.records
     shipped_rows, shipped_pts = [], []
     for res in selection.shipped:
         info = res.info

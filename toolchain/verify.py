@@ -209,21 +209,20 @@ def _torch_input_names(model) -> list[str]:
     return input_names_for(model.config)
 
 
-def evaluate_onnx(session, metric_data: MetricData, batch_size: int = 32) -> dict:
-    """The task metric of the ONNX model itself; ``{"score": ..., <metrics>..., "num_examples": n}``."""
-    preds = predict_onnx(session, metric_data.inputs, batch_size)
+def _score(metric_data: MetricData, preds: np.ndarray) -> dict:
     out = {k: float(v) for k, v in metric_data.metric(preds, metric_data.labels).items()}
     out["num_examples"] = int(len(metric_data))
     out["name"] = metric_data.name
     return out
+
+
+def evaluate_onnx(session, metric_data: MetricData, batch_size: int = 32) -> dict:
+    """The task metric of the ONNX model itself; ``{"score": ..., <metrics>..., "num_examples": n}``."""
+    return _score(metric_data, predict_onnx(session, metric_data.inputs, batch_size))
 
 
 def evaluate_torch(model, metric_data: MetricData, batch_size: int = 32) -> dict:
-    preds = predict_torch(model, metric_data.inputs, batch_size)
-    out = {k: float(v) for k, v in metric_data.metric(preds, metric_data.labels).items()}
-    out["num_examples"] = int(len(metric_data))
-    out["name"] = metric_data.name
-    return out
+    return _score(metric_data, predict_torch(model, metric_data.inputs, batch_size))
 
 
 # ------------------------------------------------------------------------------------------------------ latency
