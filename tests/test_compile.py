@@ -128,6 +128,24 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     assert time.time() - t < 120  # caches (table, super-network) were reused
 
 
+def test_compile_with_retraining_free_pruning(env, tiny_model_dir, capsys):
+    """--method rfp: plain fine-tuning, one Kwon et al. mask per latency budget, rescaled weights exported."""
+    out = env / "rfp"
+    rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--method", "rfp", "--rfp-samples", "32",
+                       "--max-latency", "50ms", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["method"] == "rfp" and manifest["settings"]["strategy"] == "standard"
+    saved = json.loads((out / "rfp.json").read_text())
+    assert 50.0 in {v["budget"] for v in saved.values()} and len(saved) >= 2
+    assert any(s != 1.0 for v in saved.values() for row in v["scales"]["units"] for s in row)  # rescaled
+    history = (out / "search_history.csv").read_text().splitlines()
+    assert len(history) - 1 == len({json.dumps(v["subnetwork"], sort_keys=True) for v in saved.values()})
+    shipped = [p for p in manifest["points"] if p["feasible"]]
+    assert shipped and all(p["measured_latency_ms"] <= 50 for p in shipped)
+
+
 @pytest.mark.slow
 def test_sigint_then_resume(env, tiny_model_dir):
     out = env / "run"

@@ -11,10 +11,10 @@ import torch
 from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION
 from latency_models.lookup_table import LatencyTable
 from toolchain.modeling import ModelDims, layers_of, model_from_config, tiny_config
-from toolchain.rfp import (MaskGradients, Scales, apply_scales, mask_gradients, prune, rearrange_mask, search_mask,
+from toolchain.rfp import (MaskGradients, Scales, apply_scales, fold_scales, mask_gradients, prune, rearrange_mask, search_mask,
                            tune_mask)
 from toolchain.search_space import fixed_parameters, layer_parameters
-from toolchain.slicing import head_columns
+from toolchain.slicing import head_columns, slice_model
 from toolchain.subnetwork import SubNetwork, subnetwork_from_masks
 from toolchain.supernet import SuperNetwork
 
@@ -238,6 +238,16 @@ def test_tuning_reduces_the_reconstruction_error_and_leaves_the_model_untouched(
     assert scales.heads != Scales.ones(subnet).heads
 
 
+def test_tuning_with_a_dropped_layer_before_the_tuned_ones():
+    """Kept layers are tuned by their index in the full model, also when an earlier layer is dropped."""
+    model, enc = _model(seed=3), _encoded(n=12, seq=10)
+    subnet = SubNetwork((0, 0, 2), (0, 12, 20))  # layer 0 dropped, layer 1 keeps no head
+    scales = tune_mask(model, subnet, enc, n_samples=12, batch_size=6, progress=False)
+    assert [(e["layer"], e["block"]) for e in scales.errors] == [(1, "ffn"), (2, "attention"), (2, "ffn")]
+    assert all(e["after"] <= e["before"] for e in scales.errors)
+    assert [len(r) for r in scales.units] == [0, 12, 20]
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_sliced_rescaled_model_equals_masked_model_with_scales(family):
     model, enc = _model(family), _encoded(family)
@@ -267,6 +277,12 @@ def test_sliced_rescaled_model_equals_masked_model_with_scales(family):
         unscaled = supernet(subnet, **inputs).logits
     assert torch.allclose(masked, sliced, atol=1e-4), (masked - sliced).abs().max()
     assert not torch.allclose(masked, unscaled, atol=1e-4)
+    # the full-size folded copy (what compile evaluates and exports) computes the same network, masked or sliced
+    folded = fold_scales(model, subnet, scales)
+    with torch.no_grad():
+        assert torch.allclose(SuperNetwork(folded)(subnet, **inputs).logits, sliced, atol=1e-4)
+        assert torch.allclose(slice_model(folded, subnet)(**inputs).logits, sliced, atol=1e-4)
+        assert torch.allclose(supernet(subnet, **inputs).logits, unscaled)  # the input model is untouched
     with pytest.raises(ValueError, match="do not match"):
         apply_scales(model, subnet, Scales.ones(SubNetwork.full(3, 4, 48)))
 

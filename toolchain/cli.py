@@ -155,8 +155,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-params", default=None, help="parameter budget: 10M, 500K")
     g.add_argument("--objectives", default="error,latency",
                    help="comma-separated, from: error, latency, memory, params (default: error,latency)")
-    g.add_argument("--method", choices=("nsga2", "random", "local"), default="nsga2",
-                   help="search method (default: nsga2)")
+    g.add_argument("--method", choices=("nsga2", "random", "local", "rfp"), default="nsga2",
+                   help="search method (default: nsga2); rfp = retraining-free pruning of the fine-tuned model "
+                        "(Kwon et al. 2022), one mask per latency budget, see docs/rfp.md")
     g.add_argument("--preset", choices=("quick", "default", "paper"), default="default",
                    help="budgets of every stage (training data, evaluations, exported points); explicit options win")
     g.add_argument("--n-evals", type=int, default=None, help="search budget: number of evaluated sub-networks")
@@ -176,10 +177,12 @@ def _compile_options(args, **over):
         max_latency=parse_latency(args.max_latency) if args.max_latency is not None else None,
         max_memory=parse_memory(args.max_memory) if args.max_memory is not None else None,
         max_params=parse_params(args.max_params) if args.max_params is not None else None,
-        objectives=objectives, space=getattr(args, "space", "medium"), strategy=getattr(args, "strategy", "sandwich"),
+        objectives=objectives, space=getattr(args, "space", "medium"),
+        strategy=getattr(args, "strategy", None) or ("standard" if args.method == "rfp" else "sandwich"),
         method=args.method, preset=args.preset, n_evals=args.n_evals, max_search_seconds=args.max_search_time,
         search_eval_samples=args.search_eval_samples, n_export=getattr(args, "export", None),
         max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
+        rfp_samples=getattr(args, "rfp_samples", None),
         reorder=not getattr(args, "no_reorder", False), output=getattr(args, "output", None), seed=args.seed,
         resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False), **over)
 
@@ -214,7 +217,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .compile import export_stage, validate_front
+    from .compile import export_stage, rfp_scales, validate_front
     from .export import write_manifest
     from .run import load_run
     from .subnetwork import SubNetwork
@@ -229,8 +232,9 @@ def cmd_export(args) -> int:
     opts = _compile_options(args)
     opts.data = run.data
     target, precision, table = _table_for_run(run, opts)
-    shipped, selection, unpruned = export_stage(run, table, target, precision, validate_front(run, pareto), opts,
-                                                folder)
+    scales = rfp_scales(folder)  # points of a --method rfp search carry their own rescaling
+    front = validate_front(run, pareto, lambda subnet: scales.get(subnet.key()))
+    shipped, selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, scales)
     settings = {"target": target.name, "precision": precision, "max_latency_ms": opts.max_latency,
                 "max_memory_mb": opts.max_memory, "unpruned": unpruned}
     hypervolume = {k: search.get(k) for k in ("hypervolume", "normalizers", "reference_point", "objectives")}
@@ -327,7 +331,10 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     add_search_options(p)
     g = p.add_argument_group("super-network")
     g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")
-    g.add_argument("--strategy", choices=STRATEGIES, default="sandwich", help="training strategy (default: sandwich)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="training strategy (default: sandwich; standard, i.e. plain fine-tuning, with --method rfp)")
+    g.add_argument("--rfp-samples", type=int, default=None,
+                   help="--method rfp: training examples for the mask gradients and rescaling (default: preset)")
     g.add_argument("--epochs", type=float, default=None, help="training epochs (default: preset)")
     g.add_argument("--max-train-samples", type=int, default=None, help="training examples (default: preset)")
     g.add_argument("--no-reorder", action="store_true", help="skip importance re-ordering")

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict] = {
     # budgets sized for a 2-core CPU: quick ~5 min, default ~20 min (first run, profiling included)
     "quick": dict(max_train_samples=1500, epochs=1.0, n_evals=60, pop_size=12, search_eval_samples=200, n_export=2,
-                  unit_step=384, calibration_samples=8, validation_samples=8),
+                  unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256),
     "default": dict(max_train_samples=6000, epochs=1.0, n_evals=200, pop_size=20, search_eval_samples=400, n_export=3,
-                    unit_step=128, calibration_samples=16, validation_samples=16),
+                    unit_step=128, calibration_samples=16, validation_samples=16, rfp_samples=512),
     "paper": dict(max_train_samples=None, epochs=5.0, n_evals=1000, pop_size=50, search_eval_samples=None, n_export=5,
-                  unit_step=64, calibration_samples=30, validation_samples=30),
+                  unit_step=64, calibration_samples=30, validation_samples=30, rfp_samples=2048),
 }
 
 
@@ -75,6 +75,7 @@ class CompileOptions:
     n_export: int | None = None
     max_train_samples: int | None = None
     epochs: float | None = None
+    rfp_samples: int | None = None  # --method rfp: training examples for the mask gradients and the rescaling
     reorder: bool = True
     output: str | None = None
     seed: int = 0
@@ -197,12 +198,13 @@ def compile_model(opts: CompileOptions) -> dict:
 
     # stage 4: full validation of the Pareto points
     t = time.time()
-    front = validate_front(run, result.pareto)
+    scales = rfp_scales(partial)
+    front = validate_front(run, result.pareto, lambda subnet: scales.get(subnet.key()))
     timings["validate_s"] = round(time.time() - t, 1)
 
     # stage 5: export, best validation metric first; points measured over budget are not shipped
     t = time.time()
-    shipped, selection, unpruned = export_stage(run, table, target, precision, front, opts, partial)
+    shipped, selection, unpruned = export_stage(run, table, target, precision, front, opts, partial, scales)
     timings["export_s"] = round(time.time() - t, 1)
 
     # stage 6: report + manifest
@@ -222,6 +224,8 @@ def compile_model(opts: CompileOptions) -> dict:
 
 
 def search_stage(run, table, opts: CompileOptions, folder: Path):
+    if opts.method == "rfp":
+        return rfp_stage(run, table, opts, folder)
     from .evaluation import Evaluator
     from .search import run_search
 
@@ -247,14 +251,117 @@ def search_stage(run, table, opts: CompileOptions, folder: Path):
     return result
 
 
-def validate_front(run, pareto: list[dict]) -> list[dict]:
-    """Pareto records re-evaluated on the full validation set (the subsample's error is kept as ``search_error``)."""
+# ---------------------------------------------------------------------- stage 3 (--method rfp): Kwon et al. 2022
+RFP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)
+
+
+def rfp_budgets(table, dims, max_latency: float | None) -> list[float]:
+    """Latency budgets (ms) for the retraining-free method: ``RFP_FRACTIONS`` of the unpruned network's predicted
+    latency (a front), plus ``max_latency``; budgets below the empty network's latency are left out."""
+    from .subnetwork import SubNetwork
+
+    n = dims.num_layers
+    full = table.predict_latency(SubNetwork.full(n, dims.num_heads, dims.intermediate_size))
+    floor = table.predict_latency(SubNetwork((0,) * n, (0,) * n))
+    budgets = {round(f * full, 4) for f in RFP_FRACTIONS}
+    if max_latency is not None:
+        budgets.add(float(max_latency))
+    return sorted((b for b in budgets if b >= floor), reverse=True)
+
+
+def rfp_stage(run, table, opts: CompileOptions, folder: Path):
+    """Retraining-free pruning (``--method rfp``) of the fine-tuned model, one mask per latency budget; each point is
+    scored on the same validation subsample as a search and recorded in ``search_history.csv``; the scales of each
+    point go to ``rfp.json`` (export folds them into the weights)."""
+    from .evaluation import Evaluator
+    from .rfp import prune
+    from .search import Evaluations, SearchError, SearchHistory, SearchResult, summarize
+    from .subnetwork import SubNetwork
+
+    t0 = time.perf_counter()
+    space = run.space
+    n = opts.budget("search_eval_samples")
+    enc = run.encoded("validation", max_samples=n, seed=opts.seed)
+    path = folder / "rfp.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    budgets = rfp_budgets(table, run.supernet.dims, opts.max_latency)
+    if not budgets:
+        raise SearchError("no latency budget is reachable: even the network without encoder layers is predicted "
+                          f"at {table.predict_latency(space.smallest()):.2f} ms")
+    todo = [b for b in budgets if str(b) not in saved]
+    if todo:
+        train = run.encoded("train", max_samples=opts.budget("rfp_samples"), seed=opts.seed)
+        for r in prune(run.supernet.model, train, run.spec, todo, table, n_samples=opts.budget("rfp_samples"),
+                       seed=opts.seed, progress=opts.progress):
+            saved[str(r.budget)] = r.to_dict()
+            path.write_text(json.dumps(saved) + "\n")
+
+    by_key = {SubNetwork.from_dict(v["subnetwork"]).key(): v for v in saved.values()}
+
+    def evaluate(subnet):
+        entry = by_key[subnet.key()]
+        ev = Evaluator(point_supernet(run, subnet, entry.get("scales")), enc, run.spec,
+                       param_count=space.num_parameters)
+        return {"error": ev(subnet)["error"], "latency": table.predict_latency(subnet),
+                "memory": table.predict_memory(subnet), "params": float(space.num_parameters(subnet)),
+                "budget_ms": float(entry["budget"])}
+
+    constraints = {k: v for k, v in (("latency", opts.max_latency), ("memory", opts.max_memory),
+                                     ("params", opts.max_params)) if v is not None}
+    full = space.largest()
+    normalizers = {"latency": table.predict_latency(full), "memory": table.predict_memory(full),
+                   "params": float(space.num_parameters(full))}
+    with SearchHistory(folder / "search_history.csv", space) as history:
+        evaluations = Evaluations(evaluate, objectives=opts.objectives, constraints=constraints, history=history)
+        for b in budgets:
+            evaluations(SubNetwork.from_dict(saved[str(b)]["subnetwork"]))
+    records = evaluations.visited
+    pareto, knee, hv = summarize(records, opts.objectives, normalizers)
+    result = SearchResult(method="rfp", seed=opts.seed, objectives=tuple(opts.objectives), constraints=constraints,
+                          normalizers=normalizers, records=records, pareto=pareto, knee=knee, hypervolume=hv,
+                          wall_time=time.perf_counter() - t0, n_new=evaluations.n_new,
+                          n_from_history=len(records) - evaluations.n_new, eval_seconds=evaluations.eval_seconds,
+                          stop_reason=f"{len(budgets)} latency budgets", history_path=history.path)
+    result.save(folder / "pareto.json")
+    return result
+
+
+def rfp_scales(folder: Path) -> dict[str, dict]:
+    """Sub-network key -> rfp scales, from ``<folder>/rfp.json`` (empty for a run that did not use ``--method rfp``)."""
+    from .subnetwork import SubNetwork
+
+    path = Path(folder) / "rfp.json"
+    if not path.is_file():
+        return {}
+    try:
+        return {SubNetwork.from_dict(v["subnetwork"]).key(): v["scales"] for v in json.loads(path.read_text()).values()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CompileError(f"{path} is damaged ({e}); delete it to recompute the rfp points") from e
+
+
+def point_supernet(run, subnet, scales: dict | None):
+    """The network a point runs on: the shared weights, or (rfp) a copy with the point's scales folded in."""
+    if not scales:
+        return run.supernet
+    from .rfp import Scales, fold_scales
+    from .supernet import SuperNetwork
+
+    return SuperNetwork(fold_scales(run.supernet.model, subnet, Scales.from_dict(scales)))
+
+
+def validate_front(run, pareto: list[dict], scales_of=lambda subnet: None) -> list[dict]:
+    """Pareto records re-evaluated on the full validation set (the subsample's error is kept as ``search_error``).
+    ``scales_of(subnet)`` gives a point's rfp scales (``None``: shared weights)."""
     from .evaluation import Evaluator
 
-    full = Evaluator(run.supernet, run.encoded("validation"), run.spec, param_count=run.space.num_parameters)
+    enc = run.encoded("validation")
+    full = Evaluator(run.supernet, enc, run.spec, param_count=run.space.num_parameters)
     front = []
     for r in pareto:
-        m = full(r["subnet"])
+        scales = scales_of(r["subnet"])
+        ev = full if not scales else Evaluator(point_supernet(run, r["subnet"], scales), enc, run.spec,
+                                               param_count=run.space.num_parameters)
+        m = ev(r["subnet"])
         front.append({**r, "search_error": r["error"], "error": m["error"], "score": m["score"]})
     return front
 
@@ -273,8 +380,15 @@ def export_order(front: list[dict], n: int) -> list[dict]:
     return order + [r for r in by_metric[1:] if r not in order]
 
 
-def export_stage(run, table, target, precision, front, opts: CompileOptions, folder: Path):
+def export_stage(run, table, target, precision, front, opts: CompileOptions, folder: Path,
+                 scales: dict[str, dict] | None = None):
+    """Export ``front`` in :func:`export_order`; ``scales`` (subnet key -> rfp scales) are folded into the weights."""
     from .export import Candidate, export_point, select_and_export
+
+    scales = scales or {}
+
+    def export_fn(supernet, subnet, *args, **kwargs):  # an rfp point runs on its own rescaled copy
+        return export_point(point_supernet(run, subnet, scales.get(subnet.key())), subnet, *args, **kwargs)
 
     validation = run.data.load("validation")
     n = opts.budget("n_export")
@@ -285,7 +399,8 @@ def export_stage(run, table, target, precision, front, opts: CompileOptions, fol
              for r in export_order(front, n)]
     common = dict(precision=precision, target=target, metric_data=validation)
     selection = select_and_export(cands, n, opts.max_latency, max_memory_mb=opts.max_memory,
-                                  model_or_supernet=run.supernet, tokenizer=run.tokenizer, run_dir=folder, **common)
+                                  model_or_supernet=run.supernet, tokenizer=run.tokenizer, run_dir=folder,
+                                  export_fn=export_fn, **common)
     # the unpruned model, exported and measured the same way (reference for speed-ups)
     full = run.supernet.full()
     ref = export_point(run.supernet, full, run.tokenizer, folder / "reference" / "unpruned",

@@ -328,11 +328,12 @@ def tune_mask(model: nn.Module, subnet: SubNetwork, encoded: dict[str, torch.Ten
             AtA = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=device)
             Atb = torch.zeros(len(kept), dtype=torch.float64, device=device)
             btb = 0.0
+            work_dense = _dense(layers_of(work)[i], block)  # taken outside use(): there the list holds kept layers only
             for batch in todo:
                 tokens = batch["attention_mask"].bool()  # non-padding tokens only
                 target = _capture(model, _dense(layers_of(model)[i], block), batch)[tokens].double() @ W.T
                 with pruned.use(subnet):
-                    x = _capture(work, _dense(layers_of(work)[i], block), batch)[tokens].double()
+                    x = _capture(work, work_dense, batch)[tokens].double()
                 if block == "attention":  # A[t, h] = W_O[:, cols_h] @ ctx_h(t): one (T, hidden) column per head
                     cols = head_columns(kept, d.head_size).view(len(kept), d.head_size)
                     A = torch.einsum("tkd,okd->tko", x[:, cols], W[:, cols])
@@ -350,12 +351,30 @@ def tune_mask(model: nn.Module, subnet: SubNetwork, encoded: dict[str, torch.Ten
     return scales
 
 
-def apply_scales(model: nn.Module, subnet: SubNetwork, scales: Scales) -> nn.Module:
-    """A sliced copy of ``model`` computing ``subnet`` with ``scales`` folded in (``model`` is left untouched)."""
+def _check_scales(subnet: SubNetwork, scales: Scales) -> None:
     for name, counts, rows in (("heads", subnet.heads, scales.heads), ("units", subnet.units, scales.units)):
         if [len(r) for r in rows] != list(counts):
             raise ValueError(f"scales do not match the sub-network: {[len(r) for r in rows]} {name} scales per "
                              f"layer, the sub-network keeps {list(counts)}")
+
+
+def fold_scales(model: nn.Module, subnet: SubNetwork, scales: Scales) -> nn.Module:
+    """A full-size copy of ``model`` with ``scales`` folded into the kept heads' and units' output columns:
+    masking or slicing it with ``subnet`` gives the rescaled pruned model (``model`` is left untouched)."""
+    _check_scales(subnet, scales)
+    folded = copy.deepcopy(model)
+    head_size = model.config.hidden_size // model.config.num_attention_heads
+    for i, layer in enumerate(layers_of(folded)):
+        if scales.heads[i]:
+            _fold_(layer, "attention", subnet.heads_of(i), torch.tensor(scales.heads[i]), head_size)
+        if scales.units[i]:
+            _fold_(layer, "ffn", subnet.units_of(i), torch.tensor(scales.units[i]), head_size)
+    return folded
+
+
+def apply_scales(model: nn.Module, subnet: SubNetwork, scales: Scales) -> nn.Module:
+    """A sliced copy of ``model`` computing ``subnet`` with ``scales`` folded in (``model`` is left untouched)."""
+    _check_scales(subnet, scales)
     sliced = slice_model(model, subnet)  # kept heads / units come first, in heads_of / units_of order
     head_size = model.config.hidden_size // model.config.num_attention_heads
     for layer, i in zip(layers_of(sliced), subnet.kept_layers):
