@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="runs per round (total = rounds x reps per model)")
     ap.add_argument("--eval-samples", type=int, default=500, help="validation examples for the metric")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--tables", default=str(ROOT / "benchmarks" / "results"),
+                    help="folder of latency tables (bench_latency.py writes them) for the predicted latency; the "
+                         "target's cached table is used where none is there")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -165,6 +168,18 @@ def main(argv=None) -> int:
     print(f"measuring: {args.rounds} rounds x {args.reps} runs per model, round-robin", flush=True)
     lat = round_robin_latency(sessions, inputs, args.rounds, args.reps, warmup=10)
 
+    def table_for(prec):
+        from latency_models.cli_api import find_table
+        from latency_models.lookup_table import LatencyTable
+
+        path = Path(args.tables) / f"{dims.model_type}-{dims.hidden_size}-{getattr(target, 'name', 'cpu')}-{prec}.json"
+        try:
+            return LatencyTable.load(path) if path.is_file() else find_table(args.target, prec, dims)
+        except Exception as e:  # noqa: BLE001 - the column is then n/a
+            print(f"no latency table for {prec}: {e}", file=sys.stderr)
+            return None
+
+    tables = {prec: table_for(prec) for prec in precisions}
     base = lat["unpruned/fp32"]["median_ms"]
     rows = []
     for name, sub in subnets.items():
@@ -176,6 +191,7 @@ def main(argv=None) -> int:
                 "point": name, "precision": prec, "params_m": r.parameters / 1e6,
                 "heads": list(sub.heads), "units": list(sub.units),
                 "latency_ms": lat[key]["median_ms"], "p90_ms": lat[key]["p90_ms"],
+                "predicted_ms": tables[prec].predict_latency(sub) if tables[prec] is not None else None,
                 "speedup": base / lat[key]["median_ms"], "memory_mb": r.measured_memory_mb,
                 "metric": None if m is None else m["score"],
                 "max_delta": r.info["verification"]["max_abs_logit_delta"],
@@ -204,18 +220,21 @@ def main(argv=None) -> int:
         f"batch {args.batch}, sequence length {args.seq_len}. Latency: median of {args.rounds} round-robin rounds "
         f"x {args.reps} runs (each round's median, then the median of those); speed-up relative to the unpruned fp32 "
         f"ONNX model. Memory: peak RSS added by creating and running the session in a fresh process. "
-        f"max abs delta: ONNX vs sliced torch logits (fp32 must be <= 1e-4).",
+        f"max abs delta: ONNX vs sliced torch logits (fp32 must be <= 1e-4). Predicted: the latency table of "
+        f"`benchmarks/bench_latency.py` for the target and precision.",
         "",
-        "| point | heads / layer | FFN units / layer | params (M) | precision | latency ms (p90) | speed-up | memory MB "
-        "| metric | max abs delta | Attention fused |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| point | heads / layer | FFN units / layer | params (M) | precision | predicted ms | latency ms (p90) | "
+        "speed-up | memory MB | metric | max abs delta | Attention fused |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         metric = "n/a" if r["metric"] is None else f"{r['metric']:.4f}"
         mem = "n/a" if r["memory_mb"] is None else f"{r['memory_mb']:.0f}"
         lines.append(
             f"| {r['point']} | {','.join(map(str, r['heads']))} | {','.join(map(str, r['units']))} | "
-            f"{r['params_m']:.2f} | {r['precision']} | {r['latency_ms']:.2f} ({r['p90_ms']:.2f}) | "
+            f"{r['params_m']:.2f} | {r['precision']} | "
+            f"{'n/a' if r['predicted_ms'] is None else format(r['predicted_ms'], '.2f')} | "
+            f"{r['latency_ms']:.2f} ({r['p90_ms']:.2f}) | "
             f"{r['speedup']:.2f}x | {mem} | {metric} | {r['max_delta']:.1e} | {r['attention']} |"
         )
     p = summary["physical"]

@@ -306,6 +306,11 @@ def _samples(space, n: int, seed: int) -> list:
 
 
 def _measure_samples(table, model, space, n, seed, target, worker, progress, desc):
+    """Measure ``n`` random sub-networks end to end, each right after the unpruned network (the *reference*):
+    ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine over the minutes of
+    calibration and validation can be told apart from prediction error (see :func:`drift_corrected`)."""
+    from toolchain.onnx_export import build_onnx
+
     target = _target(target) if target is not None else load_target(table.fingerprint.get("target") or "cpu")
     subnets = _samples(space, n, seed)
     bar = None
@@ -317,16 +322,33 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
         except ImportError:
             pass
     rows = []
+    own = worker is None
+    worker = worker or Worker()
     try:
-        for s in subnets:
-            r = measure_subnet(model, s, target, table.precision, worker)
-            rows.append((s, r))
-            if bar:
-                bar.update(1)
+        with tempfile.TemporaryDirectory(prefix="nasprune-ref-") as tmp:
+            ref = Path(tmp) / "reference.onnx"
+            with _quiet():
+                build_onnx(model, ref, table.precision, target.batch_size, target.sequence_length,
+                           use_gpu=target.uses_gpu)
+            for s in subnets:
+                reference = worker.measure(ref, target, model.config.vocab_size, None)["latency_ms"]
+                r = measure_subnet(model, s, target, table.precision, worker)
+                r["reference_ms"] = reference
+                rows.append((s, r))
+                if bar:
+                    bar.update(1)
     finally:
         if bar:
             bar.close()
+        if own:
+            worker.close()
     return rows
+
+
+def drift_corrected(measured: list[float], reference: list[float], speed_ms: float) -> list[float]:
+    """Latencies rescaled to the machine speed at which the unpruned network takes ``speed_ms``: each measurement
+    times ``speed_ms / reference`` (its own side-by-side measurement of the unpruned network)."""
+    return [m * speed_ms / r for m, r in zip(measured, reference)]
 
 
 def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, target=None, worker=None,
@@ -334,7 +356,13 @@ def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, tar
     """Fit ``measured = a * raw + b`` (latency and memory) on ``n`` random sliced sub-networks measured end to end;
     stores it in ``table`` (call ``table.save()`` to persist)."""
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "calibrating")
-    lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows], [r["latency_ms"] for _, r in rows])
+    refs = [r["reference_ms"] for _, r in rows]
+    speed = float(np.median(refs))  # the unpruned network's latency at calibration time
+    lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows],
+                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed))
+    lat["reference_ms"] = speed
+    for sample, (_, r) in zip(lat["samples"], rows):
+        sample.update(measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
     mem = table.set_calibration("memory", [table.raw_memory(s) for s, _ in rows], [r["memory_mb"] for _, r in rows])
     for cal, (kind, key) in zip((lat, mem), (("latency", "latency_ms"), ("memory", "memory_mb"))):
         for sample, (s, r) in zip(cal["samples"], rows):
@@ -354,6 +382,15 @@ def validate(table: LatencyTable, model, space, n: int = 10, seed: int = 1, targ
         stats = error_stats(p, m)
         stats["samples"] = [{"subnet": s.to_dict(), "predicted": float(a), "measured": float(b)}
                             for (s, _), a, b in zip(rows, p, m)]
+        if kind == "latency":  # the same, with each measurement scaled to the calibration's machine speed
+            speed = (table.calibration.get("latency") or {}).get("reference_ms")
+            refs = [r["reference_ms"] for _, r in rows]
+            for sample, ref in zip(stats["samples"], refs):
+                sample["reference_ms"] = float(ref)
+            if speed:
+                stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
+                stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
+                                                      "latency measured just before this sample)")
         out[kind] = stats
     out["space"] = space.name
     out["seed"] = seed

@@ -72,6 +72,13 @@ def test_profile_writes_a_complete_table(setup, table):
     for kind in ("latency", "memory"):
         v = data["validation"][kind]
         assert v["n"] == 2 and 0 <= v["within_5"] <= v["within_10"] <= 1 and len(v["samples"]) == 2
+    # each sub-network is measured beside the unpruned network; the calibration is fitted on drift-corrected values
+    cal = data["calibration"]["latency"]
+    assert cal["reference_ms"] > 0
+    for sample in cal["samples"]:
+        assert sample["measured"] == pytest.approx(sample["measured_raw"] * cal["reference_ms"] / sample["reference_ms"])
+    dc = data["validation"]["latency"]["drift_corrected"]
+    assert dc["n"] == 2 and 0 <= dc["within_5"] <= dc["within_10"] <= 1
 
 
 def test_predictions_are_sane(setup, table):

@@ -79,6 +79,25 @@ def test_evaluator_cache_and_mask_equals_slice(tokenizer):
     assert ev(subnet) == first and ev.calls == 1  # cached
 
 
+def test_evaluator_store_is_reused_across_runs(tokenizer, tmp_path):
+    from toolchain.data import get_task
+
+    sn, space, enc = _setup(tokenizer)
+    sn.model.eval()
+    store = tmp_path / "evaluations" / "validation.jsonl"
+    a, b = SubNetwork(heads=(2, 0, 4), units=(10, 3, 0)), SubNetwork(heads=(4, 4, 4), units=(48, 48, 0))
+    ev = Evaluator(sn, enc, get_task("sst2"), batch_size=5, store=store)
+    first = ev(a)
+    with open(store, "a") as f:
+        f.write('{"key": "interrupted mid-wri')  # a run killed while appending
+    again = Evaluator(sn, enc, get_task("sst2"), batch_size=5, store=store)
+    assert again(a) == first and again.calls == 0  # from the store, no forward pass
+    again(b)
+    assert again.calls == 1 and len(store.read_text().splitlines()) == 3
+    other = {k: v[:7] for k, v in enc.items()}  # another subset size: the stored scores do not apply
+    assert Evaluator(sn, other, get_task("sst2"), batch_size=5, store=store).cache == {}
+
+
 @pytest.mark.slow
 def test_train_run_and_cli_evaluate_on_real_data(tiny_model_dir, data_dir, tmp_path, capsys):
     from toolchain.cli import main

@@ -231,7 +231,7 @@ def search_stage(run, table, opts: CompileOptions, folder: Path):
 
     n = opts.budget("search_eval_samples")
     ev = Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec,
-                   param_count=run.space.num_parameters)
+                   param_count=run.space.num_parameters, store=run.evaluation_store("validation", n, opts.seed))
     space = run.space
 
     def evaluate(subnet):
@@ -355,7 +355,8 @@ def validate_front(run, pareto: list[dict], scales_of=lambda subnet: None) -> li
     from .evaluation import Evaluator
 
     enc = run.encoded("validation")
-    full = Evaluator(run.supernet, enc, run.spec, param_count=run.space.num_parameters)
+    full = Evaluator(run.supernet, enc, run.spec, param_count=run.space.num_parameters,
+                     store=run.evaluation_store("validation"))
     front = []
     for r in pareto:
         scales = scales_of(r["subnet"])

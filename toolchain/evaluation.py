@@ -9,7 +9,10 @@ crossover measured by ``benchmarks/bench_search.py`` (MiniLM on SST-2, 300 dev s
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,10 +21,15 @@ from .data import TaskSpec, batches, compute_metrics
 from .subnetwork import SubNetwork
 from .supernet import SuperNetwork
 
+log = logging.getLogger(__name__)
+
 
 class Evaluator:
     def __init__(self, supernet: SuperNetwork, encoded: dict[str, torch.Tensor], spec: TaskSpec,
-                 batch_size: int = 64, mode: str = "auto", slice_below: float = 0.95, param_count=None):
+                 batch_size: int = 64, mode: str = "auto", slice_below: float = 0.95, param_count=None,
+                 store: str | Path | None = None):
+        """``store``: a JSON-lines file of earlier results on the same weights and data (see
+        ``Run.evaluation_store``); they are reused, and new ones are appended as they are computed."""
         if mode not in ("auto", "mask", "slice"):
             raise ValueError("mode must be auto, mask or slice")
         self.supernet, self.spec, self.batch_size, self.mode = supernet, spec, batch_size, mode
@@ -34,6 +42,19 @@ class Evaluator:
         self.cost: dict[str, float] = {}  # seconds the first (uncached) evaluation of each key took
         self.seconds = 0.0
         self.calls = 0
+        self.store = Path(store) if store is not None else None
+        if self.store is not None and self.store.is_file():
+            self._load_store()
+
+    def _load_store(self) -> None:
+        n = len(self.labels)
+        for i, line in enumerate(self.store.read_text().splitlines()):
+            try:
+                row = json.loads(line)
+                if row["n"] == n:
+                    self.cache[row["key"]], self.cost[row["key"]] = dict(row["metrics"]), float(row["seconds"])
+            except (ValueError, KeyError, TypeError):  # e.g. the last line of an interrupted run
+                log.warning("%s, line %d: unreadable, ignored", self.store, i + 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,5 +94,15 @@ class Evaluator:
             self.cache[key] = metrics
             self.cost[key] = time.perf_counter() - t
             self.seconds += self.cost[key]
+            if self.store is not None:
+                self.store.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.store, "a+b") as f:  # one line per write: concurrent compiles append safely
+                    f.seek(0, 2)
+                    if f.tell():  # after an interrupted write, start a new line
+                        f.seek(-1, 2)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")
+                    f.write(json.dumps({"key": key, "n": len(self.labels), "metrics": metrics,
+                                        "seconds": self.cost[key]}, default=float).encode() + b"\n")
             self.calls += 1
         return dict(self.cache[key])

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -88,6 +89,15 @@ class Run:
             idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples])
             ds = ds.subset(idx)
         return tokenize(ds, self.tokenizer, self.data.max_length)
+
+    def evaluation_store(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> Path:
+        """Where the metrics of sub-networks on this data are kept for reuse: beside the super-network's weights
+        (shared by every compile that uses them), named after the data subset and the weights file's size and
+        modification time, so re-trained weights never meet stale scores."""
+        weights = Path(self.settings.get("supernet_dir") or self.folder / "supernet") / "model.safetensors"
+        st = weights.stat()
+        stamp = hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
+        return weights.parent.parent / "evaluations" / f"{split}-{max_samples or 'all'}-seed{seed}-{stamp}.jsonl"
 
 
 def _write_json(path: Path, obj) -> None:
