@@ -29,7 +29,8 @@ from common import data_dir, machine, write_section
 def compile_once(args: list[str], cache: Path, cwd: Path) -> tuple[float, dict, str]:
     env = {**os.environ, "NASPRUNE_CACHE": str(cache), "NASPRUNE_DATA_DIR": data_dir()}
     t = time.time()
-    proc = subprocess.run(["nasprune-compile", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    exe = Path(sys.executable).parent / "nasprune-compile"  # the venv's entry point, also when not activated
+    proc = subprocess.run([str(exe) if exe.exists() else "nasprune-compile", *args], cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.time() - t
     if proc.returncode != 0:
         sys.exit(f"nasprune-compile {' '.join(args)} failed:\n{proc.stderr[-3000:]}")

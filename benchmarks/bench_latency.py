@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--validate", type=int, default=30, help="held-out sub-networks for validation")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-md", action="store_true")
+    ap.add_argument("--from-results", action="store_true",
+                    help="do not measure: rebuild the report from the tables already in --out-dir")
     args = ap.parse_args(argv)
 
     import torch
@@ -50,12 +54,18 @@ def main(argv=None) -> int:
     rows = []
     for target, precision in [(t, p) for t in targets for p in args.precisions if p in t.precisions]:
         out = Path(args.out_dir) / f"{dims.model_type}-{dims.hidden_size}-{target.name}-{precision}.json"
-        out.unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        table = profile(dims, target, precision, out, model_config=config, unit_step=args.unit_step,
-                        model=model, calibrate_samples=args.calibrate, validate_samples=args.validate,
-                        resume=False, space="medium", seed=0)
-        total = time.perf_counter() - t0
+        if args.from_results:
+            from latency_models.lookup_table import LatencyTable
+
+            table = LatencyTable.load(out)
+            total = table.data["measurement"]["wall_s"]
+        else:
+            out.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            table = profile(dims, target, precision, out, model_config=config, unit_step=args.unit_step,
+                            model=model, calibrate_samples=args.calibrate, validate_samples=args.validate,
+                            resume=False, space="medium", seed=0)
+            total = time.perf_counter() - t0
         m = table.data["measurement"]
         n_graphs = len(table.heads_grid) * len(table.units_grid)
         v = table.validation
@@ -99,13 +109,26 @@ def main(argv=None) -> int:
             f"| {target.name} ({table.fingerprint['threads']}) | {precision} | {n} | {wall / 60:.1f} min | {lv['mape']:.2f}% | {100 * lv['within_5']:.0f}% | "
             f"{100 * lv['within_10']:.0f}% | {dc_text} | {mv['mape']:.2f}% | {100 * mv['within_5']:.0f}% | "
             f"{100 * mv['within_10']:.0f}% | {(total - wall) / 60:.1f} min |")
+    lines += ["", "Repeatability of the measurement itself: the unpruned network, measured beside every calibration and "
+              "validation sub-network (same session settings, median of >= 15 runs each time):", ""]
+    for target, precision, table, wall, total, n in rows:
+        refs = [x["reference_ms"] for part in (table.calibration["latency"]["samples"],
+                                               table.validation["latency"]["samples"]) for x in part
+                if "reference_ms" in x]
+        if refs:
+            med = float(np.median(refs))
+            dev = np.abs(np.asarray(refs) / med - 1)
+            lines.append(f"- {target.name} {precision}: {len(refs)} measurements, median {med:.2f} ms, range "
+                         f"{min(refs):.2f}-{max(refs):.2f} ms; {100 * np.mean(dev <= 0.05):.0f}% within ±5% and "
+                         f"{100 * np.mean(dev <= 0.10):.0f}% within ±10% of their own median.")
     lines += ["", "Goal: >= 95 % of latency predictions within ±10 %, >= 80 % within ±5 %, profiling < 10 min.",
-              f"Load average (1 min) at the start / end of the run: {load_start:.1f} / {os.getloadavg()[0]:.1f} on "
-              f"{os.cpu_count()} logical cores. With as many intra-op threads as cores, other jobs preempt one of "
+              ("" if args.from_results else
+               f"Load average (1 min) at the start / end of the run: {load_start:.1f} / {os.getloadavg()[0]:.1f} on "
+               f"{os.cpu_count()} logical cores. ") + "With as many intra-op threads as cores, other jobs preempt one of "
               "ONNX Runtime's threads and the whole operator waits for it: long runs (the end-to-end models) slow "
               "down far more than the short micro-graphs, and the error is the box's contention, not the model "
               "(compare the 1-thread rows, measured in the same run).",
-              f"Measured {time.strftime('%Y-%m-%d')}; the tables are written to `benchmarks/results/` (not committed)."]
+              f"Measured {str(rows[0][2].data.get('created', ''))[:10] if rows else ''}; the tables are written to `benchmarks/results/` (not committed)."]
     body = "\n".join(lines)
     print("\n" + body)
     if not args.no_md:
