@@ -435,6 +435,12 @@ def write_report(folder: Path, run, result, front, selection, unpruned, settings
     rejected_rows = [_row(r, folder) for r, _ in selection.rejected]
     full = run.supernet.full()
     unpruned_pt = next((r for r in records if r["subnet"] == full), None)
+    if unpruned_pt is None and unpruned.get("metric") is not None:  # not among the candidates: its export's figures
+        unpruned_pt = {"latency": unpruned["predicted_latency_ms"], "memory": None, "params": unpruned["parameters"],
+                       "error": 1 - unpruned["metric"]}
+        if x_axis == "memory":
+            unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
+                {**unpruned_pt, "memory": unpruned["measured_memory_mb"]}
     png = pareto_plot(folder / "pareto.png", records, front, x_axis=x_axis, metric_name=metric_name, budget=budget,
                       unpruned=unpruned_pt, shipped=shipped_pts,
                       title=f"{settings['task']} on {settings['target']} ({settings['precision']}): "
