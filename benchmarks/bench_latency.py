@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                f"{os.cpu_count()} logical cores. ") + "With as many intra-op threads as cores, other jobs preempt one of "
               "ONNX Runtime's threads and the whole operator waits for it: long runs (the end-to-end models) slow "
               "down far more than the short micro-graphs, and the error is the box's contention, not the model "
-              "(compare the 1-thread rows, measured in the same run).",
+              "(to see it, add a 1-thread target to the same run: `--target cpu my-1thread.toml`).",
               f"Measured {str(rows[0][2].data.get('created', ''))[:10] if rows else ''}; the tables are written to `benchmarks/results/` (not committed)."]
     body = "\n".join(lines)
     print("\n" + body)
