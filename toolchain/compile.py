@@ -223,6 +223,17 @@ def compile_model(opts: CompileOptions) -> dict:
     return manifest
 
 
+def _cost_metrics(table, space, subnet) -> dict[str, float]:
+    """The hardware-side metrics of a candidate: predicted latency and memory on the target, exact parameters."""
+    return {"latency": table.predict_latency(subnet), "memory": table.predict_memory(subnet),
+            "params": float(space.num_parameters(subnet))}
+
+
+def _constraints(opts: CompileOptions) -> dict[str, float]:
+    return {k: v for k, v in (("latency", opts.max_latency), ("memory", opts.max_memory),
+                              ("params", opts.max_params)) if v is not None}
+
+
 def search_stage(run, table, opts: CompileOptions, folder: Path):
     if opts.method == "rfp":
         return rfp_stage(run, table, opts, folder)
@@ -235,18 +246,13 @@ def search_stage(run, table, opts: CompileOptions, folder: Path):
     space = run.space
 
     def evaluate(subnet):
-        return {"error": ev(subnet)["error"], "latency": table.predict_latency(subnet),
-                "memory": table.predict_memory(subnet), "params": float(space.num_parameters(subnet))}
+        return {"error": ev(subnet)["error"], **_cost_metrics(table, space, subnet)}
 
-    constraints = {k: v for k, v in (("latency", opts.max_latency), ("memory", opts.max_memory),
-                                     ("params", opts.max_params)) if v is not None}
-    full = space.largest()
-    normalizers = {"latency": table.predict_latency(full), "memory": table.predict_memory(full),
-                   "params": float(space.num_parameters(full))}
-    result = run_search(space, evaluate, objectives=opts.objectives, constraints=constraints, method=opts.method,
+    result = run_search(space, evaluate, objectives=opts.objectives, constraints=_constraints(opts),
+                        method=opts.method,
                         n_evals=opts.budget("n_evals"), max_seconds=opts.max_search_seconds,
                         pop_size=opts.budget("pop_size"), seed=opts.seed, history_path=folder / "search_history.csv",
-                        normalizers=normalizers, progress=opts.progress)
+                        normalizers=_cost_metrics(table, space, space.largest()), progress=opts.progress)
     result.save(folder / "pareto.json")
     return result
 
@@ -283,7 +289,7 @@ def rfp_stage(run, table, opts: CompileOptions, folder: Path):
     n = opts.budget("search_eval_samples")
     enc = run.encoded("validation", max_samples=n, seed=opts.seed)
     path = folder / "rfp.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved = _load_rfp(path)
     budgets = rfp_budgets(table, run.supernet.dims, opts.max_latency)
     if not budgets:
         raise SearchError("no latency budget is reachable: even the network without encoder layers is predicted "
@@ -296,21 +302,17 @@ def rfp_stage(run, table, opts: CompileOptions, folder: Path):
             saved[str(r.budget)] = r.to_dict()
             path.write_text(json.dumps(saved) + "\n")
 
-    by_key = {SubNetwork.from_dict(v["subnetwork"]).key(): v for v in saved.values()}
+    by_key = _rfp_by_key(saved, path)
 
     def evaluate(subnet):
         entry = by_key[subnet.key()]
         ev = Evaluator(point_supernet(run, subnet, entry.get("scales")), enc, run.spec,
                        param_count=space.num_parameters)
-        return {"error": ev(subnet)["error"], "latency": table.predict_latency(subnet),
-                "memory": table.predict_memory(subnet), "params": float(space.num_parameters(subnet)),
+        return {"error": ev(subnet)["error"], **_cost_metrics(table, space, subnet),
                 "budget_ms": float(entry["budget"])}
 
-    constraints = {k: v for k, v in (("latency", opts.max_latency), ("memory", opts.max_memory),
-                                     ("params", opts.max_params)) if v is not None}
-    full = space.largest()
-    normalizers = {"latency": table.predict_latency(full), "memory": table.predict_memory(full),
-                   "params": float(space.num_parameters(full))}
+    constraints = _constraints(opts)
+    normalizers = _cost_metrics(table, space, space.largest())
     with SearchHistory(folder / "search_history.csv", space) as history:
         evaluations = Evaluations(evaluate, objectives=opts.objectives, constraints=constraints, history=history)
         for b in budgets:
@@ -326,16 +328,32 @@ def rfp_stage(run, table, opts: CompileOptions, folder: Path):
     return result
 
 
-def rfp_scales(folder: Path) -> dict[str, dict]:
-    """Sub-network key -> rfp scales, from ``<folder>/rfp.json`` (empty for a run that did not use ``--method rfp``)."""
-    from .subnetwork import SubNetwork
-
-    path = Path(folder) / "rfp.json"
+def _load_rfp(path: Path) -> dict[str, dict]:
+    """``rfp.json``: budget -> point (sub-network, scales, ...); empty when there is none."""
     if not path.is_file():
         return {}
     try:
-        return {SubNetwork.from_dict(v["subnetwork"]).key(): v["scales"] for v in json.loads(path.read_text()).values()}
-    except (ValueError, KeyError, TypeError) as e:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CompileError(f"{path} is damaged ({e}); delete it to recompute the rfp points") from e
+
+
+def _rfp_by_key(saved: dict[str, dict], path: Path) -> dict[str, dict]:
+    """The points of an ``rfp.json`` by sub-network key."""
+    from .subnetwork import SubNetwork
+
+    try:
+        return {SubNetwork.from_dict(v["subnetwork"]).key(): v for v in saved.values()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CompileError(f"{path} is damaged ({e}); delete it to recompute the rfp points") from e
+
+
+def rfp_scales(folder: Path) -> dict[str, dict]:
+    """Sub-network key -> rfp scales, from ``<folder>/rfp.json`` (empty for a run that did not use ``--method rfp``)."""
+    path = Path(folder) / "rfp.json"
+    try:
+        return {key: v["scales"] for key, v in _rfp_by_key(_load_rfp(path), path).items()}
+    except KeyError as e:
         raise CompileError(f"{path} is damaged ({e}); delete it to recompute the rfp points") from e
 
 

@@ -374,14 +374,7 @@ def fold_scales(model: nn.Module, subnet: SubNetwork, scales: Scales) -> nn.Modu
 
 def apply_scales(model: nn.Module, subnet: SubNetwork, scales: Scales) -> nn.Module:
     """A sliced copy of ``model`` computing ``subnet`` with ``scales`` folded in (``model`` is left untouched)."""
-    _check_scales(subnet, scales)
-    sliced = slice_model(model, subnet)  # kept heads / units come first, in heads_of / units_of order
-    head_size = model.config.hidden_size // model.config.num_attention_heads
-    for layer, i in zip(layers_of(sliced), subnet.kept_layers):
-        for block, rows in (("attention", scales.heads), ("ffn", scales.units)):
-            if rows[i]:
-                _fold_(layer, block, list(range(len(rows[i]))), torch.tensor(rows[i]), head_size)
-    return sliced
+    return slice_model(fold_scales(model, subnet, scales), subnet)
 
 
 # ----------------------------------------------------------------------------------------------- all of it
