@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_section
+from common import table_path, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         from latency_models.cli_api import find_table
         from latency_models.lookup_table import LatencyTable
 
-        path = Path(args.tables) / f"{dims.model_type}-{dims.hidden_size}-{getattr(target, 'name', 'cpu')}-{prec}.json"
+        path = table_path(args.tables, dims, getattr(target, "name", "cpu"), prec)
         try:
             return LatencyTable.load(path) if path.is_file() else find_table(args.target, prec, dims)
         except Exception as e:  # noqa: BLE001 - the column is then n/a

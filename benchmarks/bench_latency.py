@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_section
+from common import table_path, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     rows = []
     for target, precision in [(t, p) for t in targets for p in args.precisions if p in t.precisions]:
-        out = Path(args.out_dir) / f"{dims.model_type}-{dims.hidden_size}-{target.name}-{precision}.json"
+        out = table_path(args.out_dir, dims, target.name, precision)
         if args.from_results:
             from latency_models.lookup_table import LatencyTable
 

@@ -20,6 +20,11 @@ def data_dir() -> str:
     return d
 
 
+def table_path(out_dir, dims, target_name: str, precision: str) -> Path:
+    """Where ``bench_latency.py`` writes the latency table of a model family, target and precision."""
+    return Path(out_dir) / f"{dims.model_type}-{dims.hidden_size}-{target_name}-{precision}.json"
+
+
 def stats(values) -> dict:
     v = sorted(values)
     return {"median": statistics.median(v), "min": v[0], "max": v[-1]}
