@@ -4,7 +4,7 @@ Two ways to run a candidate, with identical results (tests check it): ``mask`` r
 ``slice`` materialises the smaller model first, which costs a copy of the weights but runs only the kept widths.
 ``auto`` slices when the candidate keeps less than ``slice_below`` (0.95) of the full network's parameters: the
 crossover measured by ``benchmarks/bench_search.py`` (MiniLM on SST-2, 300 dev sentences, 2 cores: slicing took
-0.38x the masked time at 68 % of the parameters, 0.80x at 85 %, 1.08x for the full network; docs/benchmarks.md).
+0.41x the masked time at 68 % of the parameters, 0.73x at 85 %, 1.10x for the full network; docs/benchmarks.md).
 """
 
 from __future__ import annotations
