@@ -134,7 +134,7 @@ def supernet_for(opts: CompileOptions):
     data = DataSettings(**{**asdict(opts.data), "max_train_samples": opts.budget("max_train_samples"),
                            "seed": opts.seed})
     cfg = TrainConfig(strategy=opts.strategy, epochs=opts.budget("epochs"), seed=opts.seed)
-    key = _key({"model": opts.model, "data": asdict(data), "space": opts.space, "train": asdict(cfg),
+    key = _key({"model": opts.model, "data": data.to_dict(), "space": opts.space, "train": asdict(cfg),
                 "reorder": opts.reorder})
     folder = cache_dir() / "supernets" / key
     return train_run(folder, model=opts.model, data=data, space=opts.space, train_config=cfg, reorder=opts.reorder,

@@ -47,6 +47,17 @@ class DataSettings:
     max_eval_samples: int | None = None
     max_length: int = 128
     seed: int = 0
+    # fraction of the training data held out (seeded by ``seed``) as split "holdout": the data a search scores
+    # candidates on when the validation (dev) set is kept as a test set; ``max_train_samples`` then draws from the rest
+    holdout: float | None = None
+
+    def to_dict(self) -> dict:
+        """The settings as stored in run.json and cache keys (``holdout`` only when set, so runs and caches made
+        before it existed keep their keys)."""
+        d = asdict(self)
+        if d["holdout"] is None:
+            del d["holdout"]
+        return d
 
     def spec(self) -> TaskSpec:
         if self.train_file or self.validation_file:
@@ -54,6 +65,21 @@ class DataSettings:
         return get_task(self.task)
 
     def load(self, split: str) -> TextDataset:
+        """``train``, ``validation`` or ``holdout`` (needs ``holdout``; then ``train`` is what is left of it)."""
+        if split == "holdout" and not self.holdout:
+            raise RunError("the holdout split needs DataSettings.holdout (a fraction of the training data)")
+        if split in ("train", "holdout") and self.holdout:
+            rest, held = self._load_full("train").split(self.holdout, seed=self.seed)
+            if split == "holdout":
+                return held
+            return _limit(rest, self.max_train_samples, self.seed)
+        limit = self.max_train_samples if split == "train" else self.max_eval_samples
+        ds = self._load_full(split)
+        if (self.train_file or self.validation_file) and limit is not None and limit < len(ds):
+            return ds.subset(range(limit))  # custom files: the first examples
+        return _limit(ds, limit, self.seed)
+
+    def _load_full(self, split: str) -> TextDataset:
         if self.train_file or self.validation_file:
             path = self.train_file if split == "train" else self.validation_file
             if not path:
@@ -61,11 +87,20 @@ class DataSettings:
             names = None
             if split != "train" and self.train_file:
                 names = load_custom(self.train_file, tuple(self.text_columns), self.label_column, self.regression).spec.label_names
-            ds = load_custom(path, tuple(self.text_columns), self.label_column, self.regression, label_names=names)
-            limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            return ds if limit is None or limit >= len(ds) else ds.subset(range(limit))
-        limit = self.max_train_samples if split == "train" else self.max_eval_samples
-        return load_task(self.task, split, data_dir=self.data_dir, max_samples=limit, seed=self.seed)
+            return load_custom(path, tuple(self.text_columns), self.label_column, self.regression, label_names=names)
+        return load_task(self.task, split, data_dir=self.data_dir)
+
+
+def _limit(ds: TextDataset, limit: int | None, seed: int) -> TextDataset:
+    """A seeded random subset of ``limit`` examples in file order (for a fixed seed, a smaller one is part of a
+    larger one); all of ``ds`` without a limit."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit <= 0:
+        raise RunError(f"a sample limit must be positive, got {limit}")
+    import numpy as np
+
+    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit]))
 
 
 @dataclass
@@ -118,7 +153,7 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     data = data or DataSettings()
     cfg = train_config or TrainConfig()
     spec = data.spec()
-    settings = {"model": model, "data": asdict(data), "space": space, "train": asdict(cfg), "reorder": reorder}
+    settings = {"model": model, "data": data.to_dict(), "space": space, "train": asdict(cfg), "reorder": reorder}
     run_json = folder / "run.json"
     if run_json.exists():
         old = json.loads(run_json.read_text())
