@@ -2,19 +2,29 @@
 
     run_profile(target="cpu", model=None, precision=None, out=None, bundle=None, unit_step=128,
                 calibrate_samples=10, validate_samples=10, resume=True) -> Path
+    run_profiles(["cpu", "arm64"], executor=None, ...) -> list[Path]
 
 * ``bundle`` set: write a profiling bundle for a device without torch into that folder (nothing is measured
   here) and return the folder; on the device ``python run_profile.py --out table.json``.
 * otherwise: profile here, calibrate and validate on random MEDIUM sub-networks, write the table to ``out`` or to
   :func:`default_table_path` and return its path.
+* several targets (:func:`run_profiles`): one after another here, or as Ray tasks, each on the node that is the
+  target (docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from targets import Target, fingerprint_key, load_target
+
+log = logging.getLogger(__name__)
+
+#: a Ray node that *is* target NAME advertises the custom resource ``target:NAME`` (``ray start --resources``)
+RESOURCE_PREFIX = "target:"
 
 
 def cache_dir() -> Path:
@@ -46,18 +56,21 @@ def find_table(target: Target | str, precision: str | None, dims):
     return LatencyTable.load(p) if p.is_file() else None
 
 
-def run_profile(target: str, model: str | None = None, precision: str | None = None, out: str | None = None,
+def run_profile(target: str | Target, model: str | None = None, precision: str | None = None, out: str | None = None,
                 bundle: str | None = None, unit_step: int = 128, calibrate_samples: int = 10,
-                validate_samples: int = 10, resume: bool = True, progress: bool = True) -> Path:
+                validate_samples: int = 10, resume: bool = True, progress: bool = True,
+                model_config=None, measurement: dict | None = None) -> Path:
     """Profile ``model``'s blocks (default: all-MiniLM-L6-v2) on ``target`` (name or TOML path) at ``precision``
-    (default: the target's first). Returns the table path, or the bundle folder when ``bundle`` is given."""
+    (default: the target's first). Returns the table path, or the bundle folder when ``bundle`` is given.
+    ``model_config`` (a transformers config) stands in for ``model`` where the model is not at hand;
+    ``measurement`` overrides the timing settings (repetitions, minimum time; see ``bundle_runner``)."""
     from toolchain.modeling import ModelDims, load_config
 
     from .profile import profile, write_bundle
 
     t = load_target(target)
     precision = t.check_precision(precision)
-    _, config = load_config(model)
+    config = model_config if model_config is not None else load_config(model)[1]
     dims = ModelDims.from_config(config)
     if bundle:
         return write_bundle(dims, t, precision, bundle, model_config=config, unit_step=unit_step, progress=progress)
@@ -75,7 +88,109 @@ def run_profile(target: str, model: str | None = None, precision: str | None = N
         model_obj = model_from_config(config_for(dims, config)).eval()
     table = profile(dims, t, precision, out_path, model_config=config, unit_step=unit_step, progress=progress,
                     resume=resume, model=model_obj, calibrate_samples=calibrate_samples,
-                    validate_samples=validate_samples)
+                    validate_samples=validate_samples, measurement=measurement)
     if progress:
         print(table.summary())
     return Path(table.path)
+
+
+# ------------------------------------------------------------------------------------------- several targets
+def target_resource(name: str) -> str:
+    """The Ray custom resource a node offers when it is the device of target ``name``: ``target:<name>``."""
+    return RESOURCE_PREFIX + name
+
+
+@dataclass(frozen=True)
+class ProfileJob:
+    """One target's profile, as a value that a Ray task can run anywhere: the target and the model config travel
+    with it (no file of the driver is read where it runs). ``cache``: the tables folder to use there (the
+    driver's, on a one-machine Ray instance; ``None``: that machine's own cache)."""
+
+    target: Target
+    precision: str
+    model_config: object
+    unit_step: int = 128
+    calibrate_samples: int = 10
+    validate_samples: int = 10
+    resume: bool = True
+    progress: bool = False
+    cache: str | None = None
+    measurement: dict | None = None
+
+    def __call__(self) -> tuple[str, dict]:
+        """Profile where this runs; returns (the table's file name on that machine, the table's JSON)."""
+        import json
+
+        from toolchain.modeling import ModelDims
+
+        dims = ModelDims.from_config(self.model_config)
+        path = default_table_path(self.target, self.precision, dims)  # fingerprint of the machine that measures
+        if self.cache:
+            path = Path(self.cache) / path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_profile(self.target, precision=self.precision, out=str(path), unit_step=self.unit_step,
+                    calibrate_samples=self.calibrate_samples, validate_samples=self.validate_samples,
+                    resume=self.resume, progress=self.progress, model_config=self.model_config,
+                    measurement=self.measurement)
+        return path.name, json.loads(path.read_text())
+
+
+def _run_job(job: ProfileJob):
+    return job()
+
+
+def run_profiles(targets, executor=None, *, model: str | None = None, precision: str | None = None,
+                 out_dir: str | None = None, unit_step: int = 128, calibrate_samples: int = 10,
+                 validate_samples: int = 10, resume: bool = True, progress: bool = True,
+                 measurement: dict | None = None) -> list[Path]:
+    """Profile several ``targets`` (names, TOML paths or :class:`Target`); returns one table path per target.
+
+    Without an executor (or a local one), the targets are profiled one after another in this process. With a
+    :class:`toolchain.executors.RayExecutor` each profile is a Ray task: a target whose device is a node offering
+    the custom resource ``target:<name>`` (see :func:`target_resource`) runs there, at the same time as the
+    profiles of other devices; every other target runs on this machine's node, one after another and never beside
+    another profile of this machine, because profiles sharing cores would distort each other's timings. The
+    tables are written to ``out_dir`` (file names as in the cache), or to this machine's cache.
+    """
+    from toolchain.modeling import load_config
+
+    from .lookup_table import LatencyTable
+
+    loaded = [load_target(t) for t in targets]
+    if not loaded:
+        raise ValueError("no target to profile")
+    names = [t.name for t in loaded]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"target(s) named twice: {', '.join(twice)}")
+    precisions = [t.check_precision(precision) for t in loaded]
+    _, config = load_config(model)
+    remote = executor is not None and getattr(executor, "name", "local") != "local"
+    on_one_machine = not remote or getattr(executor, "local", True)
+    cache = str(cache_dir()) if on_one_machine else None
+    jobs = [ProfileJob(t, p, config, unit_step, calibrate_samples, validate_samples, resume,
+                       progress and not remote, cache, measurement) for t, p in zip(loaded, precisions)]
+    if not remote:
+        for t in loaded:
+            t.check_available()  # before the first (long) profile, not after it
+        results = [job() for job in jobs]
+    else:
+        offered = executor.resources()
+        resources = [{target_resource(t.name): 1} if target_resource(t.name) in offered else None for t in loaded]
+        exclusive = [r is None for r in resources]
+        for t, r in zip(loaded, resources):
+            if r is None:
+                t.check_available()
+                log.info("target %s: no Ray node offers resource '%s'; profiled on this machine, one target at a "
+                         "time", t.name, target_resource(t.name))
+            else:
+                log.info("target %s: profiled on the Ray node that offers '%s'", t.name, target_resource(t.name))
+        results = executor.run(_run_job, jobs, resources, exclusive)
+    paths = []
+    for (name, data), job in zip(results, jobs):
+        dest = (Path(out_dir) if out_dir else cache_dir()) / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if job.cache is None or dest != Path(job.cache) / name:  # measured elsewhere, or asked for elsewhere
+            LatencyTable(data, dest).save(dest)
+        paths.append(dest)
+    return paths

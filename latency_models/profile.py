@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from targets import Target, load_target
-from targets.session import ProviderUnavailableError, available_providers
+from targets.session import ProviderUnavailableError, probe_providers
 
 from . import bundle_runner as runner
 from .lookup_table import LatencyTable, error_stats
@@ -225,7 +225,7 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
     target = _target(target)
     precision = target.check_precision(precision)
     try:
-        available_providers(target.providers, target.optional_providers)
+        probe_providers(target.providers, target.optional_providers)  # a GPU provider must also start here
     except ProviderUnavailableError as e:
         raise ProviderUnavailableError(f"{e}. To profile target '{target.name}' on its own device, write a bundle "
                                        "(nasprune-profile --bundle DIR) and run it there.") from None

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .session import (FINGERPRINT_KEY_FIELDS, OPT_LEVELS, ProviderUnavailableError, cpu_model, fingerprint_key,
-                      machine_fingerprint, open_session, physical_cores, resolve_threads)
+                      machine_fingerprint, open_session, physical_cores, probe_providers, resolve_threads)
 
 try:  # Python >= 3.11
     import tomllib
@@ -105,6 +105,12 @@ class Target:
         Raises :class:`ProviderUnavailableError` when this onnxruntime build lacks a required provider."""
         return open_session(onnx_path, self.providers, self.optional_providers, self.intra_op_threads,
                             self.graph_optimization_level)
+
+    def check_available(self) -> list[str]:
+        """The providers a session gets on this machine. Raises :class:`ProviderUnavailableError` (with what to
+        install, or why it did not start) when a required provider is not in this onnxruntime build, or is a GPU
+        provider that cannot start here (e.g. ``cuda`` on a machine without a GPU)."""
+        return probe_providers(self.providers, self.optional_providers)
 
     def fingerprint(self, precision: str | None = None) -> dict:
         precision = self.check_precision(precision)

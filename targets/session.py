@@ -7,16 +7,30 @@ fingerprint and opens sessions exactly the way the toolchain does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
+import sys
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
 
 
 class ProviderUnavailableError(RuntimeError):
-    """The target's execution provider is not part of this onnxruntime build."""
+    """The target's execution provider is not part of this onnxruntime build, or cannot start on this machine."""
+
+
+#: what to install for a provider this onnxruntime build lacks
+INSTALL_HINTS = {
+    "CUDAExecutionProvider": "onnxruntime-gpu (pip install 'nasprune[gpu]'; see docs/scaling.md: the CPU-only "
+                             "onnxruntime package must be uninstalled first)",
+    "TensorrtExecutionProvider": "onnxruntime-gpu with TensorRT",
+}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider")
+# a one-node ONNX graph (Relu of a float[1]): opening it with a provider shows whether the provider starts here
+_PROBE_MODEL = "CAg6NwoMCgF4EgF5IgRSZWx1EgVwcm9iZVoPCgF4EgoKCAgBEgQKAggBYg8KAXkSCgoICAESBAoCCAFCBAoAEA0="
 
 
 def physical_cores() -> int:
@@ -83,12 +97,62 @@ def available_providers(providers, optional_providers=()) -> list[str]:
     have = ort.get_available_providers()
     missing = [p for p in providers if p not in have]
     if missing:
+        hints = [INSTALL_HINTS[p] for p in missing if p in INSTALL_HINTS]
         raise ProviderUnavailableError(
             f"execution provider(s) {', '.join(missing)} not available in this onnxruntime {ort.__version__} build "
-            f"(available: {', '.join(have)}); install the matching onnxruntime package (e.g. onnxruntime-gpu for CUDA)"
+            f"(available: {', '.join(have)}); install "
+            + ("; ".join(hints) if hints else "the matching onnxruntime package (e.g. onnxruntime-gpu for CUDA)")
         )
     chosen = [p for p in optional_providers if p in have and p not in providers]
     return chosen + [p for p in providers if p not in chosen]
+
+
+def prepare_providers(providers) -> None:
+    """Before a CUDA session in a process without torch: let onnxruntime load the CUDA / cuDNN libraries of the
+    nvidia-* Python packages (``onnxruntime.preload_dlls``, onnxruntime >= 1.21), as importing torch would."""
+    if not any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers):
+        return
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None and "torch" not in sys.modules:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                preload(directory="")
+        except Exception:  # noqa: BLE001 - libraries on the system path work as well
+            pass
+
+
+def check_started(session, providers) -> None:
+    """Raise :class:`ProviderUnavailableError` when a required accelerator provider did not start in ``session``:
+    onnxruntime-gpu lists ``CUDAExecutionProvider`` even on a machine without a GPU, and then silently runs on the
+    CPU, which would measure the wrong device."""
+    active = list(session.get_providers())
+    lost = [p for p in providers if p in GPU_PROVIDERS and p not in active]
+    if lost:
+        raise ProviderUnavailableError(
+            f"execution provider(s) {', '.join(lost)} are part of this onnxruntime build but could not start on this "
+            f"machine (no usable GPU, driver, or CUDA / cuDNN libraries?); onnxruntime fell back to "
+            f"{', '.join(active) or 'nothing'}. Profile, export and verify for this target on a machine with the "
+            f"device (or bring its latency table with --latency-table)"
+        )
+
+
+def probe_providers(providers, optional_providers=()) -> list[str]:
+    """The providers a session would get (:func:`available_providers`), after checking that the accelerator ones
+    really start here, on a one-node graph; raises :class:`ProviderUnavailableError` otherwise."""
+    chosen = available_providers(providers, optional_providers)
+    if any(p in GPU_PROVIDERS for p in providers):
+        import base64
+
+        import onnxruntime as ort
+
+        prepare_providers(chosen)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # the fallback warning is ours to explain
+        sess = ort.InferenceSession(base64.b64decode(_PROBE_MODEL), so, providers=chosen)
+        check_started(sess, providers)
+    return chosen
 
 
 def session_options(threads, graph_optimization_level: str = "all"):
@@ -113,8 +177,11 @@ def open_session(onnx_path, providers, optional_providers=(), threads="auto", gr
     import onnxruntime as ort
 
     chosen = available_providers(providers, optional_providers)
+    prepare_providers(chosen)
     so = session_options(threads, graph_optimization_level)
-    return ort.InferenceSession(str(onnx_path), so, providers=chosen)
+    sess = ort.InferenceSession(str(onnx_path), so, providers=chosen)
+    check_started(sess, providers)
+    return sess
 
 
 def machine_fingerprint(providers, optional_providers=(), threads="auto", precision="fp32", batch_size=1,

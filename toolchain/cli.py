@@ -166,6 +166,34 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="validation examples used per candidate during search (seeded subset)")
 
 
+def add_executor_options(p: argparse.ArgumentParser, search: bool = True) -> None:
+    what = "search candidates are evaluated" if search else "the targets are profiled"
+    g = p.add_argument_group("parallel execution (docs/scaling.md)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help=f"where {what}: local = in this process, one after another; ray = as Ray "
+                        f"{'workers' if search else 'tasks'} (pip install 'nasprune[ray]') (default: local)")
+    if search:
+        g.add_argument("--workers", type=int, default=None,
+                       help="--executor ray: worker processes, each holding one copy of the super-network "
+                            "(default: the cluster's CPUs)")
+    g.add_argument("--ray-address", default=None,
+                   help="--executor ray: address of a running Ray cluster (e.g. auto, or ray://head:10001); "
+                        "default: a local Ray instance on 127.0.0.1, stopped at the end")
+    if search:
+        g.add_argument("--search-batch-size", type=int, default=None,
+                       help="random / local search: candidates evaluated per batch (default: random 16, local 1; "
+                            "NSGA-II evaluates one generation per batch). Fixed by this option, never by the "
+                            "executor, so every executor gives the same result")
+
+
+def _check_executor(args) -> None:
+    """Ray missing, bad --workers: one clear line before any long work."""
+    from .executors import check_executor
+
+    check_executor(getattr(args, "executor", "local"), getattr(args, "workers", None),
+                   getattr(args, "ray_address", None))
+
+
 def _compile_options(args, **over):
     from .compile import CompileOptions
     from .units import parse_latency, parse_memory, parse_params
@@ -184,7 +212,10 @@ def _compile_options(args, **over):
         max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
         rfp_samples=getattr(args, "rfp_samples", None),
         reorder=not getattr(args, "no_reorder", False), output=getattr(args, "output", None), seed=args.seed,
-        resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False), **over)
+        resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
+        executor=getattr(args, "executor", "local"), workers=getattr(args, "workers", None),
+        ray_address=getattr(args, "ray_address", None), search_batch_size=getattr(args, "search_batch_size", None),
+        **over)
 
 
 def _table_for_run(run, opts):
@@ -194,6 +225,7 @@ def _table_for_run(run, opts):
 
     target = load_target(opts.target)
     precision = target.check_precision(opts.precision)
+    opts.model = opts.model or run.settings.get("model")  # a table to profile is the run's model family's
     return target, precision, latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
 
 
@@ -202,6 +234,7 @@ def cmd_search(args) -> int:
     from .run import load_run
     from .search import infeasible_message
 
+    _check_executor(args)
     run = load_run(args.run_dir)
     opts = _compile_options(args)
     opts.data = run.data
@@ -232,6 +265,7 @@ def cmd_export(args) -> int:
     opts = _compile_options(args)
     opts.data = run.data
     target, precision, table = _table_for_run(run, opts)
+    target.check_available()  # export measures on the target: e.g. cuda needs a GPU here
     scales = rfp_scales(folder)  # points of a --method rfp search carry their own rescaling
     front = validate_front(run, pareto, lambda subnet: scales.get(subnet.key()))
     shipped, selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, scales)
@@ -244,13 +278,38 @@ def cmd_export(args) -> int:
     return 0 if shipped else 3
 
 
-def cmd_profile(args) -> int:
-    from latency_models.cli_api import run_profile
+def _targets(values) -> list[str]:
+    """``--target cpu --target arm64`` or ``--target cpu,arm64`` (default: cpu)."""
+    names = [t.strip() for v in (values or ["cpu"]) for t in str(v).split(",") if t.strip()]
+    return list(dict.fromkeys(names)) or ["cpu"]
 
-    path = run_profile(target=args.target, model=args.model, precision=args.precision, out=args.output,
-                       bundle=args.bundle, unit_step=args.unit_step, calibrate_samples=args.calibrate_samples,
-                       validate_samples=args.validate_samples, resume=not args.restart, progress=True)
-    print(f"written: {path}")
+
+def cmd_profile(args) -> int:
+    from latency_models.cli_api import run_profile, run_profiles
+
+    from .executors import make_executor
+
+    targets = _targets(args.target)
+    common = dict(model=args.model, precision=args.precision, unit_step=args.unit_step,
+                  calibrate_samples=args.calibrate_samples, validate_samples=args.validate_samples,
+                  resume=not args.restart, progress=True)
+    if len(targets) == 1 and args.executor == "local" and not args.ray_address:
+        path = run_profile(target=targets[0], out=args.output, bundle=args.bundle, **common)
+        print(f"written: {path}")
+        return 0
+    if args.bundle:
+        raise ValueError("--bundle writes the bundle of one target; name one --target (and no --executor ray)")
+    if args.output and Path(args.output).suffix.lower() == ".json":
+        raise ValueError("with several targets (or --executor ray), --output is a folder: one table per target")
+    _check_executor(args)
+    with make_executor(args.executor, None, args.ray_address) as executor:
+        if executor.name != "local":
+            print(f"profiling {', '.join(targets)} on {executor.describe()}", flush=True)
+        paths = run_profiles(targets, executor, out_dir=args.output, **common)
+    from targets import load_target
+
+    for target, path in zip(targets, paths):
+        print(f"{load_target(target).name}: written: {path}")
     return 0
 
 
@@ -289,6 +348,7 @@ def _register_stages(sub) -> None:
     p.add_argument("run_dir", help="run folder written by `nasprune train` or `nasprune-compile`")
     add_target_options(p)
     add_search_options(p)
+    add_executor_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_search)
 
@@ -312,10 +372,13 @@ def _register_stages(sub) -> None:
 
 
 def add_profile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="cpu", help="target name (cpu, cuda, arm64) or TOML file (default: cpu)")
+    p.add_argument("--target", action="append", default=None,
+                   help="target name (cpu, cuda, arm64) or TOML file (default: cpu); repeat it, or give a comma "
+                        "list, to profile several targets (one after another, or as Ray tasks with --executor ray)")
     p.add_argument("--model", default=None, help="model whose dimensions are profiled (default: all-MiniLM-L6-v2)")
     p.add_argument("--precision", default=None, help="fp32 | fp16 | int8 (default: the target's first)")
-    p.add_argument("--output", "-o", default=None, help="table JSON (default: the cache, per target fingerprint)")
+    p.add_argument("--output", "-o", default=None,
+                   help="table JSON (default: the cache, per target fingerprint); a folder with several targets")
     p.add_argument("--bundle", default=None,
                    help="instead of profiling here, write micro-graphs + a torch-free runner to this folder, to run "
                         "on the device: python run_profile.py --out table.json")
@@ -323,12 +386,14 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-samples", type=int, default=16, help="random sub-networks measured for calibration")
     p.add_argument("--validate-samples", type=int, default=16, help="held-out sub-networks measured for validation")
     p.add_argument("--restart", action="store_true", help="ignore a partial profile instead of resuming it")
+    add_executor_options(p, search=False)
 
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:
     add_model_data_options(p)
     add_target_options(p)
     add_search_options(p)
+    add_executor_options(p)
     g = p.add_argument_group("super-network")
     g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")
     g.add_argument("--strategy", choices=STRATEGIES, default=None,

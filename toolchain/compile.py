@@ -82,6 +82,10 @@ class CompileOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    executor: str = "local"  # where search candidates are evaluated: local | ray (docs/scaling.md)
+    workers: int | None = None  # Ray workers (default: the cluster's CPUs)
+    ray_address: str | None = None  # an existing Ray cluster (default: a local instance)
+    search_batch_size: int | None = None  # random / local search: candidates per batch
 
     def budget(self, key: str):
         """An explicit option wins over the preset."""
@@ -162,6 +166,10 @@ def compile_model(opts: CompileOptions) -> dict:
 
     target = load_target(opts.target)
     precision = target.check_precision(opts.precision)
+    target.check_available()  # e.g. --target cuda without a GPU: fail before any long work
+    from .executors import check_executor
+
+    check_executor(opts.executor, opts.workers)
     opts.data.spec()  # unknown task, missing data files: fail before any long work
     opts.data.load("validation")
     opts.data.load("train")
@@ -237,22 +245,26 @@ def _constraints(opts: CompileOptions) -> dict[str, float]:
 def search_stage(run, table, opts: CompileOptions, folder: Path):
     if opts.method == "rfp":
         return rfp_stage(run, table, opts, folder)
-    from .evaluation import Evaluator
+    from functools import partial
+
+    from .evaluation import Evaluator, SearchObjective
+    from .executors import make_executor
     from .search import run_search
 
     n = opts.budget("search_eval_samples")
     ev = Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec,
                    param_count=run.space.num_parameters, store=run.evaluation_store("validation", n, opts.seed))
     space = run.space
+    objective = SearchObjective(ev, partial(_cost_metrics, table, space))  # picklable: Ray workers get a copy
 
-    def evaluate(subnet):
-        return {"error": ev(subnet)["error"], **_cost_metrics(table, space, subnet)}
-
-    result = run_search(space, evaluate, objectives=opts.objectives, constraints=_constraints(opts),
-                        method=opts.method,
-                        n_evals=opts.budget("n_evals"), max_seconds=opts.max_search_seconds,
-                        pop_size=opts.budget("pop_size"), seed=opts.seed, history_path=folder / "search_history.csv",
-                        normalizers=_cost_metrics(table, space, space.largest()), progress=opts.progress)
+    with make_executor(opts.executor, opts.workers, opts.ray_address) as executor:
+        result = run_search(space, objective, objectives=opts.objectives, constraints=_constraints(opts),
+                            method=opts.method,
+                            n_evals=opts.budget("n_evals"), max_seconds=opts.max_search_seconds,
+                            pop_size=opts.budget("pop_size"), seed=opts.seed,
+                            history_path=folder / "search_history.csv",
+                            normalizers=_cost_metrics(table, space, space.largest()), progress=opts.progress,
+                            executor=executor, batch_size=opts.search_batch_size, on_evaluated=objective.remember)
     result.save(folder / "pareto.json")
     return result
 

@@ -46,6 +46,13 @@ class Evaluator:
         if self.store is not None and self.store.is_file():
             self._load_store()
 
+    def __getstate__(self) -> dict:
+        """A copy sent to another process (a Ray worker) keeps the cache but never writes the store: only the
+        process that owns the store (the driver) appends to it, through :meth:`remember`."""
+        state = dict(self.__dict__)
+        state["store"] = None
+        return state
+
     def _load_store(self) -> None:
         n = len(self.labels)
         for i, line in enumerate(self.store.read_text().splitlines()):
@@ -91,18 +98,46 @@ class Evaluator:
             t = time.perf_counter()
             metrics = compute_metrics(self.spec, self.logits(subnet), self.labels)
             metrics["error"] = 1.0 - metrics["score"]
-            self.cache[key] = metrics
-            self.cost[key] = time.perf_counter() - t
+            self.remember(key, metrics, time.perf_counter() - t)
             self.seconds += self.cost[key]
-            if self.store is not None:
-                self.store.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.store, "a+b") as f:  # one line per write: concurrent compiles append safely
-                    f.seek(0, 2)
-                    if f.tell():  # after an interrupted write, start a new line
-                        f.seek(-1, 2)
-                        if f.read(1) != b"\n":
-                            f.write(b"\n")
-                    f.write(json.dumps({"key": key, "n": len(self.labels), "metrics": metrics,
-                                        "seconds": self.cost[key]}, default=float).encode() + b"\n")
             self.calls += 1
         return dict(self.cache[key])
+
+    def remember(self, key: str, metrics: dict, seconds: float) -> None:
+        """Cache the metrics of sub-network ``key`` (computed here, or by a copy of this evaluator in a worker) and
+        append them to the store."""
+        self.cache[key], self.cost[key] = dict(metrics), float(seconds)
+        if self.store is not None:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.store, "a+b") as f:  # one line per write: concurrent compiles append safely
+                f.seek(0, 2)
+                if f.tell():  # after an interrupted write, start a new line
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                f.write(json.dumps({"key": key, "n": len(self.labels), "metrics": metrics,
+                                    "seconds": float(seconds)}, default=float).encode() + b"\n")
+
+
+class SearchObjective:
+    """What the search scores a sub-network by: the error with the shared weights (an :class:`Evaluator`) plus
+    ``cost(subnet)`` (predicted latency and memory, parameters). Picklable, so that an executor can ship it to
+    workers (:mod:`toolchain.executors`): each worker holds its own copy of the evaluator, which never writes the
+    store; the driver records what the workers computed with :meth:`remember`."""
+
+    def __init__(self, evaluator: Evaluator, cost):
+        self.evaluator, self.cost = evaluator, cost
+
+    def __call__(self, subnet: SubNetwork) -> dict[str, float]:
+        return {"error": self.evaluator(subnet)["error"], **self.cost(subnet)}
+
+    def cached(self, subnet: SubNetwork) -> dict[str, float] | None:
+        """The values without running the network, when the evaluator has this sub-network's metrics."""
+        return self(subnet) if subnet.key() in self.evaluator.cache else None
+
+    def remember(self, record: dict) -> None:
+        """Driver side, for a candidate a worker evaluated: cache and store its error (and score = 1 - error)."""
+        key = record["key"]
+        if key not in self.evaluator.cache:
+            self.evaluator.remember(key, {"score": 1.0 - record["error"], "error": record["error"]},
+                                    record.get("eval_seconds", 0.0))

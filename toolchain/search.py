@@ -5,7 +5,10 @@ The search only proposes sub-networks; what they score comes from one user-suppl
 weights, latency in ms and memory in MB from a lookup table, parameter count from the search space). Every distinct
 candidate is evaluated once (cached by ``subnet.key()``), appended to ``search_history.csv`` as it happens, and a
 search interrupted half-way resumes from that file: the same seeded algorithm re-runs, and candidates found in the
-history are not evaluated again. See docs/search.md.
+history are not evaluated again. Candidates are scored in batches fixed by the method (an NSGA-II generation, a
+batch of random samples), which an executor (:mod:`toolchain.executors`: this process, or Ray workers) may run in
+parallel; the results are recorded in the order of the batch, so every executor gives the same result. See
+docs/search.md and docs/scaling.md.
 
 Entry point: :func:`run_search`. Building blocks: :class:`PruningProblem` (a pymoo ``Problem`` over a space's
 encoding), :class:`Evaluations` (cache + budget + history), :class:`SearchHistory`, :class:`SearchResult`.
@@ -224,13 +227,19 @@ class SearchHistory:
 
 # ------------------------------------------------------------------------------------------------ evaluations
 class Evaluations:
-    """The one place ``evaluate`` is called: a cache by ``subnet.key()``, the budget, the history and the bar.
+    """The one place where candidates are scored: a cache by ``subnet.key()``, the budget, the history and the bar.
 
-    Calling it with a sub-network returns its record (a dict: ``index``, ``key``, ``subnet``, the metric values,
-    ``feasible``, ``violation``, ...). A candidate seen before in this search is returned from the cache; one found
-    in the history file is reused without calling ``evaluate``; a new one is evaluated and written to the history.
-    Each *distinct* candidate the search visits counts once against ``n_evals``; visiting one more than that, or
-    a new one after ``max_seconds``, raises :class:`BudgetExhausted`.
+    :meth:`batch` takes the candidates a search proposes at once (an NSGA-II generation, a batch of random samples)
+    and returns their records, in order (dicts: ``index``, ``key``, ``subnet``, the metric values, ``feasible``,
+    ``violation``, ...). A candidate seen before in this search is returned from the cache; one found in the
+    history file is reused without calling ``evaluate``; the new ones are handed to the executor's pool together
+    (in parallel on Ray, one after the other locally) and recorded, and written to the history, in the order they
+    were proposed, each as soon as it and those before it are done. Calling the object with one sub-network is
+    ``batch([subnet])[0]``. Only this driver-side object writes the history: the pool only runs ``evaluate``.
+
+    Each *distinct* candidate the search visits counts once against ``n_evals``; a batch that would visit more is cut
+    after the last one that fits (those are evaluated and recorded), then :class:`BudgetExhausted` is raised; the
+    same happens for a new candidate proposed after ``max_seconds`` (checked as a batch is planned).
     """
 
     def __init__(
@@ -243,7 +252,11 @@ class Evaluations:
         n_evals: int | None = None,
         max_seconds: float | None = None,
         progress=None,
+        executor=None,
+        on_evaluated: Callable[[dict], None] | None = None,
     ):
+        from .executors import LocalExecutor
+
         self.evaluate = evaluate
         self.objectives = _check_objectives(objectives)
         self.constraints = _check_constraints(constraints)
@@ -252,11 +265,15 @@ class Evaluations:
         self.n_evals = n_evals
         self.max_seconds = max_seconds
         self.progress = progress
+        self.executor = executor if executor is not None else LocalExecutor()
+        self.pool = None  # made on the first new candidate (a Ray pool starts its actors then)
+        self.on_evaluated = on_evaluated
         self.known: dict[str, dict] = dict(history.rows) if history is not None else {}
         self.visited: list[dict] = []
         self._visited_keys: set[str] = set()
         self.n_new = 0
-        self.eval_seconds = 0.0
+        self.eval_seconds = 0.0  # sum of the candidates' own evaluation times (where they ran)
+        self.wait_seconds = 0.0  # wall time this process spent waiting for new results
         self.start = time.perf_counter()
 
     def space_exhausted(self, size: int) -> bool:
@@ -270,29 +287,77 @@ class Evaluations:
         return self.n_evals is not None and len(self.visited) >= self.n_evals
 
     def __call__(self, subnet: SubNetwork) -> dict:
-        key = subnet.key()
-        if key in self._visited_keys:
-            return self.known[key]
-        if self.exhausted:
-            raise BudgetExhausted(f"n_evals={self.n_evals}")
-        if self.max_seconds is not None and time.perf_counter() - self.start >= self.max_seconds:
-            raise BudgetExhausted(f"max_seconds={self.max_seconds}")
-        record = self.known.get(key)
-        if record is None:
-            record = self._evaluate_new(subnet, key)
-        else:
-            missing = [m for m in self.needed if m not in record]
-            if missing:
-                where = self.history.path if self.history is not None else "the history"
-                raise HistoryError(
-                    f"{where}, row {record['index']}: no {', '.join(missing)} value; the history was written by a "
-                    "search with other objectives or constraints. Delete it or choose another run folder."
-                )
-            record.update(self._feasibility(record))
-        self.visited.append(record)
-        self._visited_keys.add(key)
-        if self.progress is not None:
-            self.progress.update(1)
+        return self.batch([subnet])[0]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _plan(self, subnets: Sequence[SubNetwork]):
+        """``(plan, stop)``: what to do with each candidate (``seen`` / ``known`` / ``new``) up to the budget."""
+        plan: list[tuple[str, SubNetwork, str]] = []
+        planned: set[str] = set()
+        stop = None
+        for subnet in subnets:
+            key = subnet.key()
+            if key in self._visited_keys or key in planned:
+                plan.append(("seen", subnet, key))
+                continue
+            if self.n_evals is not None and len(self.visited) + len(planned) >= self.n_evals:
+                stop = BudgetExhausted(f"n_evals={self.n_evals}")
+                break
+            if self.max_seconds is not None and time.perf_counter() - self.start >= self.max_seconds:
+                stop = BudgetExhausted(f"max_seconds={self.max_seconds}")
+                break
+            planned.add(key)
+            plan.append(("known" if key in self.known else "new", subnet, key))
+        return plan, stop
+
+    def batch(self, subnets: Sequence[SubNetwork]) -> list[dict]:
+        plan, stop = self._plan(subnets)
+        new = [subnet for kind, subnet, _ in plan if kind == "new"]
+        results = iter(())
+        if new:
+            if self.pool is None:
+                self.pool = self.executor.pool(self.evaluate)
+            results = self.pool.map(new)
+        records = []
+        try:
+            for kind, subnet, key in plan:
+                if kind == "seen":
+                    records.append(self.known[key])
+                    continue
+                if kind == "known":
+                    record = self._reuse(key)
+                else:
+                    t0 = time.perf_counter()
+                    values, dt = next(results)
+                    self.wait_seconds += time.perf_counter() - t0
+                    record = self._record_new(subnet, key, values, dt)
+                self.visited.append(record)
+                self._visited_keys.add(key)
+                records.append(record)
+                if self.progress is not None:
+                    self.progress.update(1)
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # an error part-way: stop what is still running
+        if stop is not None:
+            raise stop
+        return records
+
+    def _reuse(self, key: str) -> dict:
+        record = self.known[key]
+        missing = [m for m in self.needed if m not in record]
+        if missing:
+            where = self.history.path if self.history is not None else "the history"
+            raise HistoryError(
+                f"{where}, row {record['index']}: no {', '.join(missing)} value; the history was written by a "
+                "search with other objectives or constraints. Delete it or choose another run folder."
+            )
+        record.update(self._feasibility(record))
         return record
 
     def _feasibility(self, values: Mapping[str, float]) -> dict:
@@ -300,10 +365,7 @@ class Evaluations:
         violation = float(np.maximum(g, 0.0).sum())
         return {"feasible": violation == 0.0, "violation": violation}
 
-    def _evaluate_new(self, subnet: SubNetwork, key: str) -> dict:
-        t0 = time.perf_counter()
-        values = self.evaluate(subnet)
-        dt = time.perf_counter() - t0
+    def _record_new(self, subnet: SubNetwork, key: str, values, dt: float) -> dict:
         if not isinstance(values, Mapping):
             raise SearchError(f"evaluate() must return a dict of metric values, got {type(values).__name__}")
         missing = [m for m in self.needed if m not in values]
@@ -334,6 +396,8 @@ class Evaluations:
         self.known[key] = record
         if self.history is not None:
             self.history.append(record)
+        if self.on_evaluated is not None:
+            self.on_evaluated(record)
         return record
 
 
@@ -363,7 +427,7 @@ class PruningProblem(Problem):
         return self.evaluations(self.space.decode(x))
 
     def _evaluate(self, X, out, *args, **kwargs):
-        records = [self.record(x) for x in X]
+        records = self.evaluations.batch([self.space.decode(x) for x in X])  # one generation: one batch
         out["F"] = np.array([[r[o] for o in self.objectives] for r in records], dtype=float).reshape(len(X), -1)
         if self.constraints:
             out["G"] = np.array([_violation(r, self.constraints) for r in records], dtype=float).reshape(len(X), -1)
@@ -418,24 +482,35 @@ def _nsga2(space: SearchSpace, problem: PruningProblem, pop_size: int, seed: int
             return f"no new candidates in {stale} generations"
 
 
-def _random(space: SearchSpace, evaluations: Evaluations, seed: int) -> str:
+def _random(space: SearchSpace, evaluations: Evaluations, seed: int, batch_size: int = 16) -> str:
+    """Uniform samples, ``batch_size`` new ones at a time. Samples do not depend on results, so the candidates (and
+    their order) are those of drawing and evaluating one at a time, whatever the batch size."""
     rng = np.random.default_rng(seed)
     size = space_size(space)
     misses = 0
     while True:
         if evaluations.space_exhausted(size):
             return "every member of the search space evaluated"
-        subnet = space.sample(rng)
-        if evaluations.seen(subnet):
-            misses += 1
-            if misses >= MAX_STALE_SAMPLES:
-                return f"no new candidates in {misses} samples"
-            continue
-        misses = 0
-        try:
-            evaluations(subnet)
-        except BudgetExhausted as e:
-            return f"budget ({e})"
+        room = size - len(evaluations.visited)
+        if evaluations.n_evals is not None:
+            room = min(room, evaluations.n_evals - len(evaluations.visited))
+        batch: list[SubNetwork] = []
+        keys: set[str] = set()
+        while len(batch) < min(batch_size, room) and misses < MAX_STALE_SAMPLES:
+            subnet = space.sample(rng)
+            if evaluations.seen(subnet) or subnet.key() in keys:
+                misses += 1
+                continue
+            misses = 0
+            batch.append(subnet)
+            keys.add(subnet.key())
+        if batch:
+            try:
+                evaluations.batch(batch)
+            except BudgetExhausted as e:
+                return f"budget ({e})"
+        if misses >= MAX_STALE_SAMPLES:
+            return f"no new candidates in {misses} samples"
         if evaluations.exhausted:
             return f"budget (n_evals={evaluations.n_evals})"
 
@@ -473,10 +548,12 @@ def mutate(space: SearchSpace, subnet: SubNetwork, rng: np.random.Generator) -> 
     return space.decode(x)
 
 
-def _local(space: SearchSpace, evaluations: Evaluations, seed: int) -> str:
+def _local(space: SearchSpace, evaluations: Evaluations, seed: int, batch_size: int = 1) -> str:
     """Klein et al.'s multi-objective local search: start from the unpruned network; repeatedly pick a uniformly
     random member of the current (constrained) Pareto front of everything evaluated, and evaluate a random neighbour
-    of it (:func:`mutate`)."""
+    of it (:func:`mutate`). With ``batch_size`` > 1, each round draws that many (distinct, unseen) neighbours of
+    members of the same front and evaluates them together before the front is updated: parallel workers get work,
+    and the result depends on the batch size (not on the executor)."""
     rng = np.random.default_rng(seed)
     try:
         front = _front([evaluations(space.largest())], evaluations.objectives)
@@ -487,19 +564,28 @@ def _local(space: SearchSpace, evaluations: Evaluations, seed: int) -> str:
     while not evaluations.exhausted:
         if evaluations.space_exhausted(size):
             return "every member of the search space evaluated"
-        parent = front[int(rng.integers(len(front)))]
-        child = mutate(space, parent["subnet"], rng)
-        if evaluations.seen(child):
-            misses += 1
-            if misses >= MAX_STALE_SAMPLES:
-                return f"no new neighbours in {misses} samples"
-            continue
-        misses = 0
-        try:
-            record = evaluations(child)
-        except BudgetExhausted as e:
-            return f"budget ({e})"
-        front = _front(front + [record], evaluations.objectives)
+        room = size - len(evaluations.visited)
+        if evaluations.n_evals is not None:
+            room = min(room, evaluations.n_evals - len(evaluations.visited))
+        batch: list[SubNetwork] = []
+        keys: set[str] = set()
+        while len(batch) < min(batch_size, room) and misses < MAX_STALE_SAMPLES:
+            parent = front[int(rng.integers(len(front)))]
+            child = mutate(space, parent["subnet"], rng)
+            if evaluations.seen(child) or child.key() in keys:
+                misses += 1
+                continue
+            misses = 0
+            batch.append(child)
+            keys.add(child.key())
+        if batch:
+            try:
+                records = evaluations.batch(batch)
+            except BudgetExhausted as e:
+                return f"budget ({e})"
+            front = _front(front + records, evaluations.objectives)
+        if misses >= MAX_STALE_SAMPLES:
+            return f"no new neighbours in {misses} samples"
     return f"budget (n_evals={evaluations.n_evals})"
 
 
@@ -535,6 +621,9 @@ class SearchResult:
     history_path: Path | None = None
     reference_point: float = REFERENCE_POINT
     extra: dict = field(default_factory=dict)
+    wait_seconds: float | None = None  # wall time spent waiting for evaluations (< eval_seconds with parallel workers)
+    executor: str = "local"
+    workers: int = 1
 
     @property
     def feasible(self) -> list[dict]:
@@ -546,8 +635,9 @@ class SearchResult:
 
     @property
     def overhead_seconds(self) -> float:
-        """Wall time not spent inside ``evaluate`` (the search machinery, history writing, ...)."""
-        return max(self.wall_time - self.eval_seconds, 0.0)
+        """Wall time not spent waiting for ``evaluate`` (the search machinery, history writing, ...)."""
+        waited = self.eval_seconds if self.wait_seconds is None else self.wait_seconds
+        return max(self.wall_time - waited, 0.0)
 
     def closest(self, n: int = 3) -> list[dict]:
         return closest_points(self, n)
@@ -568,6 +658,8 @@ class SearchResult:
             "wall_time_s": self.wall_time,
             "eval_time_s": self.eval_seconds,
             "evals_per_second": self.evals_per_second,
+            "executor": self.executor,
+            "workers": self.workers,
             "stop_reason": self.stop_reason,
             "history": str(self.history_path) if self.history_path is not None else None,
             "knee": _record_json(self.knee) if self.knee is not None else None,
@@ -650,6 +742,9 @@ def run_search(
     history_path: Path | None = None,
     normalizers: dict[str, float] | None = None,
     progress=True,
+    executor=None,
+    batch_size: int | None = None,
+    on_evaluated: Callable[[dict], None] | None = None,
 ) -> SearchResult:
     """Search ``space`` for the Pareto set of ``objectives`` under ``constraints`` with ``method``.
 
@@ -658,6 +753,15 @@ def run_search(
     (the unpruned network's latency / memory / params); missing ones are taken from evaluating ``space.largest()``
     first (which then counts as the first candidate). ``history_path`` is ``search_history.csv`` or its folder;
     an existing file is resumed from. Returns a :class:`SearchResult`.
+
+    ``executor`` (:mod:`toolchain.executors`; default: local, in this process) runs the new candidates of each batch:
+    on Ray, ``evaluate`` must be picklable and is shipped once to each worker. Batches are fixed by the method and
+    ``batch_size``, never by the executor, so every executor visits the same candidates in the same order and
+    returns the same Pareto set for the same seed (given a deterministic ``evaluate``). NSGA-II evaluates one
+    generation (``pop_size`` candidates) per batch; random search draws ``batch_size`` (default 16) samples per
+    batch, which does not change its candidates; local search mutates ``batch_size`` (default 1, the sequential
+    algorithm) members of the front per round, which does. ``on_evaluated(record)`` is called here, in the driver,
+    for each newly evaluated candidate (e.g. to keep a cache).
     """
     t0 = time.perf_counter()
     objectives = _check_objectives(objectives)
@@ -670,6 +774,8 @@ def run_search(
         raise SearchError(f"max_seconds must be positive, got {max_seconds}")
     if method == "nsga2" and int(pop_size) < 2:
         raise SearchError(f"pop_size must be at least 2, got {pop_size}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise SearchError(f"batch_size must be at least 1, got {batch_size}")
     normalizers = {k: float(v) for k, v in (normalizers or {}).items() if v is not None}
     for k, v in normalizers.items():
         if k not in METRICS or not math.isfinite(v) or v <= 0:
@@ -682,7 +788,8 @@ def run_search(
 
         bar = tqdm(total=int(n_evals), desc=f"search ({method})", unit="eval", leave=False)
     evaluations = Evaluations(evaluate, objectives=objectives, constraints=constraints, history=history,
-                              n_evals=int(n_evals), max_seconds=max_seconds, progress=bar)
+                              n_evals=int(n_evals), max_seconds=max_seconds, progress=bar, executor=executor,
+                              on_evaluated=on_evaluated)
     evaluations.start = t0
     try:
         need = [o for o in objectives if o != "error" and o not in normalizers]
@@ -701,10 +808,11 @@ def run_search(
             if method == "nsga2":
                 stop = _nsga2(space, PruningProblem(space, evaluations), int(pop_size), int(seed))
             elif method == "random":
-                stop = _random(space, evaluations, int(seed))
+                stop = _random(space, evaluations, int(seed), int(batch_size or 16))
             else:
-                stop = _local(space, evaluations, int(seed))
+                stop = _local(space, evaluations, int(seed), int(batch_size or 1))
     finally:
+        evaluations.close()
         if bar is not None:
             bar.close()
         if history is not None:
@@ -722,7 +830,8 @@ def run_search(
         method=method, seed=int(seed), objectives=objectives, constraints=constraints, normalizers=normalizers,
         records=records, pareto=pareto, knee=knee, hypervolume=hv, wall_time=wall, n_new=evaluations.n_new,
         n_from_history=len(records) - evaluations.n_new, eval_seconds=evaluations.eval_seconds, stop_reason=stop,
-        history_path=history.path if history is not None else None,
+        history_path=history.path if history is not None else None, wait_seconds=evaluations.wait_seconds,
+        executor=evaluations.executor.name, workers=evaluations.executor.workers,
     )
     log.info("search %s: %d candidates (%d new), %d feasible, %d on the Pareto front, HV %.4f, %.1fs (%s)",
              method, len(records), result.n_new, len(result.feasible), len(pareto), hv, wall, stop)

@@ -257,12 +257,34 @@ def latency_inputs(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------- memory
 
 _MEMORY_SCRIPT = r"""
-import json, sys
+import json, os, sys
 import numpy as np
 import onnxruntime as ort
 import psutil
 args = json.loads(sys.argv[1])
 proc = psutil.Process()
+gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in args["providers"])
+if gpu and hasattr(ort, "preload_dlls"):  # no torch here to load the CUDA libraries: let onnxruntime find them
+    import contextlib, io
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ort.preload_dlls(directory="")
+    except Exception:
+        pass
+
+def gpu_used():  # bytes in use on the GPU (whole device; nvidia-ml-py), or None
+    if not gpu:
+        return None
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        h = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    except Exception:
+        return None
+
+gpu_base = gpu_used()
 
 def hwm():  # peak RSS of this process image (VmHWM, bytes), or the current RSS where /proc is not available
     try:
@@ -285,6 +307,9 @@ opts.intra_op_num_threads = args["threads"]
 opts.inter_op_num_threads = 1
 opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
 sess = ort.InferenceSession(args["path"], sess_options=opts, providers=args["providers"])
+lost = [p for p in args["providers"] if p != "CPUExecutionProvider" and p not in sess.get_providers()]
+if gpu and lost:
+    sys.exit("execution provider(s) " + ", ".join(lost) + " did not start in the memory-measuring process")
 after_session = proc.memory_info().rss
 b, s = args["batch"], args["seq_len"]
 feed = {}
@@ -297,9 +322,11 @@ for i in sess.get_inputs():
         feed[i.name] = np.zeros((b, s), dtype=np.int64)
 for _ in range(args["runs"]):
     sess.run(None, feed)
+gpu_after = gpu_used()
 print(json.dumps({"baseline_rss": base, "after_session_rss": after_session,
                   "after_run_rss": proc.memory_info().rss, "peak_rss": max(hwm(), proc.memory_info().rss),
-                  "hwm_reset": reset}))
+                  "hwm_reset": reset,
+                  "gpu_bytes": None if gpu_base is None or gpu_after is None else gpu_after - gpu_base}))
 """
 
 MEMORY_METHOD = (
@@ -316,7 +343,9 @@ def measure_memory(onnx_path: str | Path, *, batch: int = 1, seq_len: int = 128,
     """Peak memory (MB = 2**20 bytes) of loading and running the model, measured in a fresh subprocess.
 
     ``memory_mb`` is the peak RSS of the process minus its RSS before the session existed, i.e. what the session
-    (weights, arena, activations, thread pools) added. GPU memory is not included.
+    (weights, arena, activations, thread pools) added: host memory, also on a GPU target (where the latency table's
+    memory is host memory too). On a CUDA target ``gpu_memory_mb`` is the GPU memory in use after the runs minus
+    before the session (the whole device's, read with nvidia-ml-py where it is installed; else ``None``).
     """
     args = {"path": str(Path(onnx_path).resolve()), "batch": int(batch), "seq_len": int(seq_len),
             "threads": int(threads or physical_cores()), "providers": providers or ["CPUExecutionProvider"],
@@ -333,6 +362,7 @@ def measure_memory(onnx_path: str | Path, *, batch: int = 1, seq_len: int = 128,
         "baseline_rss_mb": r["baseline_rss"] / mb,
         "session_rss_mb": (r["after_session_rss"] - r["baseline_rss"]) / mb,
         "peak_reset": bool(r.get("hwm_reset")),
+        **({"gpu_memory_mb": r["gpu_bytes"] / mb} if r.get("gpu_bytes") is not None else {}),
         "method": MEMORY_METHOD.format(runs=runs),
     }
 
