@@ -1,7 +1,8 @@
 """Checks an exported ONNX model against the sliced torch model, and measures it on the target.
 
 * :func:`verify_onnx` -- ONNX Runtime logits vs the sliced torch model on real-ish inputs (short and long sentences in
-  one padded batch, plus a full-length batch): fp32 must agree to ``1e-4`` (max absolute logit difference), else
+  one padded batch, plus a full-length batch): fp32 must agree to ``1e-4`` (max absolute logit difference; ``1e-3``
+  on a GPU execution provider), else
   :class:`VerificationError`; int8 / fp16 report the difference and the change of the validation metric.
 * :func:`evaluate_onnx` -- the task metric of the ONNX model itself on validation data (batched, padded).
 * :func:`measure_latency` -- median (and min / max / p90) of repeated runs after warm-up.
@@ -28,6 +29,10 @@ import torch
 from targets.session import physical_cores
 
 FP32_TOLERANCE = 1e-4
+# fp32 on a GPU execution provider: its kernels (fused attention, reductions in another order, TF32 matrix
+# products where the GPU has them) round differently from PyTorch on the CPU; MiniLM on an H100 with
+# onnxruntime-gpu 1.31 differed by 1.2e-4 (docs/scaling.md)
+FP32_GPU_TOLERANCE = 1e-3
 
 # Real-ish sentences of very different lengths, so that a batch of them is padded.
 SAMPLE_TEXTS = (
