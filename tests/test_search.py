@@ -269,3 +269,26 @@ def test_time_budget_and_given_normalizers():
     assert 0 < len(res.records) < 10_000 and "max_seconds" in res.stop_reason
     assert res.normalizers == {"latency": 40.0}
     assert space.largest().key() not in calls[:1]  # no reference evaluation when normalizers are given
+
+
+@pytest.mark.parametrize("name", ["small", "medium", "large", "layer"])
+def test_first_generation_spans_the_latency_range(name):
+    """NSGA-II starts from a ladder of shrunk networks (the full one first) plus seeded random ones, so even a
+    one-generation search has points from the full network down to a small one."""
+    from toolchain.search import initial_population, ladder
+
+    space = make_space(name, DIMS)
+    steps = ladder(space, 5)
+    same = lambda a, b: (a.heads, a.units) == (b.heads, b.units)  # noqa: E731 (LARGE decodes explicit indices)
+    assert same(steps[0], space.largest())
+    assert all(same(space.decode(space.encode(s)), s) for s in steps)
+    sizes = [space.num_parameters(s) for s in steps]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    X = initial_population(space, 10, seed=3)
+    assert X.shape == (10, space.n_var)
+    assert np.array_equal(X, initial_population(space, 10, seed=3))
+    res = run_search(space, make_evaluate(space), objectives=("error", "latency"), method="nsga2", n_evals=10,
+                     pop_size=10, seed=3, progress=False)
+    lat = [r["latency"] for r in res.records]
+    full = make_evaluate(space)(space.largest())["latency"]
+    assert max(lat) == full and min(lat) < 0.5 * full

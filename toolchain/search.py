@@ -434,6 +434,41 @@ class PruningProblem(Problem):
 
 
 # ---------------------------------------------------------------------------------------------------- methods
+def ladder(space: SearchSpace, n: int) -> list[SubNetwork]:
+    """``n`` members of ``space`` from the full network down to a tenth of it: the same share of heads and units in
+    every layer, or (LAYER space) the first layers."""
+    from .baselines import layer_drop_subnet, uniform_subnet
+
+    d = space.dims
+    out: list[SubNetwork] = []
+    for r in np.linspace(1.0, 0.1, n) if n > 1 else [1.0]:
+        for s in (uniform_subnet(d, r), layer_drop_subnet(d, max(1, math.ceil(r * d.num_layers)))):
+            try:
+                space.encode(s)
+            except ValueError:
+                continue
+            if s not in out:
+                out.append(s)
+            break
+    return out
+
+
+def initial_population(space: SearchSpace, pop_size: int, seed: int) -> np.ndarray:
+    """NSGA-II's first generation: half a :func:`ladder` of uniformly shrunk networks, so the front spans the whole
+    latency range from the start (a random population sits around half the network: random per-layer widths
+    average out), half uniform random encodings (seeded)."""
+    rng = np.random.default_rng([seed, 17])
+    rows = [np.asarray(space.encode(s), dtype=float) for s in ladder(space, max(1, pop_size // 2))]
+    lo, hi = (np.asarray(b) for b in space.bounds)
+    while len(rows) < pop_size:
+        if space.vtype is bool:
+            rows.append((rng.random(space.n_var) < 0.5).astype(float))
+        else:
+            rows.append(rng.integers(lo, hi + 1).astype(float))
+    X = np.array(rows[:pop_size])
+    return X.astype(bool) if space.vtype is bool else X
+
+
 def _nsga2(space: SearchSpace, problem: PruningProblem, pop_size: int, seed: int) -> str:
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
@@ -456,6 +491,7 @@ def _nsga2(space: SearchSpace, problem: PruningProblem, pop_size: int, seed: int
             crossover=SBX(prob=1.0, eta=3.0, vtype=float, repair=RoundingRepair()),
             mutation=PM(prob=1.0, eta=3.0, vtype=float, repair=RoundingRepair()),
         )
+    operators["sampling"] = initial_population(space, pop_size, seed)
     algorithm = NSGA2(pop_size=pop_size, eliminate_duplicates=True, seed=seed, **operators)
     algorithm.setup(problem, termination=NoTermination(), seed=seed, verbose=False)
     evaluations = problem.evaluations
