@@ -305,11 +305,18 @@ def _samples(space, n: int, seed: int) -> list:
     return out
 
 
+#: end-to-end measurements of each calibration / validation sample, alternating with the unpruned reference; the
+#: sample's latency is the median of the rounds (one window of ``min_time_s`` is at the mercy of a shared machine)
+E2E_ROUNDS = 3
+
+
 def _measure_samples(table, model, space, n, seed, target, worker, progress, desc):
-    """Measure ``n`` random sub-networks end to end, each right after the unpruned network (the *reference*):
-    ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine over the minutes of
-    calibration and validation can be told apart from prediction error (see :func:`drift_corrected`)."""
+    """Measure ``n`` random sub-networks end to end, alternating :data:`E2E_ROUNDS` times with the unpruned network
+    (the *reference*): ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine
+    over the minutes of calibration and validation can be told apart from prediction error (see
+    :func:`drift_corrected`). ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``)."""
     from toolchain.onnx_export import build_onnx
+    from toolchain.slicing import slice_model
 
     target = _target(target) if target is not None else load_target(table.fingerprint.get("target") or "cpu")
     subnets = _samples(space, n, seed)
@@ -331,9 +338,19 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
                 build_onnx(model, ref, table.precision, target.batch_size, target.sequence_length,
                            use_gpu=target.uses_gpu)
             for s in subnets:
-                reference = worker.measure(ref, target, model.config.vocab_size, None)["latency_ms"]
-                r = measure_subnet(model, s, target, table.precision, worker)
-                r["reference_ms"] = reference
+                dst = Path(tmp) / "sample.onnx"
+                with _quiet():
+                    build_onnx(slice_model(model, s), dst, table.precision, target.batch_size,
+                               target.sequence_length, use_gpu=target.uses_gpu)
+                refs, runs = [], []
+                for _ in range(E2E_ROUNDS):  # reference and sample alternate: both see the same machine speed
+                    refs.append(worker.measure(ref, target, model.config.vocab_size, None)["latency_ms"])
+                    runs.append(worker.measure(dst, target, model.config.vocab_size, None))
+                r = dict(runs[0])
+                r["latency_ms"] = float(np.median([x["latency_ms"] for x in runs]))
+                r["rounds_ms"] = [x["latency_ms"] for x in runs]
+                r["reference_ms"] = float(np.median(refs))
+                r["weight_bytes"] = onnx_weight_bytes(dst)
                 rows.append((s, r))
                 if bar:
                     bar.update(1)
