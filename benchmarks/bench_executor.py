@@ -15,6 +15,9 @@ second, and the speed-up over the local executor and over one Ray worker. Every 
 
     python benchmarks/bench_executor.py --run runs/bench/sst2-sandwich-4000 [--workers 1,2] [--n-evals 40]
         [--eval-samples 200] [--repeats 3] [--latency-table benchmarks/results/bert-384-cpu-fp32.json]
+    python benchmarks/bench_executor.py --random-weights --data-dir GLUE --workers 1,2,4,8 --section NAME
+        # a machine without the trained run: MiniLM with random weights (the time of an evaluation does not
+        # depend on the weights; the Pareto set then means nothing, but must still be the same for every executor)
 """
 
 from __future__ import annotations
@@ -41,6 +44,23 @@ def params_only(space, subnet):
     return {"params": float(space.num_parameters(subnet))}
 
 
+def random_weight_run(data_dir):
+    """A stand-in for a trained run: the default model's architecture with seeded random weights."""
+    from toolchain.modeling import ModelDims, load_config, model_from_config
+    from toolchain.run import DataSettings, Run
+    from toolchain.search_space import fixed_parameters, make_space
+    from toolchain.supernet import SuperNetwork
+    from transformers import AutoTokenizer
+
+    path, config = load_config(None)
+    torch.manual_seed(0)
+    model = model_from_config(config).eval()
+    supernet = SuperNetwork(model)
+    space = make_space("medium", ModelDims.from_config(config), fixed_parameters(model))
+    return Run(Path("."), {}, supernet, AutoTokenizer.from_pretrained(path), space,
+               DataSettings(task="sst2", data_dir=data_dir))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/bench/sst2-sandwich-4000", help="trained SST-2 run folder (read only)")
@@ -54,13 +74,22 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="no trained run: the default model's architecture with random weights, SST-2 dev from "
+                         "--data-dir")
+    ap.add_argument("--data-dir", default=None, help="GLUE folder for --random-weights")
+    ap.add_argument("--section", default="bench_executor", help="docs/benchmarks.md section to write")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_all = time.time()
     load_before = os.getloadavg()
 
-    run = load_run(args.run)
+    if args.random_weights:
+        run, what = random_weight_run(args.data_dir), "random-weight MiniLM (SST-2 dev)"
+    else:
+        run = load_run(args.run)
+        what = f"{run.settings.get('train', {}).get('strategy', '?')} SST-2 super-network"
     space = run.space
     enc = run.encoded("validation", max_samples=args.eval_samples, seed=args.seed)
     if args.latency_table and Path(args.latency_table).is_file():
@@ -117,11 +146,12 @@ def main() -> None:
     base = stats(walls["local"])["median"]
     one = stats(walls["ray x1"])["median"] if "ray x1" in walls else None
 
+    cmd = (f"--random-weights --data-dir GLUE --section {args.section}" if args.random_weights else
+           f"--run {args.run}")
     md = ["## Search with N local workers (executors)\n",
-          f"`python benchmarks/bench_executor.py --run {args.run} --workers {args.workers} --n-evals {args.n_evals} "
-          f"--eval-samples {args.eval_samples} --repeats {args.repeats}` -- NSGA-II (population {args.pop_size}, "
-          f"{args.n_evals} evaluations, seed {args.seed}) on the {run.settings.get('train', {}).get('strategy', '?')} "
-          f"SST-2 super-network, objectives {' + '.join(objectives)}, error on a seeded {args.eval_samples}-example "
+          f"`python benchmarks/bench_executor.py {cmd} --workers {args.workers} --n-evals {args.n_evals} "
+          f"--pop-size {args.pop_size} --eval-samples {args.eval_samples} --repeats {args.repeats}` -- NSGA-II (population {args.pop_size}, "
+          f"{args.n_evals} evaluations, seed {args.seed}) on the {what}, objectives {' + '.join(objectives)}, error on a seeded {args.eval_samples}-example "
           f"dev subsample; every run starts with an empty evaluation cache. `local`: the default executor, torch with "
           f"{args.threads} threads in this process; `ray xN`: N Ray actors on a local instance on 127.0.0.1 "
           f"(started once, {ray_start:.1f} s), one torch thread each. Machine: {machine()}; load average "
@@ -133,9 +163,10 @@ def main() -> None:
         s = stats(walls[name])
         workers = 1 if name == "local" else int(name.split("x")[1])
         start = f"{stats(starts[name])['median']:.1f}" if starts[name] else "-"
+        vs_one = f"{one / s['median']:.2f}x" if one else "-"
         md.append(f"| {name} | {workers} x {threads} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | "
                   f"{args.n_evals / s['median']:.2f} | {base / s['median']:.2f}x | "
-                  f"{(one / s['median']) if one else float('nan'):.2f}x | {start} |")
+                  f"{vs_one} | {start} |")
     md.append("")
     md.append(f"Pareto sets of all {sum(len(v) for v in walls.values())} runs: "
               + ("identical (same seed, same candidates, same order)." if same else
@@ -145,7 +176,7 @@ def main() -> None:
     if not same:
         raise SystemExit("the executors disagree: see above")
     if not args.no_write:
-        write_section("bench_executor", text)
+        write_section(args.section, text)
     print(f"total {time.time() - t_all:.0f} s")
 
 
