@@ -136,12 +136,17 @@ def start_local_ray(num_cpus: int | None = None, resources: dict | None = None):
     global _saved_cluster_mode
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves this machine
     ray = import_ray()
-    from ray._private import ray_constants  # a private constant: the only switch Ray has for this
-
     if _saved_cluster_mode is None:
-        _saved_cluster_mode = (os.environ.get(_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER)
+        _saved_cluster_mode = (os.environ.get(_CLUSTER_ENV), None)
+    try:
+        from ray._private import ray_constants  # a private constant: the only switch Ray has for this
+
+        if _saved_cluster_mode[1] is None:
+            _saved_cluster_mode = (_saved_cluster_mode[0], ray_constants.ENABLE_RAY_CLUSTER)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # another Ray: it may then also listen on the machine's address
+        log.warning("could not put Ray %s in single-node mode; it may listen beyond 127.0.0.1", ray.__version__)
     os.environ[_CLUSTER_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, configure_logging=False)
     return ray
@@ -153,14 +158,15 @@ def stop_local_ray() -> None:
     ray = import_ray()
     ray.shutdown()
     if _saved_cluster_mode is not None:
-        from ray._private import ray_constants
-
         env, flag = _saved_cluster_mode
         if env is None:
             os.environ.pop(_CLUSTER_ENV, None)
         else:
             os.environ[_CLUSTER_ENV] = env
-        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if flag is not None:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = flag
         _saved_cluster_mode = None
 
 
