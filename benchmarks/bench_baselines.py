@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -76,16 +75,12 @@ def _point(subnet, latency_ms, params, dev: dict, **extra) -> dict:
 
 
 def run_task(task: str, args, table, saved: Saved) -> dict:
-    import torch
-
-    from toolchain.baselines import fine_tune, front, layer_drop_subnet, score, uniform_subnet
+    from toolchain.baselines import front, layer_drop_subnet, uniform_subnet
     from toolchain.compile import point_supernet
     from toolchain.evaluation import Evaluator
-    from toolchain.modeling import load_model
     from toolchain.rfp import prune
     from toolchain.run import DataSettings, train_run
     from toolchain.search import run_search
-    from toolchain.slicing import slice_model
     from toolchain.training import TrainConfig
 
     folder = Path(args.out) / task
@@ -110,8 +105,9 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
                       store=ws.evaluation_store("validation", args.dev_samples, 0))
     ev_std = Evaluator(std.supernet, dev, spec, param_count=space.num_parameters,
                        store=std.evaluation_store("validation", args.dev_samples, 0))
+    n_holdout = len(data.load("holdout"))
     info = {"task": task, "metric": spec.metric, "train_examples": n_train, "epochs": epochs,
-            "holdout_examples": len(data.load("holdout")), "search_examples": min(args.search_samples, len(data.load("holdout"))),
+            "holdout_examples": n_holdout, "search_examples": min(args.search_samples, n_holdout),
             "dev_examples": len(ev_ws), "unpruned_ms": unpruned_ms,
             "train_s": {"standard": std.settings["train_stats"]["seconds"], "sandwich": ws.settings["train_stats"]["seconds"]}}
     saved.put("info", info)
@@ -166,12 +162,8 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
         if train_enc is None:
             train_enc = ws.encoded("train")
         t = time.perf_counter()
-        torch.manual_seed(0)
-        pretrained, _ = load_model(ws.settings.get("model"), num_labels=spec.num_labels, regression=spec.is_regression)
         s = layer_drop_subnet(dims, k)
-        model = slice_model(pretrained, s)
-        fine_tune(model, train_enc, TrainConfig(strategy="standard", epochs=epochs, seed=0), progress=progress)
-        m = score(model, dev, spec)
+        m = fine_tuned_score(ws, s, train_enc, dev, epochs, progress)
         seconds += time.perf_counter() - t
         done[k] = _point(s, table.predict_latency(s), num_params(s), m, k=k)
         saved.put("layer-drop", {"points": sorted(done.values(), key=lambda p: p["k"]), "seconds": seconds})
@@ -180,6 +172,27 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
         entry["front"] = [p["key"] for p in front(entry["points"])]
         saved.put(name, entry)
     return saved.data
+
+
+def fine_tuned_score(ws, subnet, train_enc, dev, epochs: float, progress: bool, importance: dict | None = None) -> dict:
+    """``subnet`` sliced from the pre-trained model (re-ordered by ``importance`` first, if given), fine-tuned the
+    standard way on ``train_enc``, scored on ``dev``."""
+    import torch
+
+    from toolchain.baselines import fine_tune, score
+    from toolchain.modeling import load_model
+    from toolchain.slicing import slice_model
+    from toolchain.supernet import SuperNetwork
+    from toolchain.training import TrainConfig
+
+    spec = ws.spec
+    torch.manual_seed(0)
+    pretrained, _ = load_model(ws.settings.get("model"), num_labels=spec.num_labels, regression=spec.is_regression)
+    if importance is not None:
+        SuperNetwork(pretrained).reorder_(importance["head_order"], importance["unit_order"])
+    model = slice_model(pretrained, subnet)
+    fine_tune(model, train_enc, TrainConfig(strategy="standard", epochs=epochs, seed=0), progress=progress)
+    return score(model, dev, spec)
 
 
 def choose(method: str, entry: dict, budget_ms: float) -> dict | None:
@@ -254,18 +267,13 @@ def int8_metric(task: str, args, saved: Saved) -> float:
 # ------------------------------------------------------------------------------------------- extras (one task)
 def extras(task: str, args, table, saved: Saved) -> dict:
     import numpy as np
-    import torch
 
-    from toolchain.baselines import fine_tune, front, score
+    from toolchain.baselines import front
     from toolchain.evaluation import Evaluator
     from toolchain.hypervolume import hypervolume
-    from toolchain.modeling import load_model
     from toolchain.run import load_run
     from toolchain.search import run_search
     from toolchain.search_space import SPACE_NAMES, make_space
-    from toolchain.slicing import slice_model
-    from toolchain.supernet import SuperNetwork
-    from toolchain.training import TrainConfig
 
     folder = Path(args.out) / task
     ws = load_run(folder / "sandwich")
@@ -310,14 +318,8 @@ def extras(task: str, args, table, saved: Saved) -> dict:
         if train_enc is None:
             train_enc = ws.encoded("train")
         t = time.perf_counter()
-        torch.manual_seed(0)
-        pretrained, _ = load_model(ws.settings.get("model"), num_labels=spec.num_labels, regression=spec.is_regression)
-        sn = SuperNetwork(pretrained)
-        sn.reorder_(imp["head_order"], imp["unit_order"])  # the same importance order the super-network uses
-        model = slice_model(pretrained, s)
-        fine_tune(model, train_enc, TrainConfig(strategy="standard", epochs=info["epochs"], seed=0),
-                  progress=not args.no_progress)
-        std_err = score(model, dev, spec)["error"]
+        # sliced in the same importance order the super-network uses
+        std_err = fine_tuned_score(ws, s, train_enc, dev, info["epochs"], not args.no_progress, imp)["error"]
         secs = time.perf_counter() - t
         t = time.perf_counter()
         ws_err = ev_dev(s)["error"]

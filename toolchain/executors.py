@@ -47,15 +47,8 @@ def _cached(fn, item):
 
 
 # ---------------------------------------------------------------------------------------------------- local
-class LocalPool:
-    """Calls ``fn`` in this process, one item after the other (lazily: the next item runs when it is asked for)."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def map(self, items: Iterable) -> Iterator[tuple[Any, float]]:
-        for item in items:
-            yield _timed(self.fn, item)
+class _Closes:
+    """``with`` support: ``close()`` on leaving the block."""
 
     def close(self) -> None:
         pass
@@ -67,7 +60,18 @@ class LocalPool:
         self.close()
 
 
-class LocalExecutor:
+class LocalPool(_Closes):
+    """Calls ``fn`` in this process, one item after the other (lazily: the next item runs when it is asked for)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def map(self, items: Iterable) -> Iterator[tuple[Any, float]]:
+        for item in items:
+            yield _timed(self.fn, item)
+
+
+class LocalExecutor(_Closes):
     """Everything in this process, in order: the default, and the reference a :class:`RayExecutor` must match."""
 
     name = "local"
@@ -84,15 +88,6 @@ class LocalExecutor:
 
     def describe(self) -> str:
         return "local (this process)"
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ------------------------------------------------------------------------------------------------------ ray
@@ -178,7 +173,7 @@ def _run_task(fn, item):
     return fn(item)
 
 
-class RayPool:
+class RayPool(_Closes):
     """``workers`` Ray actors, each holding one copy of ``fn``; :meth:`map` keeps the order of the items.
 
     Actors are started on the first item a worker must compute (and stay for later calls); :meth:`close` ends them.
@@ -253,12 +248,6 @@ class RayPool:
         self._actors = []
         self._ref = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _get(ray, ref):
     """``ray.get``, re-raising a task's own exception (not Ray's wrapper) where it can."""
@@ -269,7 +258,7 @@ def _get(ray, ref):
         raise cause from None
 
 
-class RayExecutor:
+class RayExecutor(_Closes):
     """Work on a Ray cluster: an existing one (``address``, e.g. ``ray://head:10001`` or ``auto``), the instance this
     process is already connected to, or a new local instance on 127.0.0.1 (stopped again by :meth:`close`).
 
@@ -357,12 +346,6 @@ class RayExecutor:
         if self._owns and self._ray.is_initialized():
             stop_local_ray()
         self._owns = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # -------------------------------------------------------------------------------------------------- factory

@@ -518,6 +518,27 @@ def _nsga2(space: SearchSpace, problem: PruningProblem, pop_size: int, seed: int
             return f"no new candidates in {stale} generations"
 
 
+def _new_batch(evaluations: Evaluations, size: int, batch_size: int, propose: Callable[[], SubNetwork],
+               misses: int) -> tuple[list[SubNetwork], int]:
+    """Up to ``batch_size`` distinct candidates from ``propose()`` not visited yet (no more than the budget and the
+    space have room for), and the updated count of consecutive proposals that were not new (stop drawing at
+    ``MAX_STALE_SAMPLES``)."""
+    room = size - len(evaluations.visited)
+    if evaluations.n_evals is not None:
+        room = min(room, evaluations.n_evals - len(evaluations.visited))
+    batch: list[SubNetwork] = []
+    keys: set[str] = set()
+    while len(batch) < min(batch_size, room) and misses < MAX_STALE_SAMPLES:
+        subnet = propose()
+        if evaluations.seen(subnet) or subnet.key() in keys:
+            misses += 1
+            continue
+        misses = 0
+        batch.append(subnet)
+        keys.add(subnet.key())
+    return batch, misses
+
+
 def _random(space: SearchSpace, evaluations: Evaluations, seed: int, batch_size: int = 16) -> str:
     """Uniform samples, ``batch_size`` new ones at a time. Samples do not depend on results, so the candidates (and
     their order) are those of drawing and evaluating one at a time, whatever the batch size."""
@@ -527,19 +548,7 @@ def _random(space: SearchSpace, evaluations: Evaluations, seed: int, batch_size:
     while True:
         if evaluations.space_exhausted(size):
             return "every member of the search space evaluated"
-        room = size - len(evaluations.visited)
-        if evaluations.n_evals is not None:
-            room = min(room, evaluations.n_evals - len(evaluations.visited))
-        batch: list[SubNetwork] = []
-        keys: set[str] = set()
-        while len(batch) < min(batch_size, room) and misses < MAX_STALE_SAMPLES:
-            subnet = space.sample(rng)
-            if evaluations.seen(subnet) or subnet.key() in keys:
-                misses += 1
-                continue
-            misses = 0
-            batch.append(subnet)
-            keys.add(subnet.key())
+        batch, misses = _new_batch(evaluations, size, batch_size, lambda: space.sample(rng), misses)
         if batch:
             try:
                 evaluations.batch(batch)
@@ -600,20 +609,8 @@ def _local(space: SearchSpace, evaluations: Evaluations, seed: int, batch_size: 
     while not evaluations.exhausted:
         if evaluations.space_exhausted(size):
             return "every member of the search space evaluated"
-        room = size - len(evaluations.visited)
-        if evaluations.n_evals is not None:
-            room = min(room, evaluations.n_evals - len(evaluations.visited))
-        batch: list[SubNetwork] = []
-        keys: set[str] = set()
-        while len(batch) < min(batch_size, room) and misses < MAX_STALE_SAMPLES:
-            parent = front[int(rng.integers(len(front)))]
-            child = mutate(space, parent["subnet"], rng)
-            if evaluations.seen(child) or child.key() in keys:
-                misses += 1
-                continue
-            misses = 0
-            batch.append(child)
-            keys.add(child.key())
+        batch, misses = _new_batch(evaluations, size, batch_size, lambda: mutate(
+            space, front[int(rng.integers(len(front)))]["subnet"], rng), misses)
         if batch:
             try:
                 records = evaluations.batch(batch)
