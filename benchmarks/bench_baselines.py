@@ -91,7 +91,7 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
     progress = not args.no_progress
 
     def trained(name, strategy, reorder):
-        cfg = TrainConfig(strategy=strategy, epochs=epochs, seed=0)
+        cfg = TrainConfig(strategy=strategy, epochs=epochs, batch_size=args.batch_size, seed=0)
         return train_run(folder / name, data=data, space="medium", train_config=cfg, reorder=reorder,
                          progress=progress)
 
@@ -163,7 +163,7 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
             train_enc = ws.encoded("train")
         t = time.perf_counter()
         s = layer_drop_subnet(dims, k)
-        m = fine_tuned_score(ws, s, train_enc, dev, epochs, progress)
+        m = fine_tuned_score(ws, s, train_enc, dev, epochs, args.batch_size, progress)
         seconds += time.perf_counter() - t
         done[k] = _point(s, table.predict_latency(s), num_params(s), m, k=k)
         saved.put("layer-drop", {"points": sorted(done.values(), key=lambda p: p["k"]), "seconds": seconds})
@@ -174,7 +174,8 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
     return saved.data
 
 
-def fine_tuned_score(ws, subnet, train_enc, dev, epochs: float, progress: bool, importance: dict | None = None) -> dict:
+def fine_tuned_score(ws, subnet, train_enc, dev, epochs: float, batch_size: int, progress: bool,
+                     importance: dict | None = None) -> dict:
     """``subnet`` sliced from the pre-trained model (re-ordered by ``importance`` first, if given), fine-tuned the
     standard way on ``train_enc``, scored on ``dev``."""
     import torch
@@ -191,7 +192,8 @@ def fine_tuned_score(ws, subnet, train_enc, dev, epochs: float, progress: bool, 
     if importance is not None:
         SuperNetwork(pretrained).reorder_(importance["head_order"], importance["unit_order"])
     model = slice_model(pretrained, subnet)
-    fine_tune(model, train_enc, TrainConfig(strategy="standard", epochs=epochs, seed=0), progress=progress)
+    fine_tune(model, train_enc, TrainConfig(strategy="standard", epochs=epochs, batch_size=batch_size, seed=0),
+              progress=progress)
     return score(model, dev, spec)
 
 
@@ -319,7 +321,8 @@ def extras(task: str, args, table, saved: Saved) -> dict:
             train_enc = ws.encoded("train")
         t = time.perf_counter()
         # sliced in the same importance order the super-network uses
-        std_err = fine_tuned_score(ws, s, train_enc, dev, info["epochs"], not args.no_progress, imp)["error"]
+        std_err = fine_tuned_score(ws, s, train_enc, dev, info["epochs"], args.batch_size, not args.no_progress,
+                                   imp)["error"]
         secs = time.perf_counter() - t
         t = time.perf_counter()
         ws_err = ev_dev(s)["error"]
@@ -385,12 +388,20 @@ def plot(results: dict, measured: dict, path: Path) -> None:
 def report(results: dict, measured: dict, extra: dict | None, args) -> str:
     tasks = list(results)
     lines = [
-        f"Command: `python benchmarks/bench_baselines.py` ({machine()}). Every task: {args.train_examples} training "
-        f"examples (held-out {args.holdout:.0%} of train excluded), NAS {args.n_evals} candidates (NSGA-II, "
+        f"Command: `python benchmarks/bench_baselines.py` ({machine()}). Every task: at most {args.train_examples} "
+        f"training examples (a seeded subset; held-out {args.holdout:.0%} of train excluded first), "
+        f"{args.train_examples} examples' worth of steps and at most {args.max_epochs:g} epochs, batch "
+        f"{args.batch_size}, for every model that is trained; NAS {args.n_evals} candidates (NSGA-II, "
         f"population {args.pop_size}) scored on at most {args.search_samples} held-out training examples, every "
         f"point scored on the dev set (at most {args.dev_samples} examples, seeded) as a test set. Latency: the "
         "calibrated fp32 table of this CPU (batch 1, sequence 128); the point each method ships under a budget is "
         "also measured end to end as ONNX (\"meas\").",
+        "",
+        "| task | metric | training examples | epochs | held-out (searched on) | dev | train s: standard / sandwich |",
+        "| --- | --- | ---: | ---: | --- | ---: | --- |",
+        *(f"| {t.upper()} | {i['metric']} | {i['train_examples']} | {i['epochs']:g} | {i['holdout_examples']} "
+          f"({i['search_examples']}) | {i['dev_examples']} | {i['train_s']['standard']:.0f} / "
+          f"{i['train_s']['sandwich']:.0f} |" for t, i in ((t, results[t]["info"]) for t in tasks)),
         "",
         "![fronts of all methods per task](images/baselines.png)",
         "",
@@ -478,6 +489,23 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+SETTINGS = ("train_examples", "max_epochs", "batch_size", "holdout", "search_samples", "dev_samples", "n_evals",
+            "pop_size", "rfp_samples", "target")
+
+
+def check_settings(saved: Saved, args) -> None:
+    """Saved results belong to the settings that made them: reuse them only with the same ones."""
+    mine = {k: getattr(args, k) for k in SETTINGS}
+    old = saved.get("settings")
+    if old is None and saved.data:
+        old = {}
+    if old is not None and old != mine:
+        diff = ", ".join(f"{k}: {old.get(k)} -> {mine[k]}" for k in SETTINGS if old.get(k) != mine[k])
+        sys.exit(f"{saved.path} was made with other settings ({diff}); pass another --out or delete that folder")
+    if old is None and not args.report_only:
+        saved.put("settings", mine)
+
+
 def get_table(args):
     from latency_models.lookup_table import LatencyTable
     from targets import load_target
@@ -497,8 +525,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--target", default="cpu")
-    ap.add_argument("--train-examples", type=int, default=2000, help="training examples per task (seeded subset)")
+    ap.add_argument("--train-examples", type=int, default=4000, help="training examples per task (seeded subset)")
     ap.add_argument("--max-epochs", type=float, default=3.0, help="small tasks: epochs up to this many")
+    ap.add_argument("--batch-size", type=int, default=16, help="training batch size (every method)")
     ap.add_argument("--holdout", type=float, default=0.1, help="share of train held out for the search")
     ap.add_argument("--search-samples", type=int, default=400, help="held-out examples a search scores on")
     ap.add_argument("--dev-samples", type=int, default=500, help="dev (test) examples per task")
@@ -526,6 +555,7 @@ def main(argv=None) -> int:
     results = {}
     for task in tasks:
         saved = Saved(Path(args.out) / task / "results.json")
+        check_settings(saved, args)
         if not args.report_only:
             print(f"== {task}", flush=True)
             run_task(task, args, table, saved)
