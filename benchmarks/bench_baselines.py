@@ -11,7 +11,8 @@ Methods (docs/benchmarks.md says the same):
 - ``uniform``: the same fraction of heads and FFN units in every layer (0.9 ... 0.1), on the super-network's weights:
   the fixed-ratio choice of architecture, with everything else equal to NAS.
 - ``rfp``: Kwon et al.'s retraining-free pruning of the standard fine-tuned model (``--method rfp``).
-- ``nas``: nasprune: sandwich super-network + NSGA-II on the latency table (``--method nsga2``).
+- ``nas``: nasprune: the weight-sharing super-network (``--strategy``, sandwich by default) + NSGA-II on the latency table
+  (``--method nsga2``).
 
 Data: the dev set of each task is the test set. The search scores candidates on a held-out part of the training
 data (``DataSettings.holdout``, seeded), and both the search and the choice of a point under a budget use that
@@ -96,7 +97,7 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
                          progress=progress)
 
     std = trained("standard", "standard", False)
-    ws = trained("sandwich", "sandwich", True)
+    ws = trained(f"supernet-{args.strategy}", args.strategy, True)
     spec, space, dims = ws.spec, ws.space, ws.supernet.dims
     full = space.largest()
     unpruned_ms = table.predict_latency(full)
@@ -109,7 +110,7 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
     info = {"task": task, "metric": spec.metric, "train_examples": n_train, "epochs": epochs,
             "holdout_examples": n_holdout, "search_examples": min(args.search_samples, n_holdout),
             "dev_examples": len(ev_ws), "unpruned_ms": unpruned_ms,
-            "train_s": {"standard": std.settings["train_stats"]["seconds"], "sandwich": ws.settings["train_stats"]["seconds"]}}
+            "train_s": {"standard": std.settings["train_stats"]["seconds"], "supernet": ws.settings["train_stats"]["seconds"]}}
     saved.put("info", info)
     num_params = space.num_parameters
 
@@ -133,13 +134,13 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
         pts = [_point(r["subnet"], r["latency"], num_params(r["subnet"]), ev_ws(r["subnet"]),
                       holdout_error=r["error"]) for r in res.pareto]
         saved.put("nas", {"points": pts, "search_s": res.wall_time, "n_evals": len(res.records),
-                          "seconds": info["train_s"]["sandwich"] + time.perf_counter() - t})
+                          "seconds": info["train_s"]["supernet"] + time.perf_counter() - t})
 
     if saved.get("uniform") is None:
         t = time.perf_counter()
         pts = [_point(s, table.predict_latency(s), num_params(s), ev_ws(s), ratio=r)
                for r, s in ((r, uniform_subnet(dims, r)) for r in (1.0,) + UNIFORM_RATIOS)]
-        saved.put("uniform", {"points": pts, "seconds": info["train_s"]["sandwich"] + time.perf_counter() - t})
+        saved.put("uniform", {"points": pts, "seconds": info["train_s"]["supernet"] + time.perf_counter() - t})
 
     if saved.get("rfp") is None:
         t = time.perf_counter()
@@ -278,7 +279,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
     from toolchain.search_space import SPACE_NAMES, make_space
 
     folder = Path(args.out) / task
-    ws = load_run(folder / "sandwich")
+    ws = load_run(folder / f"supernet-{args.strategy}")
     info = saved.get("info")
     spec, dims, unpruned_ms = ws.spec, ws.supernet.dims, info["unpruned_ms"]
     dev = ws.encoded("validation", max_samples=args.dev_samples, seed=0)
@@ -312,7 +313,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
     std_nas = saved.get("standard_nas") or {"candidates": []}
     rng = np.random.default_rng(0)
     candidates = [ws.space.sample(rng) for _ in range(args.std_nas_candidates)]
-    imp = json.loads((folder / "sandwich" / "importance.json").read_text())
+    imp = json.loads((folder / f"supernet-{args.strategy}" / "importance.json").read_text())
     train_enc = None
     for i, s in enumerate(candidates):
         if i < len(std_nas["candidates"]):
@@ -339,7 +340,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
         std_nas[f"front_{kind}"] = len(front([{"error": e, "latency": lat} for e, lat in pts]))
     std_nas["kendall_tau"] = float(kendalltau([x["standard_error"] for x in c], [x["ws_error"] for x in c])[0])
     std_nas["standard_total_s"] = sum(x["standard_s"] for x in c)
-    std_nas["ws_total_s"] = info["train_s"]["sandwich"] + sum(x["ws_eval_s"] for x in c)
+    std_nas["ws_total_s"] = info["train_s"]["supernet"] + sum(x["ws_eval_s"] for x in c)
     saved.put("standard_nas", std_nas)
     return saved.data
 
@@ -397,11 +398,11 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
         "calibrated fp32 table of this CPU (batch 1, sequence 128); the point each method ships under a budget is "
         "also measured end to end as ONNX (\"meas\").",
         "",
-        "| task | metric | training examples | epochs | held-out (searched on) | dev | train s: standard / sandwich |",
+        "| task | metric | training examples | epochs | held-out (searched on) | dev | train s: standard / super-network |",
         "| --- | --- | ---: | ---: | --- | ---: | --- |",
         *(f"| {t.upper()} | {i['metric']} | {i['train_examples']} | {i['epochs']:g} | {i['holdout_examples']} "
           f"({i['search_examples']}) | {i['dev_examples']} | {i['train_s']['standard']:.0f} / "
-          f"{i['train_s']['sandwich']:.0f} |" for t, i in ((t, results[t]["info"]) for t in tasks)),
+          f"{i['train_s']['supernet']:.0f} |" for t, i in ((t, results[t]["info"]) for t in tasks)),
         "",
         "![fronts of all methods per task](images/baselines.png)",
         "",
@@ -490,7 +491,7 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
 
 # ------------------------------------------------------------------------------------------------------- main
 SETTINGS = ("train_examples", "max_epochs", "batch_size", "holdout", "search_samples", "dev_samples", "n_evals",
-            "pop_size", "rfp_samples", "target")
+            "pop_size", "rfp_samples", "target", "strategy")
 
 
 def check_settings(saved: Saved, args) -> None:
@@ -527,6 +528,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--train-examples", type=int, default=4000, help="training examples per task (seeded subset)")
     ap.add_argument("--max-epochs", type=float, default=3.0, help="small tasks: epochs up to this many")
+    ap.add_argument("--strategy", default="sandwich", help="super-network training strategy (NAS and uniform)")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch size (every method)")
     ap.add_argument("--holdout", type=float, default=0.1, help="share of train held out for the search")
     ap.add_argument("--search-samples", type=int, default=400, help="held-out examples a search scores on")

@@ -29,6 +29,7 @@ def verdict(target, precision, table, wall: float) -> str:
     """One line: is the goal met on raw and on drift-corrected measurements, and how repeatable is the reference."""
     lv = table.validation["latency"]
     dc = lv.get("drift_corrected") or {}
+    u = lv.get("unpruned")
 
     def met(s):
         return s and s["within_10"] >= 0.95 and s["within_5"] >= 0.80
@@ -43,7 +44,10 @@ def verdict(target, precision, table, wall: float) -> str:
             f"({100 * lv['within_5']:.0f} % / {100 * lv['within_10']:.0f} % within ±5 / ±10 %), "
             + (f"{'met' if met(dc) else 'NOT met'} drift-corrected ({100 * dc['within_5']:.0f} % / "
                f"{100 * dc['within_10']:.0f} %)" if dc else "no drift-corrected figures")
-            + f"{rep}; profiling {wall / 60:.1f} min ({'under' if wall < 600 else 'OVER'} 10 min).")
+            + f"{rep}"
+            + (f"; the unpruned network: predicted {u['predicted']:.2f} ms, measured {u['measured']:.2f} ms "
+               f"(median of {u['n']}, {100 * (u['predicted'] / u['measured'] - 1):+.1f} %)" if u else "")
+            + f"; profiling {wall / 60:.1f} min ({'under' if wall < 600 else 'OVER'} 10 min).")
 
 
 def main(argv=None) -> int:
@@ -110,12 +114,14 @@ def main(argv=None) -> int:
         f"{fp['cpu_model']}, {fp['physical_cores']} physical cores, ONNX Runtime "
         f"{fp['onnxruntime']}, {fp['provider']}, batch {fp['batch_size']}, sequence {fp['sequence_length']}, "
         f"Python {platform.python_version()}. Grid: heads 0..{dims.num_heads} x units every {args.unit_step}. "
-        f"Calibration on {args.calibrate} random MEDIUM sub-networks, validation on {args.validate} other "
-        "(held-out) ones, each sliced, exported with `build_onnx` and measured end to end (median latency; peak "
+        f"Calibration on {args.calibrate} random sub-networks, validation on {args.validate} other (held-out) ones, "
+        "their sizes spread from a tenth of the network to all of it; each sliced, exported with `build_onnx` and "
+        "measured end to end (median latency; peak "
         "resident memory while running, see docs/profiling.md). Each sub-network is measured right after the "
         "unpruned network (the reference): *drift-corrected* scales each measurement by the reference's latency at "
         "calibration over its latency at that moment, which removes the slow drift of a shared machine's speed "
-        "(not the noise of the measurement itself); the calibration is fitted on drift-corrected values.",
+        "(not the noise of the measurement itself); the calibration is fitted on drift-corrected values, with the "
+        "unpruned network (the median of its runs) as one more point.",
         "",
         "| target (threads) | precision | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
         "drift-corrected: MAPE / ±5% / ±10% | memory MAPE | mem. within ±5% | mem. within ±10% | "

@@ -296,13 +296,25 @@ def measure_subnet(model, subnet, target, precision: str, worker: Worker | None 
 
 
 def _samples(space, n: int, seed: int) -> list:
-    rng = np.random.default_rng(seed)
+    """``n`` sub-networks whose sizes span the whole range: sample ``i`` keeps about a share ``r_i`` of every layer's
+    heads and FFN units, ``r_i`` stratified between 0.1 and 1 and each layer's shares jittered by +-0.15. Uniform
+    random per-layer widths average out around half the network, which would leave the small and the near-full
+    networks (where users' budgets lie) out of calibration and validation."""
+    from toolchain.subnetwork import SubNetwork
+
+    d = space.dims
+    rng = np.random.default_rng([seed, 29])
     out = []
     while len(out) < n:
-        s = space.sample(rng)
+        r = 0.1 + 0.9 * (len(out) + rng.random()) / n
+
+        def widths(top):
+            return np.rint(np.clip(r + rng.uniform(-0.15, 0.15, d.num_layers), 0.0, 1.0) * top).astype(int)
+
+        s = SubNetwork(widths(d.num_heads), widths(d.intermediate_size))
         if s.kept_layers:  # a network without layers is not a useful sample
             out.append(s)
-    return out
+    return list(rng.permutation(np.array(out, dtype=object)))
 
 
 #: end-to-end measurements of each calibration / validation sample, alternating with the unpruned reference; the
@@ -362,6 +374,13 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     return rows
 
 
+def _unpruned(space):
+    from toolchain.subnetwork import SubNetwork
+
+    d = space.dims
+    return SubNetwork.full(d.num_layers, d.num_heads, d.intermediate_size)
+
+
 def drift_corrected(measured: list[float], reference: list[float], speed_ms: float) -> list[float]:
     """Latencies rescaled to the machine speed at which the unpruned network takes ``speed_ms``: each measurement
     times ``speed_ms / reference`` (its own side-by-side measurement of the unpruned network)."""
@@ -375,11 +394,14 @@ def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, tar
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "calibrating")
     refs = [r["reference_ms"] for _, r in rows]
     speed = float(np.median(refs))  # the unpruned network's latency at calibration time
-    lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows],
-                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed))
+    # the unpruned network, measured beside every sample, anchors the top of the fit (median of all its runs)
+    full = _unpruned(space)
+    lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows] + [table.raw_latency(full)],
+                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed])
     lat["reference_ms"] = speed
     for sample, (_, r) in zip(lat["samples"], rows):
         sample.update(measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
+    lat["samples"][-1].update(subnet=full.to_dict(), reference=True)
     mem = table.set_calibration("memory", [table.raw_memory(s) for s, _ in rows], [r["memory_mb"] for _, r in rows])
     for cal, (kind, key) in zip((lat, mem), (("latency", "latency_ms"), ("memory", "memory_mb"))):
         for sample, (s, r) in zip(cal["samples"], rows):
@@ -408,6 +430,9 @@ def validate(table: LatencyTable, model, space, n: int = 10, seed: int = 1, targ
                 stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
                 stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
                                                       "latency measured just before this sample)")
+            # the unpruned network itself: measured beside every sample, compared with its prediction
+            stats["unpruned"] = {"predicted": float(pred(_unpruned(space))), "measured": float(np.median(refs)),
+                                 "n": len(refs)}
         out[kind] = stats
     out["space"] = space.name
     out["seed"] = seed

@@ -68,17 +68,40 @@ def test_profile_writes_a_complete_table(setup, table):
     # ORT's fusion folds a few constants differently with and without an encoder layer)
     full_w = data["blocks"]["weights_mb"][-1][-1] * 1e6
     assert full_w == pytest.approx(4 * layer_parameters(32, 16, 2, 16), rel=0.05)
-    assert data["calibration"]["latency"]["n"] == 3 and data["calibration"]["memory"]["n"] == 3
+    # three sampled sub-networks, and the latency fit also has the unpruned network (measured beside each of them)
+    assert data["calibration"]["latency"]["n"] == 4 and data["calibration"]["memory"]["n"] == 3
     for kind in ("latency", "memory"):
         v = data["validation"][kind]
         assert v["n"] == 2 and 0 <= v["within_5"] <= v["within_10"] <= 1 and len(v["samples"]) == 2
     # each sub-network is measured beside the unpruned network; the calibration is fitted on drift-corrected values
     cal = data["calibration"]["latency"]
     assert cal["reference_ms"] > 0
-    for sample in cal["samples"]:
+    *samples, anchor = cal["samples"]
+    for sample in samples:
         assert sample["measured"] == pytest.approx(sample["measured_raw"] * cal["reference_ms"] / sample["reference_ms"])
+    assert anchor["reference"] and anchor["measured"] == cal["reference_ms"]
+    assert anchor["subnet"] == SubNetwork.full(3, 2, 16).to_dict()
     dc = data["validation"]["latency"]["drift_corrected"]
     assert dc["n"] == 2 and 0 <= dc["within_5"] <= dc["within_10"] <= 1
+    u = data["validation"]["latency"]["unpruned"]
+    assert u["n"] == 2 and u["measured"] > 0 and u["predicted"] == pytest.approx(loaded.predict_latency(SubNetwork.full(3, 2, 16)))
+
+
+def test_calibration_samples_span_the_sizes():
+    """Calibration and validation cover small and near-full networks, not just the middle of the space."""
+    from latency_models.profile import _samples
+    from toolchain.modeling import ModelDims
+    from toolchain.search_space import make_space
+
+    dims = ModelDims(model_type="bert", num_layers=6, num_heads=12, head_size=32, hidden_size=384,
+                     intermediate_size=1536, vocab_size=1000, num_labels=2)
+    space = make_space("medium", dims)
+    a, b = _samples(space, 10, 0), _samples(space, 10, 1)
+    for subnets in (a, b):
+        shares = sorted(sum(s.units) / (6 * 1536) for s in subnets)
+        assert shares[0] < 0.3 and shares[-1] > 0.8 and all(s.kept_layers for s in subnets)
+    assert not set(a) & set(b)  # validation (another seed) shares no sub-network with calibration
+    assert _samples(space, 10, 0) == a  # seeded
 
 
 def test_predictions_are_sane(setup, table):

@@ -17,8 +17,6 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
 from .modeling import ModelDims, load_model
 from .search_space import SearchSpace, fixed_parameters, make_space
