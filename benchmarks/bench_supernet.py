@@ -46,7 +46,7 @@ def main() -> None:
         rows.append((strategy, train_s, full, small, rand))
         print(f"{strategy:9s} train {train_s:6.0f}s  full {full:.3f}  smallest {small:.3f}  "
               f"random median {rand['median']:.3f} (min {rand['min']:.3f}, max {rand['max']:.3f})", flush=True)
-    md = [f"## Super-network training strategies (SST-2)\n",
+    md = ["## Super-network training strategies (SST-2)\n",
           f"`python benchmarks/bench_supernet.py --max-train-samples {args.max_train_samples} "
           f"--strategies {args.strategies}` -- MiniLM-L6 "
           f"super-network, MEDIUM space, 1 epoch on a seeded {args.max_train_samples}-example SST-2 training subset, "

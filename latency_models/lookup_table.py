@@ -173,7 +173,7 @@ class LatencyTable:
 
     def _calibrated(self, kind: str, raw: float) -> float:
         c = self.calibration.get(kind) or {}
-        return float(c.get("a", 1.0) * raw + c.get("b", 0.0))
+        return float(c.get("c", 0.0) * raw * raw + c.get("a", 1.0) * raw + c.get("b", 0.0))
 
     def predict_latency(self, subnet) -> float:
         """Predicted end-to-end latency (ms) of the sliced, exported ``subnet`` on this table's target."""
@@ -183,16 +183,25 @@ class LatencyTable:
         """Predicted peak resident memory (MB) of the sliced, exported ``subnet`` while it runs."""
         return self._calibrated("memory", self.raw_memory(subnet))
 
-    def set_calibration(self, kind: str, raw: list[float], measured: list[float]) -> dict:
-        """Least-squares ``measured ~ a * raw + b`` (falls back to a pure scale for < 3 samples)."""
+    def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1) -> dict:
+        """Least-squares ``measured ~ a * raw + b`` (falls back to a pure scale for < 3 samples). ``degree=2`` adds
+        ``c * raw**2`` (with >= 6 samples, and only where the fit rises over the whole range up to the largest sample;
+        otherwise the straight line): end to end, large networks cost more than the sum of their blocks (their
+        weights and activations no longer stay in the caches that one block's micro-graph fits in)."""
         x, y = np.asarray(raw, float), np.asarray(measured, float)
+        c = 0.0
         if len(x) >= 3 and np.ptp(x) > 0:
             a, b = np.polyfit(x, y, 1)
+            if degree == 2 and len(x) >= 6:
+                c2, a2, b2 = np.polyfit(x, y, 2)
+                if min(a2, a2 + 2 * c2 * x.max()) > 0:  # rising from 0 to the largest sample
+                    c, a, b = c2, a2, b2
         elif len(x):
             a, b = float(np.sum(x * y) / np.sum(x * x)), 0.0
         else:
             a, b = 1.0, 0.0
-        cal = {"a": float(a), "b": float(b), "n": int(len(x)), "method": "least squares measured = a * raw + b",
+        method = "least squares measured = c * raw^2 + a * raw + b" if c else "least squares measured = a * raw + b"
+        cal = {"a": float(a), "b": float(b), "c": float(c), "n": int(len(x)), "method": method,
                "samples": [{"raw": float(r), "measured": float(m)} for r, m in zip(x, y)]}
         self.calibration[kind] = cal
         return cal

@@ -389,15 +389,15 @@ def drift_corrected(measured: list[float], reference: list[float], speed_ms: flo
 
 def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, target=None, worker=None,
               progress: bool = False) -> dict:
-    """Fit ``measured = a * raw + b`` (latency and memory) on ``n`` random sliced sub-networks measured end to end;
-    stores it in ``table`` (call ``table.save()`` to persist)."""
+    """Fit ``measured = c * raw^2 + a * raw + b`` (latency; memory: ``a * raw + b``) on ``n`` random sliced
+    sub-networks measured end to end; stores it in ``table`` (call ``table.save()`` to persist)."""
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "calibrating")
     refs = [r["reference_ms"] for _, r in rows]
     speed = float(np.median(refs))  # the unpruned network's latency at calibration time
     # the unpruned network, measured beside every sample, anchors the top of the fit (median of all its runs)
     full = _unpruned(space)
     lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows] + [table.raw_latency(full)],
-                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed])
+                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed], degree=2)
     lat["reference_ms"] = speed
     for sample, (_, r) in zip(lat["samples"], rows):
         sample.update(measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])

@@ -87,11 +87,24 @@ def test_profile_writes_a_complete_table(setup, table):
     assert u["n"] == 2 and u["measured"] > 0 and u["predicted"] == pytest.approx(loaded.predict_latency(SubNetwork.full(3, 2, 16)))
 
 
+def test_quadratic_calibration(table):
+    """Large networks cost more than the sum of their blocks: degree 2 fits that curve, and falls back to the line
+    where the curve would fall somewhere in the measured range, or with too few samples."""
+    t = copy.deepcopy(table)
+    raw = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    cal = t.set_calibration("latency", raw, [0.1 * r * r + r + 0.5 for r in raw], degree=2)
+    assert cal["c"] == pytest.approx(0.1) and cal["a"] == pytest.approx(1.0) and cal["b"] == pytest.approx(0.5)
+    assert t._calibrated("latency", 7.0) == pytest.approx(0.1 * 49 + 7 + 0.5)
+    falling = [10 - (r - 3) ** 2 for r in raw]  # peaks inside the range: not a latency curve
+    assert t.set_calibration("latency", raw, falling, degree=2)["c"] == 0.0
+    assert t.set_calibration("latency", raw[:4], [0.1 * r * r for r in raw[:4]], degree=2)["c"] == 0.0
+    assert t.set_calibration("latency", raw, [2 * r for r in raw])["c"] == 0.0  # degree 1 by default
+
+
 def test_calibration_samples_span_the_sizes():
     """Calibration and validation cover small and near-full networks, not just the middle of the space."""
     from latency_models.profile import _samples
     from toolchain.modeling import ModelDims
-    from toolchain.search_space import make_space
 
     dims = ModelDims(model_type="bert", num_layers=6, num_heads=12, head_size=32, hidden_size=384,
                      intermediate_size=1536, vocab_size=1000, num_labels=2)
