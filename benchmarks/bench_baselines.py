@@ -75,6 +75,11 @@ def _point(subnet, latency_ms, params, dev: dict, **extra) -> dict:
             "error": float(dev["error"]), "score": float(dev["score"]), **extra}
 
 
+def supernet_name(args) -> str:
+    """The folder (under the task's) of the weight-sharing super-network NAS and the uniform ratio use."""
+    return f"supernet-{args.strategy}"
+
+
 def run_task(task: str, args, table, saved: Saved) -> dict:
     from toolchain.baselines import front, layer_drop_subnet, uniform_subnet
     from toolchain.compile import point_supernet
@@ -97,7 +102,7 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
                          progress=progress)
 
     std = trained("standard", "standard", False)
-    ws = trained(f"supernet-{args.strategy}", args.strategy, True)
+    ws = trained(supernet_name(args), args.strategy, True)
     spec, space, dims = ws.spec, ws.space, ws.supernet.dims
     full = space.largest()
     unpruned_ms = table.predict_latency(full)
@@ -279,7 +284,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
     from toolchain.search_space import SPACE_NAMES, make_space
 
     folder = Path(args.out) / task
-    ws = load_run(folder / f"supernet-{args.strategy}")
+    ws = load_run(folder / supernet_name(args))
     info = saved.get("info")
     spec, dims, unpruned_ms = ws.spec, ws.supernet.dims, info["unpruned_ms"]
     dev = ws.encoded("validation", max_samples=args.dev_samples, seed=0)
@@ -313,7 +318,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
     std_nas = saved.get("standard_nas") or {"candidates": []}
     rng = np.random.default_rng(0)
     candidates = [ws.space.sample(rng) for _ in range(args.std_nas_candidates)]
-    imp = json.loads((folder / f"supernet-{args.strategy}" / "importance.json").read_text())
+    imp = json.loads((ws.folder / "importance.json").read_text())
     train_enc = None
     for i, s in enumerate(candidates):
         if i < len(std_nas["candidates"]):

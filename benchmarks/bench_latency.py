@@ -25,6 +25,18 @@ from common import table_path, write_section
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def reference_runs(table) -> list[float]:
+    """The unpruned network's latencies, measured beside every calibration and validation sub-network."""
+    return [x["reference_ms"] for part in (table.calibration["latency"]["samples"], table.validation["latency"]["samples"])
+            for x in part if "reference_ms" in x]
+
+
+def within_of_median(values, tolerance: float) -> float:
+    """The share of ``values`` within ``tolerance`` (relative) of their own median."""
+    v = np.asarray(values, float)
+    return float(np.mean(np.abs(v / np.median(v) - 1) <= tolerance))
+
+
 def verdict(target, precision, table, wall: float) -> str:
     """One line: is the goal met on raw and on drift-corrected measurements, and how repeatable is the reference."""
     lv = table.validation["latency"]
@@ -34,12 +46,10 @@ def verdict(target, precision, table, wall: float) -> str:
     def met(s):
         return s and s["within_10"] >= 0.95 and s["within_5"] >= 0.80
 
-    refs = [x["reference_ms"] for part in (table.calibration["latency"]["samples"], table.validation["latency"]["samples"])
-            for x in part if "reference_ms" in x]
+    refs = reference_runs(table)
     rep = ""
     if refs:
-        rep_5 = float(np.mean(np.abs(np.asarray(refs) / np.median(refs) - 1) <= 0.05))
-        rep = f"; the unpruned reference itself repeats within ±5 % {100 * rep_5:.0f} % of the time"
+        rep = f"; the unpruned reference itself repeats within ±5 % {100 * within_of_median(refs, 0.05):.0f} % of the time"
     return (f"- {target.name} {precision}: goal {'met' if met(lv) else 'NOT met'} on raw measurements "
             f"({100 * lv['within_5']:.0f} % / {100 * lv['within_10']:.0f} % within ±5 / ±10 %), "
             + (f"{'met' if met(dc) else 'NOT met'} drift-corrected ({100 * dc['within_5']:.0f} % / "
@@ -139,15 +149,11 @@ def main(argv=None) -> int:
     lines += ["", "Repeatability of the measurement itself: the unpruned network, measured beside every calibration and "
               "validation sub-network (same session settings, median of >= 15 runs each time):", ""]
     for target, precision, table, wall, total, n in rows:
-        refs = [x["reference_ms"] for part in (table.calibration["latency"]["samples"],
-                                               table.validation["latency"]["samples"]) for x in part
-                if "reference_ms" in x]
+        refs = reference_runs(table)
         if refs:
-            med = float(np.median(refs))
-            dev = np.abs(np.asarray(refs) / med - 1)
-            lines.append(f"- {target.name} {precision}: {len(refs)} measurements, median {med:.2f} ms, range "
-                         f"{min(refs):.2f}-{max(refs):.2f} ms; {100 * np.mean(dev <= 0.05):.0f}% within ±5% and "
-                         f"{100 * np.mean(dev <= 0.10):.0f}% within ±10% of their own median.")
+            lines.append(f"- {target.name} {precision}: {len(refs)} measurements, median {np.median(refs):.2f} ms, "
+                         f"range {min(refs):.2f}-{max(refs):.2f} ms; {100 * within_of_median(refs, 0.05):.0f}% within "
+                         f"±5% and {100 * within_of_median(refs, 0.10):.0f}% within ±10% of their own median.")
     lines += ["", "Goal: >= 95 % of latency predictions within ±10 %, >= 80 % within ±5 %, profiling < 10 min.", ""]
     lines += [verdict(target, precision, table, wall) for target, precision, table, wall, total, n in rows]
     lines += ["",

@@ -314,7 +314,7 @@ def _samples(space, n: int, seed: int) -> list:
         s = SubNetwork(widths(d.num_heads), widths(d.intermediate_size))
         if s.kept_layers:  # a network without layers is not a useful sample
             out.append(s)
-    return list(rng.permutation(np.array(out, dtype=object)))
+    return [out[i] for i in rng.permutation(n)]  # sizes in no particular order
 
 
 #: end-to-end measurements of each calibration / validation sample, alternating with the unpruned reference; the
