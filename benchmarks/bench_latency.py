@@ -2,7 +2,7 @@
 """How good are the latency / memory tables? Profile MiniLM's blocks on this CPU (fp32 and int8, batch 1, seq
 128), then predict and measure held-out random MEDIUM sub-networks end to end (sliced, exported, fused ONNX).
 
-    python benchmarks/bench_latency.py [--model PATH] [--precisions fp32 int8] [--validate 30] [--calibrate 10]
+    python benchmarks/bench_latency.py [--model PATH] [--precisions fp32 int8] [--validate 30] [--calibrate 10] [--seed 0]
 
 Prints MAPE and the share of predictions within +-5 % / +-10 % for latency and peak memory, and the profiling
 wall time; writes its section of docs/benchmarks.md (between the bench_latency markers) and the tables to
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unit-step", type=int, default=128)
     ap.add_argument("--calibrate", type=int, default=10, help="sub-networks for the calibration fit")
     ap.add_argument("--validate", type=int, default=30, help="held-out sub-networks for validation")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="calibration sub-networks from this seed, validation ones from seed + 1")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-md", action="store_true")
     ap.add_argument("--from-results", action="store_true",
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             table = profile(dims, target, precision, out, model_config=config, unit_step=args.unit_step,
                             model=model, calibrate_samples=args.calibrate, validate_samples=args.validate,
-                            resume=False, space="medium", seed=0)
+                            resume=False, space="medium", seed=args.seed)
             total = time.perf_counter() - t0
         m = table.data["measurement"]
         n_graphs = len(table.heads_grid) * len(table.units_grid)
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
                   f"  within 10% {100 * s['within_10']:.0f}%  (n={s['n']})")
 
     fp = rows[0][2].fingerprint if rows else targets[0].fingerprint()
+    seed = rows[0][2].validation.get("seed", args.seed + 1) - 1 if rows else args.seed  # as measured (--from-results)
     lines = [
         "## Latency and memory predictors (`benchmarks/bench_latency.py`)",
         "",
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
         f"{fp['cpu_model']}, {fp['physical_cores']} physical cores, ONNX Runtime "
         f"{fp['onnxruntime']}, {fp['provider']}, batch {fp['batch_size']}, sequence {fp['sequence_length']}, "
         f"Python {platform.python_version()}. Grid: heads 0..{dims.num_heads} x units every {args.unit_step}. "
-        f"Calibration on {args.calibrate} random sub-networks, validation on {args.validate} other (held-out) ones, "
+        f"Calibration on {args.calibrate} random sub-networks, validation on {args.validate} other (held-out) ones "
+        f"(seeds {seed} and {seed + 1}), "
         "their sizes spread from a tenth of the network to all of it; each sliced, exported with `build_onnx` and "
         "measured end to end (median latency; peak "
         "resident memory while running, see docs/profiling.md). Each sub-network is measured right after the "

@@ -83,12 +83,13 @@ def test_profile_writes_a_complete_table(setup, table):
     assert anchor["subnet"] == SubNetwork.full(3, 2, 16).to_dict()
     dc = data["validation"]["latency"]["drift_corrected"]
     assert dc["n"] == 2 and 0 <= dc["within_5"] <= dc["within_10"] <= 1
+    assert f"latency, drift-corrected: MAPE {dc['mape']:.1f}%" in loaded.summary()
     u = data["validation"]["latency"]["unpruned"]
     assert u["n"] == 2 and u["measured"] > 0 and u["predicted"] == pytest.approx(loaded.predict_latency(SubNetwork.full(3, 2, 16)))
 
 
 def test_quadratic_calibration(table):
-    """Large networks cost more than the sum of their blocks: degree 2 fits that curve, and falls back to the line
+    """Degree 2 fits a curve that rises faster than the sum of the blocks, and falls back to the line
     where the curve would fall somewhere in the measured range, or with too few samples."""
     t = copy.deepcopy(table)
     raw = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
