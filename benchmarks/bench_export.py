@@ -92,7 +92,6 @@ def main(argv=None) -> int:
     from toolchain.export import export_point
     from toolchain.modeling import ModelDims, load_model, model_from_config
     from toolchain.onnx_export import build_onnx
-    from toolchain.slicing import slice_model
     from toolchain.subnetwork import SubNetwork
     from toolchain.supernet import SuperNetwork
     from toolchain.verify import MetricData, latency_inputs, open_session
@@ -154,9 +153,8 @@ def main(argv=None) -> int:
                           units=(u,) * L + (0,) * (dims.num_layers - L))
     cfg = copy.deepcopy(supernet.model.config)
     cfg.num_hidden_layers, cfg.intermediate_size = L, u
-    # the native model's self-attention gets the same explicit-head-count reshape the slicer writes (what lets
-    # ORT fuse Attention); slicing it with its own full sub-network does exactly that and copies nothing else
-    native = slice_model(model_from_config(cfg).eval(), SubNetwork.full(L, dims.num_heads, u))
+    # build_onnx gives the native model the explicit head counts that ORT's Attention fusion needs
+    native = model_from_config(cfg).eval()
     sliced = supernet.slice(phys_sub)
     for name, m in (("phys/sliced", sliced), ("phys/native", native)):
         path = out / "physical" / name.split("/")[1] / "model.onnx"

@@ -186,8 +186,8 @@ class LatencyTable:
     def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1) -> dict:
         """Least-squares ``measured ~ a * raw + b`` (falls back to a pure scale for < 3 samples). ``degree=2`` adds
         ``c * raw**2`` (with >= 6 samples, and only where the fit rises over the whole range up to the largest sample;
-        otherwise the straight line): on the development CPU, fp32 end-to-end latency grows a little faster than the
-        sum of the blocks (``c`` about 0.04 / ms; int8 about 0, see docs/benchmarks.md)."""
+        otherwise the straight line): on the development CPU the fitted ``c`` came out small and positive (end-to-end
+        latency growing a little faster than the sum of the blocks; see the tables bench_latency writes)."""
         x, y = np.asarray(raw, float), np.asarray(measured, float)
         c = 0.0
         if len(x) >= 3 and np.ptp(x) > 0:
@@ -214,9 +214,11 @@ class LatencyTable:
                  f"  grid {len(self.heads_grid)} heads x {len(self.units_grid)} units, base "
                  f"{self.data['base']['latency_ms']:.2f} ms"]
         for kind, v in self.validation.items():
+            if not isinstance(v, dict):  # "space", "seed"
+                continue
             # drift-corrected: each measurement rescaled by the unpruned network measured beside it (see profile)
-            for name, w in ((kind, v), (f"{kind}, drift-corrected", v.get("drift_corrected") if isinstance(v, dict) else None)):
-                if isinstance(w, dict) and "mape" in w:
+            for name, w in ((kind, v), (f"{kind}, drift-corrected", v.get("drift_corrected") or {})):
+                if "mape" in w:
                     lines.append(f"  {name}: MAPE {w['mape']:.1f}%, within 5% {100 * w['within_5']:.0f}%, within 10% "
                                  f"{100 * w['within_10']:.0f}% (n={w['n']})")
         return "\n".join(lines)

@@ -101,17 +101,14 @@ def build_onnx(model: torch.nn.Module, dst: str | Path, precision: str = "fp32",
                use_gpu: bool = False) -> dict[str, int]:
     """Export + fuse (+ quantize for int8, or fp16 conversion) into ``dst``; returns fused operator counts.
 
-    A model that is not a sliced one (no ``nasprune_heads`` in its config: a plain Hugging Face classifier) is first
-    sliced to its full sub-network. That changes no weight; it writes each layer's head count into its reshape, without
-    which ONNX Runtime fuses no ``Attention`` (nor ``EmbedLayerNormalization``) and the unpruned model would be timed
-    as an unfused graph, 5 % (fp32) to 15 % (int8) slower than the same network sliced.
+    A model whose self-attention still has Hugging Face's forward (a plain classifier, not a sliced one) is exported
+    from a copy that writes each layer's head count into its reshape (:func:`toolchain.slicing.with_explicit_heads`;
+    no weight changes). Without it ONNX Runtime fuses no ``Attention`` (nor ``EmbedLayerNormalization``), and the
+    unpruned model would be timed as an unfused graph, slower than the same network sliced.
     """
-    if getattr(model.config, "nasprune_heads", None) is None and hasattr(model.config, "num_attention_heads"):
-        from .slicing import slice_model
-        from .subnetwork import SubNetwork
+    from .slicing import with_explicit_heads
 
-        c = model.config
-        model = slice_model(model, SubNetwork.full(c.num_hidden_layers, c.num_attention_heads, c.intermediate_size))
+    model = with_explicit_heads(model)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     raw = dst.with_suffix(".raw.onnx")

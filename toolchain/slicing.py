@@ -111,6 +111,21 @@ def _slice_attention(layer, heads: list[int], head_size: int, eps: float) -> Non
     att.output.dense = _take_cols(att.output.dense, cols)
 
 
+def _self_attentions(model) -> list[nn.Module]:
+    return [layer.attention.self for layer in layers_of(model) if hasattr(layer.attention, "self")]
+
+
+def with_explicit_heads(model: nn.Module) -> nn.Module:
+    """``model`` if every self-attention already writes its head count into its reshape (sliced models do), else a
+    copy whose self-attentions do. Without it (HF's ``-1``), ONNX Runtime fuses no ``Attention`` for that layer."""
+    if all(getattr(sa.forward, "__func__", None) is _explicit_heads_forward for sa in _self_attentions(model)):
+        return model
+    model = copy.deepcopy(model)
+    for sa in _self_attentions(model):
+        sa.forward = types.MethodType(_explicit_heads_forward, sa)
+    return model
+
+
 def _slice_ffn(layer, units: list[int], eps: float) -> None:
     if not units:
         zero = ZeroUnitOutput(layer.output.dense.out_features, eps)
