@@ -11,8 +11,11 @@ Methods (docs/benchmarks.md says the same):
 - ``uniform``: the same fraction of heads and FFN units in every layer (0.9 ... 0.1), on the super-network's weights:
   the fixed-ratio choice of architecture, with everything else equal to NAS.
 - ``rfp``: Kwon et al.'s retraining-free pruning of the standard fine-tuned model (``--method rfp``).
-- ``nas``: nasprune: the weight-sharing super-network (``--strategy``, sandwich by default) + NSGA-II on the latency table
-  (``--method nsga2``).
+- ``nas``: nasprune: the weight-sharing super-network + NSGA-II on the latency table (``--method nsga2``). By default
+  the super-network starts from the standard fine-tuned model and trains with in-place distillation
+  (``nasprune-compile --init finetuned --strategy kd``); ``--init pretrained --strategy sandwich`` is the paper's
+  setting. With ``--init finetuned`` the standard model above is the one the super-network started from, trained once,
+  and its training time counts for NAS and uniform too.
 
 Data: the dev set of each task is the test set. The search scores candidates on a held-out part of the training
 data (``DataSettings.holdout``, seeded), and both the search and the choice of a point under a budget use that
@@ -77,7 +80,13 @@ def _point(subnet, latency_ms, params, dev: dict, **extra) -> dict:
 
 def supernet_name(args) -> str:
     """The folder (under the task's) of the weight-sharing super-network NAS and the uniform ratio use."""
-    return f"supernet-{args.strategy}"
+    return f"supernet-{args.strategy}" + ("-finetuned" if args.init == "finetuned" else "")
+
+
+def standard_folder(folder: Path, args) -> Path:
+    """The standard fine-tuned model (unpruned, rfp): with ``--init finetuned`` the one the super-network started
+    from, trained once."""
+    return folder / supernet_name(args) / "finetuned" if args.init == "finetuned" else folder / "standard"
 
 
 def run_task(task: str, args, table, saved: Saved) -> dict:
@@ -96,13 +105,14 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
     epochs = round(min(args.max_epochs, max(1.0, args.train_examples / n_train)), 2)
     progress = not args.no_progress
 
-    def trained(name, strategy, reorder):
+    def trained(path, strategy, reorder, init="pretrained"):
         cfg = TrainConfig(strategy=strategy, epochs=epochs, batch_size=args.batch_size, seed=0)
-        return train_run(folder / name, data=data, space="medium", train_config=cfg, reorder=reorder,
+        return train_run(path, data=data, space="medium", train_config=cfg, reorder=reorder, init=init,
                          progress=progress)
 
-    std = trained("standard", "standard", False)
-    ws = trained(supernet_name(args), args.strategy, True)
+    # --init finetuned: the super-network starts from the standard fine-tuned model, so NAS's time includes it
+    ws = trained(folder / supernet_name(args), args.strategy, True, init=args.init)
+    std = trained(standard_folder(folder, args), "standard", False)
     spec, space, dims = ws.spec, ws.space, ws.supernet.dims
     full = space.largest()
     unpruned_ms = table.predict_latency(full)
@@ -115,7 +125,14 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
     info = {"task": task, "metric": spec.metric, "train_examples": n_train, "epochs": epochs,
             "holdout_examples": n_holdout, "search_examples": min(args.search_samples, n_holdout),
             "dev_examples": len(ev_ws), "unpruned_ms": unpruned_ms,
-            "train_s": {"standard": std.settings["train_stats"]["seconds"], "supernet": ws.settings["train_stats"]["seconds"]}}
+            "init": args.init, "train_s": {"standard": std.settings["train_stats"]["seconds"],
+                                           "supernet": ws.settings["train_stats"]["seconds"]}}
+    # what the super-network cost from the pre-trained model (with --init finetuned, the fine-tuning it started from)
+    ws_s = info["ws_train_s"] = info["train_s"]["supernet"] + ws.settings["train_stats"].get("finetune_seconds", 0.0)
+    old = saved.get("info")
+    if old is not None and abs(old["unpruned_ms"] - unpruned_ms) > 1e-6:
+        sys.exit(f"{saved.path} was placed on another latency table (unpruned model {old['unpruned_ms']:.2f} ms, "
+                 f"this table {unpruned_ms:.2f} ms); pass another --out to compare on this one")
     saved.put("info", info)
     num_params = space.num_parameters
 
@@ -139,13 +156,13 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
         pts = [_point(r["subnet"], r["latency"], num_params(r["subnet"]), ev_ws(r["subnet"]),
                       holdout_error=r["error"]) for r in res.pareto]
         saved.put("nas", {"points": pts, "search_s": res.wall_time, "n_evals": len(res.records),
-                          "seconds": info["train_s"]["supernet"] + time.perf_counter() - t})
+                          "seconds": ws_s + time.perf_counter() - t})
 
     if saved.get("uniform") is None:
         t = time.perf_counter()
         pts = [_point(s, table.predict_latency(s), num_params(s), ev_ws(s), ratio=r)
                for r, s in ((r, uniform_subnet(dims, r)) for r in (1.0,) + UNIFORM_RATIOS)]
-        saved.put("uniform", {"points": pts, "seconds": info["train_s"]["supernet"] + time.perf_counter() - t})
+        saved.put("uniform", {"points": pts, "seconds": ws_s + time.perf_counter() - t})
 
     if saved.get("rfp") is None:
         t = time.perf_counter()
@@ -169,7 +186,7 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
             train_enc = ws.encoded("train")
         t = time.perf_counter()
         s = layer_drop_subnet(dims, k)
-        m = fine_tuned_score(ws, s, train_enc, dev, epochs, args.batch_size, progress)
+        m = fine_tuned_score(std, s, train_enc, dev, epochs, args.batch_size, progress)
         seconds += time.perf_counter() - t
         done[k] = _point(s, table.predict_latency(s), num_params(s), m, k=k)
         saved.put("layer-drop", {"points": sorted(done.values(), key=lambda p: p["k"]), "seconds": seconds})
@@ -180,9 +197,9 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
     return saved.data
 
 
-def fine_tuned_score(ws, subnet, train_enc, dev, epochs: float, batch_size: int, progress: bool,
+def fine_tuned_score(std, subnet, train_enc, dev, epochs: float, batch_size: int, progress: bool,
                      importance: dict | None = None) -> dict:
-    """``subnet`` sliced from the pre-trained model (re-ordered by ``importance`` first, if given), fine-tuned the
+    """``subnet`` sliced from the pre-trained model (the one ``std``, the standard fine-tuning run, started from) (re-ordered by ``importance`` first, if given), fine-tuned the
     standard way on ``train_enc``, scored on ``dev``."""
     import torch
 
@@ -192,9 +209,9 @@ def fine_tuned_score(ws, subnet, train_enc, dev, epochs: float, batch_size: int,
     from toolchain.supernet import SuperNetwork
     from toolchain.training import TrainConfig
 
-    spec = ws.spec
+    spec = std.spec
     torch.manual_seed(0)
-    pretrained, _ = load_model(ws.settings.get("model"), num_labels=spec.num_labels, regression=spec.is_regression)
+    pretrained, _ = load_model(std.settings.get("model"), num_labels=spec.num_labels, regression=spec.is_regression)
     if importance is not None:
         SuperNetwork(pretrained).reorder_(importance["head_order"], importance["unit_order"])
     model = slice_model(pretrained, subnet)
@@ -260,7 +277,7 @@ def int8_metric(task: str, args, saved: Saved) -> float:
     from toolchain.run import load_run
     from toolchain.verify import MetricData
 
-    std = load_run(Path(args.out) / task / "standard")
+    std = load_run(standard_folder(Path(args.out) / task, args))
     ds = std.data.load("validation")
     if args.dev_samples and args.dev_samples < len(ds):
         import numpy as np
@@ -285,6 +302,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
 
     folder = Path(args.out) / task
     ws = load_run(folder / supernet_name(args))
+    std = load_run(standard_folder(folder, args))
     info = saved.get("info")
     spec, dims, unpruned_ms = ws.spec, ws.supernet.dims, info["unpruned_ms"]
     dev = ws.encoded("validation", max_samples=args.dev_samples, seed=0)
@@ -327,7 +345,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
             train_enc = ws.encoded("train")
         t = time.perf_counter()
         # sliced in the same importance order the super-network uses
-        std_err = fine_tuned_score(ws, s, train_enc, dev, info["epochs"], args.batch_size, not args.no_progress,
+        std_err = fine_tuned_score(std, s, train_enc, dev, info["epochs"], args.batch_size, not args.no_progress,
                                    imp)["error"]
         secs = time.perf_counter() - t
         t = time.perf_counter()
@@ -345,7 +363,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
         std_nas[f"front_{kind}"] = len(front([{"error": e, "latency": lat} for e, lat in pts]))
     std_nas["kendall_tau"] = float(kendalltau([x["standard_error"] for x in c], [x["ws_error"] for x in c])[0])
     std_nas["standard_total_s"] = sum(x["standard_s"] for x in c)
-    std_nas["ws_total_s"] = info["train_s"]["supernet"] + sum(x["ws_eval_s"] for x in c)
+    std_nas["ws_total_s"] = info["ws_train_s"] + sum(x["ws_eval_s"] for x in c)
     saved.put("standard_nas", std_nas)
     return saved.data
 
@@ -397,7 +415,9 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
         f"Command: `python benchmarks/bench_baselines.py` ({machine()}). Every task: at most {args.train_examples} "
         f"training examples (a seeded subset; held-out {args.holdout:.0%} of train excluded first), "
         f"{args.train_examples} examples' worth of steps and at most {args.max_epochs:g} epochs, batch "
-        f"{args.batch_size}, for every model that is trained; NAS {args.n_evals} candidates (NSGA-II, "
+        f"{args.batch_size}, for every model that is trained; the super-network ({args.strategy}) starts from the "
+        f"{'standard fine-tuned' if args.init == 'finetuned' else 'pre-trained'} model (`--init {args.init}`); "
+        f"NAS {args.n_evals} candidates (NSGA-II, "
         f"population {args.pop_size}) scored on at most {args.search_samples} held-out training examples, every "
         f"point scored on the dev set (at most {args.dev_samples} examples, seeded) as a test set. Latency: the "
         "calibrated fp32 table of this CPU (batch 1, sequence 128); the point each method ships under a budget is "
@@ -458,6 +478,28 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
               ", ".join(f"{f:.0%}: {w['alone']} / {w['tied']} / {w['behind']}" for f, w in wins.items()) +
               f" of {len(tasks)} tasks.", ""]
 
+    lines += ["### Where NAS loses points", "",
+              "The super-network's full network against the standard fine-tuned one (both on dev), and per budget "
+              "the point NAS ships (chosen on the held-out split) against the best dev score among NAS's own front "
+              "points under the budget, which no user could choose without looking at the test set: the gap is what "
+              "the held-out choice costs.", "",
+              "| task | standard full | super-network full | " + " | ".join(f"{f:.0%}: shipped / best on dev"
+                                                                      for f in BUDGETS) + " |",
+              "|" + " --- |" * (3 + len(BUDGETS))]
+    for task in tasks:
+        r = results[task]
+        u = r["unpruned"]["points"][0]
+        ws_full = next((p for p in r["uniform"]["points"] if p.get("ratio") == 1.0), None)
+        cells = []
+        for f in BUDGETS:
+            b = f * r["info"]["unpruned_ms"]
+            shipped = choose("nas", r["nas"], b)
+            fits = [p["score"] for p in r["nas"]["points"] if p["latency"] <= b + 1e-9]
+            cells.append(f"{shipped['score']:.3f} / {max(fits):.3f}" if shipped else "-")
+        ws_cell = f"{ws_full['score']:.3f}" if ws_full else "-"
+        lines.append(f"| {task.upper()} | {u['score']:.3f} | {ws_cell} | " + " | ".join(cells) + " |")
+    lines.append("")
+
     lines += ["### Hypervolume and wall time per method", "",
               "Hypervolume of each method's points on (dev error, latency / unpruned latency), reference point 1.1 "
               "(higher is better). Wall time: everything the method needs from the pre-trained model (training, "
@@ -492,7 +534,8 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
                       "super-network's weights.", "",
                       "| | standard NAS | weight-sharing NAS |", "| --- | --- | --- |",
                       f"| wall time, s | {sn['standard_total_s']:.0f} (fine-tuning {n} models) | "
-                      f"{sn['ws_total_s']:.0f} (super-network training + {n} evaluations) |",
+                      f"{sn['ws_total_s']:.0f} ({'standard fine-tuning + ' if args.init == 'finetuned' else ''}"
+                      f"super-network training + {n} evaluations) |",
                       f"| hypervolume of the {n} candidates (dev) | {sn['hv_standard']:.3f} | {sn['hv_ws']:.3f} |",
                       f"| mean dev error | {sum(x['standard_error'] for x in sn['candidates']) / n:.3f} | "
                       f"{sum(x['ws_error'] for x in sn['candidates']) / n:.3f} |",
@@ -502,7 +545,7 @@ def report(results: dict, measured: dict, extra: dict | None, args) -> str:
 
 # ------------------------------------------------------------------------------------------------------- main
 SETTINGS = ("train_examples", "max_epochs", "batch_size", "holdout", "search_samples", "dev_samples", "n_evals",
-            "pop_size", "rfp_samples", "target", "strategy")
+            "pop_size", "rfp_samples", "target", "strategy", "init")
 
 
 def check_settings(saved: Saved, args) -> None:
@@ -511,6 +554,8 @@ def check_settings(saved: Saved, args) -> None:
     old = saved.get("settings")
     if old is None and saved.data:
         old = {}
+    if old is not None:
+        old = {"init": "pretrained", **old}  # results from before --init existed
     if old is not None and old != mine:
         diff = ", ".join(f"{k}: {old.get(k)} -> {mine[k]}" for k in SETTINGS if old.get(k) != mine[k])
         sys.exit(f"{saved.path} was made with other settings ({diff}); pass another --out or delete that folder")
@@ -539,7 +584,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--train-examples", type=int, default=4000, help="training examples per task (seeded subset)")
     ap.add_argument("--max-epochs", type=float, default=3.0, help="small tasks: epochs up to this many")
-    ap.add_argument("--strategy", default="sandwich", help="super-network training strategy (NAS and uniform)")
+    ap.add_argument("--strategy", default="kd", help="super-network training strategy (NAS and uniform; default: kd)")
+    ap.add_argument("--init", choices=("pretrained", "finetuned"), default="finetuned",
+                    help="the super-network starts from the pre-trained model (the paper) or from the standard "
+                         "fine-tuned one, which its training time then includes (default: finetuned)")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch size (every method)")
     ap.add_argument("--holdout", type=float, default=0.1, help="share of train held out for the search")
     ap.add_argument("--search-samples", type=int, default=400, help="held-out examples a search scores on")

@@ -118,3 +118,38 @@ def test_train_run_and_cli_evaluate_on_real_data(tiny_model_dir, data_dir, tmp_p
     with pytest.raises(RunError, match="other settings"):
         train_run(tmp_path / "run", model=str(tiny_model_dir), data=data,
                   train_config=TrainConfig(epochs=2, batch_size=16), progress=False)
+
+
+@pytest.mark.slow
+def test_train_run_can_start_from_a_fine_tuned_model(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    import toolchain.run as run_mod
+    from toolchain.run import DataSettings, RunError, load_run, train_run
+
+    loaded = []
+    real_load = run_mod.load_model
+
+    def spy(name_or_path, **kw):
+        loaded.append(name_or_path)
+        return real_load(name_or_path, **kw)
+
+    monkeypatch.setattr(run_mod, "load_model", spy)
+    data = DataSettings(task="sst2", data_dir=str(data_dir), max_train_samples=32)
+    cfg = TrainConfig(strategy="kd", epochs=1, batch_size=16)
+    run = train_run(tmp_path / "run", model=str(tiny_model_dir), data=data, train_config=cfg, init="finetuned",
+                    progress=False)
+    base = load_run(tmp_path / "run" / "finetuned")
+    assert base.settings["train"]["strategy"] == "standard" and base.settings["reorder"] is False
+    assert base.settings["train"]["epochs"] == cfg.epochs and base.settings["model"] == str(tiny_model_dir)
+    # the fine-tuning starts from the pre-trained model, the super-network from the fine-tuned one
+    assert loaded == [str(tiny_model_dir), str(base.folder / "supernet")]
+    assert run.settings["init"] == "finetuned" and run.settings["train_stats"]["finetune_seconds"] >= 0
+    # a finished run is reused; the same folder with the other init is another run
+    assert train_run(tmp_path / "run", model=str(tiny_model_dir), data=data, train_config=cfg, init="finetuned",
+                     progress=False).folder == run.folder
+    with pytest.raises(RunError, match="other settings"):
+        train_run(tmp_path / "run", model=str(tiny_model_dir), data=data, train_config=cfg, progress=False)
+    with pytest.raises(RunError, match="only fine-tunes"):
+        train_run(tmp_path / "other", model=str(tiny_model_dir), data=data,
+                  train_config=TrainConfig(strategy="standard"), init="finetuned", progress=False)
+    with pytest.raises(RunError, match="unknown init"):
+        train_run(tmp_path / "other", data=data, init="distilled", progress=False)

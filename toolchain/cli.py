@@ -45,6 +45,14 @@ def add_train_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
     g.add_argument("--grad-accumulation", type=int, default=1, help="gradient accumulation steps (default: 1)")
     g.add_argument("--num-random", type=int, default=2, help="random sub-networks per step for sandwich/kd/full")
     g.add_argument("--no-reorder", action="store_true", help="skip importance re-ordering of heads and units")
+    add_init_option(g)
+
+
+def add_init_option(g) -> None:
+    g.add_argument("--init", choices=("pretrained", "finetuned"), default="pretrained",
+                   help="start the super-network from the pre-trained model (default), or fine-tune the full "
+                        "network the standard way first and start from that (costs one more standard training; "
+                        "best with --strategy kd, see docs/benchmarks.md)")
 
 
 def _data_settings(args):
@@ -71,7 +79,8 @@ def cmd_train(args) -> int:
     from .run import train_run
 
     run = train_run(args.output, model=args.model, data=_data_settings(args), space=args.space,
-                    train_config=_train_config(args), reorder=not args.no_reorder, overwrite=args.overwrite)
+                    train_config=_train_config(args), reorder=not args.no_reorder, init=args.init,
+                    overwrite=args.overwrite)
     print(f"super-network trained: {run.folder / 'supernet'}")
     return 0
 
@@ -211,7 +220,7 @@ def _compile_options(args, **over):
         search_eval_samples=args.search_eval_samples, n_export=getattr(args, "export", None),
         max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
         rfp_samples=getattr(args, "rfp_samples", None),
-        reorder=not getattr(args, "no_reorder", False), output=getattr(args, "output", None), seed=args.seed,
+        reorder=not getattr(args, "no_reorder", False), init=getattr(args, "init", "pretrained"), output=getattr(args, "output", None), seed=args.seed,
         resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
         executor=getattr(args, "executor", "local"), workers=getattr(args, "workers", None),
         ray_address=getattr(args, "ray_address", None), search_batch_size=getattr(args, "search_batch_size", None),
@@ -403,6 +412,7 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=float, default=None, help="training epochs (default: preset)")
     g.add_argument("--max-train-samples", type=int, default=None, help="training examples (default: preset)")
     g.add_argument("--no-reorder", action="store_true", help="skip importance re-ordering")
+    add_init_option(g)
     g = p.add_argument_group("output")
     g.add_argument("--export", type=int, default=None, help="number of Pareto points to ship (default: preset)")
     g.add_argument("--output", "-o", default=None,

@@ -77,6 +77,7 @@ class CompileOptions:
     epochs: float | None = None
     rfp_samples: int | None = None  # --method rfp: training examples for the mask gradients and the rescaling
     reorder: bool = True
+    init: str = "pretrained"  # the super-network starts from the pre-trained model, or "finetuned" (run.train_run)
     output: str | None = None
     seed: int = 0
     resume: bool = False
@@ -138,11 +139,13 @@ def supernet_for(opts: CompileOptions):
     data = DataSettings(**{**asdict(opts.data), "max_train_samples": opts.budget("max_train_samples"),
                            "seed": opts.seed})
     cfg = TrainConfig(strategy=opts.strategy, epochs=opts.budget("epochs"), seed=opts.seed)
-    key = _key({"model": opts.model, "data": data.to_dict(), "space": opts.space, "train": asdict(cfg),
-                "reorder": opts.reorder})
-    folder = cache_dir() / "supernets" / key
+    key = {"model": opts.model, "data": data.to_dict(), "space": opts.space, "train": asdict(cfg),
+           "reorder": opts.reorder}
+    if opts.init != "pretrained":  # only then: cached super-networks made before the option keep their keys
+        key["init"] = opts.init
+    folder = cache_dir() / "supernets" / _key(key)
     return train_run(folder, model=opts.model, data=data, space=opts.space, train_config=cfg, reorder=opts.reorder,
-                     progress=opts.progress)
+                     init=opts.init, progress=opts.progress)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -188,7 +191,8 @@ def compile_model(opts: CompileOptions) -> dict:
         "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.task, "target": target.name,
         "precision": precision, "batch_size": target.batch_size, "sequence_length": target.sequence_length,
         "max_latency_ms": opts.max_latency, "max_memory_mb": opts.max_memory, "max_params": opts.max_params,
-        "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy, "method": opts.method,
+        "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy, "init": opts.init,
+        "method": opts.method,
         "preset": opts.preset, "n_evals": opts.budget("n_evals"), "search_eval_samples": opts.budget("search_eval_samples"),
         "seed": opts.seed, "supernet": str(run.folder), "latency_table": str(table.path),
     }

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
@@ -139,10 +139,18 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+INITS = ("pretrained", "finetuned")
+
+
 def train_run(folder: str | Path, *, model: str | None = None, data: DataSettings | None = None,
               space: str = "medium", train_config: TrainConfig | None = None, reorder: bool = True,
-              overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> Run:
+              init: str = "pretrained", overwrite: bool = False, progress: bool = True,
+              stop_after: int | None = None) -> Run:
     """Stage ``train``: load, (re-order), train the super-network, save it in ``folder/supernet``.
+
+    ``init="finetuned"`` first fine-tunes the full network the standard way (same data, epochs and batch size) in
+    ``folder/finetuned`` and starts the super-network from it: with ``strategy="kd"`` every sub-network then learns
+    from a trained teacher from the first step (docs/benchmarks.md measures what that buys).
 
     If ``folder`` holds an unfinished run with the same settings, training resumes from its checkpoint; a finished
     one is returned as is. Other settings in an existing folder need ``overwrite``.
@@ -150,12 +158,19 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     folder = Path(folder)
     data = data or DataSettings()
     cfg = train_config or TrainConfig()
+    if init not in INITS:
+        raise RunError(f"unknown init '{init}'; choose one of: {', '.join(INITS)}")
+    if init == "finetuned" and cfg.strategy == "standard":
+        raise RunError("init 'finetuned' starts a super-network from a fine-tuned model; the 'standard' strategy "
+                       "only fine-tunes, so use init 'pretrained' with it")
     spec = data.spec()
     settings = {"model": model, "data": data.to_dict(), "space": space, "train": asdict(cfg), "reorder": reorder}
+    if init != "pretrained":  # only then, so run folders made before the option keep matching
+        settings["init"] = init
     run_json = folder / "run.json"
     if run_json.exists():
         old = json.loads(run_json.read_text())
-        same = {k: old.get(k) for k in settings} == settings
+        same = {k: old.get(k) for k in settings} == settings and old.get("init", "pretrained") == init
         if not same and not overwrite:
             raise RunError(f"{folder} holds a run with other settings; pass --overwrite to replace it, "
                            "or choose another output folder")
@@ -167,7 +182,12 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(run_json, {**settings, "status": "training"})
 
-    net, tokenizer = load_model(model, num_labels=spec.num_labels, regression=spec.is_regression)
+    source, finetune_s = model, None
+    if init == "finetuned":
+        base = train_run(folder / "finetuned", model=model, data=data, space=space,
+                         train_config=replace(cfg, strategy="standard"), reorder=False, progress=progress)
+        source, finetune_s = str(base.folder / "supernet"), base.settings["train_stats"]["seconds"]
+    net, tokenizer = load_model(source, num_labels=spec.num_labels, regression=spec.is_regression)
     supernet = SuperNetwork(net)
     dims = supernet.dims
     search_space = make_space(space, dims, fixed_parameters(net))
@@ -177,6 +197,8 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     if reorder and not (folder / "checkpoints" / "last").exists():
         importance = reorder_cached(supernet, encoded, folder, progress)
     stats = train(supernet, search_space, encoded, cfg, folder / "checkpoints", progress=progress, stop_after=stop_after)
+    if finetune_s is not None:
+        stats["finetune_seconds"] = finetune_s
 
     out = folder / "supernet"
     tmp = folder / "supernet.tmp"
