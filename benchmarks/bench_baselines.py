@@ -13,8 +13,8 @@ Methods (docs/benchmarks.md says the same):
 - ``rfp``: Kwon et al.'s retraining-free pruning of the standard fine-tuned model (``--method rfp``).
 - ``nas``: nasprune: the weight-sharing super-network + NSGA-II on the latency table (``--method nsga2``). By default
   the super-network starts from the standard fine-tuned model and trains with in-place distillation
-  (``nasprune-compile --init finetuned --strategy kd``); ``--init pretrained --strategy sandwich`` is the paper's
-  setting. With ``--init finetuned`` the standard model above is the one the super-network started from, trained once,
+  (``nasprune-compile``'s defaults, ``--init finetuned --strategy kd``); ``--init pretrained --strategy sandwich`` is
+  the paper's setting. With ``--init finetuned`` the standard model above is the one the super-network started from, trained once,
   and its training time counts for NAS and uniform too.
 
 Data: the dev set of each task is the test set. The search scores candidates on a held-out part of the training

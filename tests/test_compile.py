@@ -176,3 +176,11 @@ def test_sigint_then_resume(env, tiny_model_dir):
     rows = (out / "search_history.csv").read_text().splitlines()[1:]
     assert len(rows) == max(24, done)
     assert (out / "manifest.json").is_file()
+
+
+def test_super_network_starts_from_a_fine_tuning_unless_the_strategy_is_one():
+    from toolchain.compile import CompileOptions
+
+    assert CompileOptions().strategy == "kd" and CompileOptions().resolved_init() == "finetuned"
+    assert CompileOptions(strategy="standard").resolved_init() == "pretrained"  # --method rfp prunes a fine-tuning
+    assert CompileOptions(init="pretrained").resolved_init() == "pretrained"

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .run import INITS
 from .search_space import SPACE_NAMES
 from .training import STRATEGIES
 
@@ -36,8 +37,8 @@ def add_model_data_options(p: argparse.ArgumentParser) -> None:
 def add_train_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g = p.add_argument_group("super-network training")
     g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")
-    g.add_argument("--strategy", choices=STRATEGIES, default="sandwich" if defaults else None,
-                   help="weight-sharing training strategy (default: sandwich)")
+    g.add_argument("--strategy", choices=STRATEGIES, default="kd" if defaults else None,
+                   help="weight-sharing training strategy (default: kd, in-place distillation)")
     g.add_argument("--epochs", type=float, default=1.0 if defaults else None, help="training epochs (default: 1)")
     g.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded random subset of this size")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
@@ -49,10 +50,11 @@ def add_train_options(p: argparse.ArgumentParser, defaults: bool = True) -> None
 
 
 def add_init_option(g) -> None:
-    g.add_argument("--init", choices=("pretrained", "finetuned"), default="pretrained",
-                   help="start the super-network from the pre-trained model (default), or fine-tune the full "
-                        "network the standard way first and start from that (costs one more standard training; "
-                        "best with --strategy kd, see docs/benchmarks.md)")
+    g.add_argument("--init", choices=INITS, default=None,
+                   help="finetuned (default): fine-tune the full network the standard way first and start the "
+                        "super-network from it (one more standard training; docs/benchmarks.md measures what it buys); "
+                        "pretrained: start from the pre-trained model, as in the paper (the default with --strategy "
+                        "standard)")
 
 
 def _data_settings(args):
@@ -79,7 +81,8 @@ def cmd_train(args) -> int:
     from .run import train_run
 
     run = train_run(args.output, model=args.model, data=_data_settings(args), space=args.space,
-                    train_config=_train_config(args), reorder=not args.no_reorder, init=args.init,
+                    train_config=_train_config(args), reorder=not args.no_reorder,
+                    init=args.init or ("pretrained" if args.strategy == "standard" else "finetuned"),
                     overwrite=args.overwrite)
     print(f"super-network trained: {run.folder / 'supernet'}")
     return 0
@@ -215,12 +218,12 @@ def _compile_options(args, **over):
         max_memory=parse_memory(args.max_memory) if args.max_memory is not None else None,
         max_params=parse_params(args.max_params) if args.max_params is not None else None,
         objectives=objectives, space=getattr(args, "space", "medium"),
-        strategy=getattr(args, "strategy", None) or ("standard" if args.method == "rfp" else "sandwich"),
+        strategy=getattr(args, "strategy", None) or ("standard" if args.method == "rfp" else "kd"),
         method=args.method, preset=args.preset, n_evals=args.n_evals, max_search_seconds=args.max_search_time,
         search_eval_samples=args.search_eval_samples, n_export=getattr(args, "export", None),
         max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
         rfp_samples=getattr(args, "rfp_samples", None),
-        reorder=not getattr(args, "no_reorder", False), init=getattr(args, "init", "pretrained"), output=getattr(args, "output", None), seed=args.seed,
+        reorder=not getattr(args, "no_reorder", False), init=getattr(args, "init", None), output=getattr(args, "output", None), seed=args.seed,
         resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
         executor=getattr(args, "executor", "local"), workers=getattr(args, "workers", None),
         ray_address=getattr(args, "ray_address", None), search_batch_size=getattr(args, "search_batch_size", None),
@@ -406,7 +409,7 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("super-network")
     g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")
     g.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="training strategy (default: sandwich; standard, i.e. plain fine-tuning, with --method rfp)")
+                   help="training strategy (default: kd; standard, i.e. plain fine-tuning, with --method rfp)")
     g.add_argument("--rfp-samples", type=int, default=None,
                    help="--method rfp: training examples for the mask gradients and rescaling (default: preset)")
     g.add_argument("--epochs", type=float, default=None, help="training epochs (default: preset)")

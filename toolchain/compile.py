@@ -66,7 +66,7 @@ class CompileOptions:
     max_params: float | None = None
     objectives: tuple[str, ...] = ("error", "latency")
     space: str = "medium"
-    strategy: str = "sandwich"
+    strategy: str = "kd"
     method: str = "nsga2"
     preset: str = "default"
     n_evals: int | None = None
@@ -77,7 +77,7 @@ class CompileOptions:
     epochs: float | None = None
     rfp_samples: int | None = None  # --method rfp: training examples for the mask gradients and the rescaling
     reorder: bool = True
-    init: str = "pretrained"  # the super-network starts from the pre-trained model, or "finetuned" (run.train_run)
+    init: str | None = None  # where the super-network starts (run.train_run): default finetuned, pretrained for standard
     output: str | None = None
     seed: int = 0
     resume: bool = False
@@ -94,6 +94,13 @@ class CompileOptions:
             raise CompileError(f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}")
         value = getattr(self, key, None)
         return PRESETS[self.preset][key] if value is None else value
+
+    def resolved_init(self) -> str:
+        """Where the super-network starts: from a standard fine-tuning (the default; docs/benchmarks.md), or from the
+        pre-trained model when the strategy is plain fine-tuning itself."""
+        if self.init is not None:
+            return self.init
+        return "pretrained" if self.strategy == "standard" else "finetuned"
 
     def default_output(self) -> Path:
         task = "custom" if self.data.train_file else self.data.task
@@ -141,11 +148,11 @@ def supernet_for(opts: CompileOptions):
     cfg = TrainConfig(strategy=opts.strategy, epochs=opts.budget("epochs"), seed=opts.seed)
     key = {"model": opts.model, "data": data.to_dict(), "space": opts.space, "train": asdict(cfg),
            "reorder": opts.reorder}
-    if opts.init != "pretrained":  # only then: cached super-networks made before the option keep their keys
-        key["init"] = opts.init
+    if opts.resolved_init() != "pretrained":  # only then: cached super-networks made before the option keep their keys
+        key["init"] = opts.resolved_init()
     folder = cache_dir() / "supernets" / _key(key)
     return train_run(folder, model=opts.model, data=data, space=opts.space, train_config=cfg, reorder=opts.reorder,
-                     init=opts.init, progress=opts.progress)
+                     init=opts.resolved_init(), progress=opts.progress)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -191,7 +198,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.task, "target": target.name,
         "precision": precision, "batch_size": target.batch_size, "sequence_length": target.sequence_length,
         "max_latency_ms": opts.max_latency, "max_memory_mb": opts.max_memory, "max_params": opts.max_params,
-        "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy, "init": opts.init,
+        "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy, "init": opts.resolved_init(),
         "method": opts.method,
         "preset": opts.preset, "n_evals": opts.budget("n_evals"), "search_eval_samples": opts.budget("search_eval_samples"),
         "seed": opts.seed, "supernet": str(run.folder), "latency_table": str(table.path),
