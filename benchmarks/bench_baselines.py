@@ -14,8 +14,8 @@ Methods (docs/benchmarks.md says the same):
 - ``nas``: nasprune: the weight-sharing super-network + NSGA-II on the latency table (``--method nsga2``). By default
   the super-network starts from the standard fine-tuned model and trains with in-place distillation
   (``nasprune-compile``'s defaults, ``--init finetuned --strategy kd``); ``--init pretrained --strategy sandwich`` is
-  the paper's setting. With ``--init finetuned`` the standard model above is the one the super-network started from, trained once,
-  and its training time counts for NAS and uniform too.
+  the paper's setting. With ``--init finetuned`` the standard model above is the one the super-network started
+  from, trained once, and its training time counts for NAS and uniform too.
 
 Data: the dev set of each task is the test set. The search scores candidates on a held-out part of the training
 data (``DataSettings.holdout``, seeded), and both the search and the choice of a point under a budget use that
@@ -199,8 +199,8 @@ def run_task(task: str, args, table, saved: Saved) -> dict:
 
 def fine_tuned_score(std, subnet, train_enc, dev, epochs: float, batch_size: int, progress: bool,
                      importance: dict | None = None) -> dict:
-    """``subnet`` sliced from the pre-trained model (the one ``std``, the standard fine-tuning run, started from) (re-ordered by ``importance`` first, if given), fine-tuned the
-    standard way on ``train_enc``, scored on ``dev``."""
+    """``subnet`` sliced from the pre-trained model that ``std`` (the standard fine-tuning run) started from,
+    re-ordered by ``importance`` first if given, fine-tuned the standard way on ``train_enc``, scored on ``dev``."""
     import torch
 
     from toolchain.baselines import fine_tune, score
@@ -579,13 +579,15 @@ def get_table(args):
 
 
 def main(argv=None) -> int:
+    from toolchain.run import INITS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--train-examples", type=int, default=4000, help="training examples per task (seeded subset)")
     ap.add_argument("--max-epochs", type=float, default=3.0, help="small tasks: epochs up to this many")
     ap.add_argument("--strategy", default="kd", help="super-network training strategy (NAS and uniform; default: kd)")
-    ap.add_argument("--init", choices=("pretrained", "finetuned"), default="finetuned",
+    ap.add_argument("--init", choices=INITS, default="finetuned",
                     help="the super-network starts from the pre-trained model (the paper) or from the standard "
                          "fine-tuned one, which its training time then includes (default: finetuned)")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch size (every method)")

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .run import INITS
+from .run import INITS, default_init
 from .search_space import SPACE_NAMES
 from .training import STRATEGIES
 
@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
 
     run = train_run(args.output, model=args.model, data=_data_settings(args), space=args.space,
                     train_config=_train_config(args), reorder=not args.no_reorder,
-                    init=args.init or ("pretrained" if args.strategy == "standard" else "finetuned"),
+                    init=args.init or default_init(args.strategy),
                     overwrite=args.overwrite)
     print(f"super-network trained: {run.folder / 'supernet'}")
     return 0
@@ -223,7 +223,8 @@ def _compile_options(args, **over):
         search_eval_samples=args.search_eval_samples, n_export=getattr(args, "export", None),
         max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
         rfp_samples=getattr(args, "rfp_samples", None),
-        reorder=not getattr(args, "no_reorder", False), init=getattr(args, "init", None), output=getattr(args, "output", None), seed=args.seed,
+        reorder=not getattr(args, "no_reorder", False), init=getattr(args, "init", None),
+        output=getattr(args, "output", None), seed=args.seed,
         resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
         executor=getattr(args, "executor", "local"), workers=getattr(args, "workers", None),
         ray_address=getattr(args, "ray_address", None), search_batch_size=getattr(args, "search_batch_size", None),

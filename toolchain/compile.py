@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .run import DataSettings, RunError, load_run, train_run
+from .run import DataSettings, RunError, default_init, load_run, train_run
 from .training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class CompileOptions:
     epochs: float | None = None
     rfp_samples: int | None = None  # --method rfp: training examples for the mask gradients and the rescaling
     reorder: bool = True
-    init: str | None = None  # where the super-network starts (run.train_run): default finetuned, pretrained for standard
+    init: str | None = None  # where the super-network starts (run.train_run); None: run.default_init(strategy)
     output: str | None = None
     seed: int = 0
     resume: bool = False
@@ -96,11 +96,8 @@ class CompileOptions:
         return PRESETS[self.preset][key] if value is None else value
 
     def resolved_init(self) -> str:
-        """Where the super-network starts: from a standard fine-tuning (the default; docs/benchmarks.md), or from the
-        pre-trained model when the strategy is plain fine-tuning itself."""
-        if self.init is not None:
-            return self.init
-        return "pretrained" if self.strategy == "standard" else "finetuned"
+        """Where the super-network starts: ``init``, else :func:`toolchain.run.default_init` of the strategy."""
+        return self.init or default_init(self.strategy)
 
     def default_output(self) -> Path:
         task = "custom" if self.data.train_file else self.data.task
@@ -148,11 +145,12 @@ def supernet_for(opts: CompileOptions):
     cfg = TrainConfig(strategy=opts.strategy, epochs=opts.budget("epochs"), seed=opts.seed)
     key = {"model": opts.model, "data": data.to_dict(), "space": opts.space, "train": asdict(cfg),
            "reorder": opts.reorder}
-    if opts.resolved_init() != "pretrained":  # only then: cached super-networks made before the option keep their keys
-        key["init"] = opts.resolved_init()
+    init = opts.resolved_init()
+    if init != "pretrained":  # only then: cached super-networks made before the option keep their keys
+        key["init"] = init
     folder = cache_dir() / "supernets" / _key(key)
     return train_run(folder, model=opts.model, data=data, space=opts.space, train_config=cfg, reorder=opts.reorder,
-                     init=opts.resolved_init(), progress=opts.progress)
+                     init=init, progress=opts.progress)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -198,9 +196,9 @@ def compile_model(opts: CompileOptions) -> dict:
         "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.task, "target": target.name,
         "precision": precision, "batch_size": target.batch_size, "sequence_length": target.sequence_length,
         "max_latency_ms": opts.max_latency, "max_memory_mb": opts.max_memory, "max_params": opts.max_params,
-        "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy, "init": opts.resolved_init(),
-        "method": opts.method,
-        "preset": opts.preset, "n_evals": opts.budget("n_evals"), "search_eval_samples": opts.budget("search_eval_samples"),
+        "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy,
+        "init": opts.resolved_init(), "method": opts.method, "preset": opts.preset, "n_evals": opts.budget("n_evals"),
+        "search_eval_samples": opts.budget("search_eval_samples"),
         "seed": opts.seed, "supernet": str(run.folder), "latency_table": str(table.path),
     }
     (partial / "run.json").write_text(json.dumps({**run.settings, "supernet_dir": str(run.folder / "supernet"),

@@ -142,6 +142,12 @@ def _write_json(path: Path, obj) -> None:
 INITS = ("pretrained", "finetuned")
 
 
+def default_init(strategy: str) -> str:
+    """Where a super-network starts unless told: from a standard fine-tuning (docs/benchmarks.md measures what that
+    buys), or from the pre-trained model when the strategy is plain fine-tuning itself."""
+    return "pretrained" if strategy == "standard" else "finetuned"
+
+
 def train_run(folder: str | Path, *, model: str | None = None, data: DataSettings | None = None,
               space: str = "medium", train_config: TrainConfig | None = None, reorder: bool = True,
               init: str = "pretrained", overwrite: bool = False, progress: bool = True,
