@@ -41,6 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, data_dir, machine, table_path, write_section  # noqa: E402
 
+
+def front(points, objectives=("error", "latency")):
+    """The non-dominated points, cheapest first."""
+    from toolchain.search import non_dominated
+
+    return sorted(non_dominated(points, objectives), key=lambda p: tuple(p[o] for o in reversed(objectives)))
+
 TASKS = ("sst2", "mrpc", "rte", "cola", "stsb")
 BUDGETS = (0.75, 0.50, 0.33)
 METHODS = ("nas", "rfp", "uniform", "layer-drop")
@@ -90,8 +97,8 @@ def standard_folder(folder: Path, args) -> Path:
 
 
 def run_task(task: str, args, table, saved: Saved) -> dict:
-    from toolchain.baselines import front, layer_drop_subnet, uniform_subnet
-    from toolchain.compile import point_supernet
+    from toolchain.core.subnetwork import layer_drop_subnet, uniform_subnet
+    from toolchain.pipeline import point_supernet
     from toolchain.evaluation import Evaluator
     from toolchain.rfp import prune
     from toolchain.run import DataSettings, train_run
@@ -203,10 +210,11 @@ def fine_tuned_score(std, subnet, train_enc, dev, epochs: float, batch_size: int
     re-ordered by ``importance`` first if given, fine-tuned the standard way on ``train_enc``, scored on ``dev``."""
     import torch
 
-    from toolchain.baselines import fine_tune, score
-    from toolchain.modeling import load_model
-    from toolchain.slicing import slice_model
-    from toolchain.supernet import SuperNetwork
+    from toolchain.evaluation import score_model
+    from toolchain.training import fine_tune
+    from toolchain.core.modeling import load_model
+    from toolchain.core.slicing import slice_model
+    from toolchain.core.supernet import SuperNetwork
     from toolchain.training import TrainConfig
 
     spec = std.spec
@@ -217,13 +225,13 @@ def fine_tuned_score(std, subnet, train_enc, dev, epochs: float, batch_size: int
     model = slice_model(pretrained, subnet)
     fine_tune(model, train_enc, TrainConfig(strategy="standard", epochs=epochs, batch_size=batch_size, seed=0),
               progress=progress)
-    return score(model, dev, spec)
+    return score_model(model, dev, spec)
 
 
 def choose(method: str, entry: dict, budget_ms: float) -> dict | None:
     """What a user of ``method`` ships under ``budget_ms``: NAS, the best held-out score under the budget; rfp,
     the mask found for that budget (or the best under it); uniform / layer dropping, the largest model under it."""
-    from toolchain.baselines import pick
+    from toolchain.search import best_under as pick
 
     fits = [p for p in entry["points"] if p["latency"] <= budget_ms + 1e-9]
     if not fits:
@@ -240,8 +248,8 @@ def choose(method: str, entry: dict, budget_ms: float) -> dict | None:
 def measure(results: dict, args) -> dict:
     """The ONNX model of every chosen point (and the unpruned one in fp32 and int8) measured on the target."""
     from latency_models.profile import Worker, measure_subnet
-    from toolchain.modeling import load_model
-    from toolchain.subnetwork import SubNetwork
+    from toolchain.core.modeling import load_model
+    from toolchain.core.subnetwork import SubNetwork
 
     path = Path(args.out) / "measured.json"
     saved = Saved(path)
@@ -273,9 +281,9 @@ def int8_metric(task: str, args, saved: Saved) -> float:
     """The unpruned int8 ONNX model's dev metric (exported, fused, quantized; scored by ONNX Runtime)."""
     if saved.get("int8_score") is not None:
         return saved.get("int8_score")
-    from toolchain.export import export_point
+    from toolchain.ship.export import export_point
     from toolchain.run import load_run
-    from toolchain.verify import MetricData
+    from toolchain.ship.verify import MetricData
 
     std = load_run(standard_folder(Path(args.out) / task, args))
     ds = std.data.load("validation")
@@ -293,12 +301,11 @@ def int8_metric(task: str, args, saved: Saved) -> float:
 def extras(task: str, args, table, saved: Saved) -> dict:
     import numpy as np
 
-    from toolchain.baselines import front
     from toolchain.evaluation import Evaluator
-    from toolchain.hypervolume import hypervolume
+    from toolchain.search.hypervolume import hypervolume
     from toolchain.run import load_run
     from toolchain.search import run_search
-    from toolchain.search_space import SPACE_NAMES, make_space
+    from toolchain.core.search_space import SPACE_NAMES, make_space
 
     folder = Path(args.out) / task
     ws = load_run(folder / supernet_name(args))
@@ -370,7 +377,7 @@ def extras(task: str, args, table, saved: Saved) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- report
 def hv(points, unpruned_ms) -> float:
-    from toolchain.hypervolume import hypervolume
+    from toolchain.search.hypervolume import hypervolume
 
     return hypervolume([[p["error"], p["latency"]] for p in points], ("error", "latency"), {"latency": unpruned_ms})
 
@@ -566,8 +573,8 @@ def check_settings(saved: Saved, args) -> None:
 def get_table(args):
     from latency_models.lookup_table import LatencyTable
     from targets import load_target
-    from toolchain.compile import CompileOptions, latency_table_for
-    from toolchain.modeling import ModelDims, load_config
+    from toolchain.pipeline import CompileOptions, latency_table_for
+    from toolchain.core.modeling import ModelDims, load_config
 
     _, config = load_config(None)
     dims = ModelDims.from_config(config)

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from common import ROOT, machine, stats, write_section
-from toolchain.compile import _cost_metrics
+from toolchain.pipeline import cost_metrics
 from toolchain.evaluation import Evaluator, SearchObjective
-from toolchain.executors import LocalExecutor, RayExecutor, start_local_ray, stop_local_ray
+from toolchain.search.executors import LocalExecutor, RayExecutor, start_local_ray, stop_local_ray
 from toolchain.run import load_run
 from toolchain.search import run_search
 
@@ -46,10 +46,10 @@ def params_only(space, subnet):
 
 def random_weight_run(data_dir):
     """A stand-in for a trained run: the default model's architecture with seeded random weights."""
-    from toolchain.modeling import ModelDims, load_config, model_from_config
+    from toolchain.core.modeling import ModelDims, load_config, model_from_config
     from toolchain.run import DataSettings, Run
-    from toolchain.search_space import fixed_parameters, make_space
-    from toolchain.supernet import SuperNetwork
+    from toolchain.core.search_space import fixed_parameters, make_space
+    from toolchain.core.supernet import SuperNetwork
     from transformers import AutoTokenizer
 
     path, config = load_config(None)
@@ -97,7 +97,7 @@ def main() -> None:
 
         table = LatencyTable.load(args.latency_table)
         table.check_model(space.dims)
-        cost, objectives = partial(_cost_metrics, table, space), ("error", "latency")
+        cost, objectives = partial(cost_metrics, table, space), ("error", "latency")
     else:
         print(f"no latency table at {args.latency_table}: objectives error and parameters", flush=True)
         cost, objectives = partial(params_only, space), ("error", "params")

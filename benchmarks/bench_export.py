@@ -45,7 +45,7 @@ REF_HEADS, REF_UNITS = 12, 1536
 
 
 def scaled_subnet(heads, units, dims):
-    from toolchain.subnetwork import SubNetwork
+    from toolchain.core.subnetwork import SubNetwork
 
     n = dims.num_layers
     h = [round(x * dims.num_heads / REF_HEADS) for x in (heads + heads[-1:] * n)[:n]]
@@ -55,7 +55,7 @@ def scaled_subnet(heads, units, dims):
 
 def round_robin_latency(sessions: dict, inputs: dict, rounds: int, reps: int, warmup: int) -> dict:
     """Median of per-round medians (and all-runs min / p90) per session, rounds interleaved across sessions."""
-    from toolchain.verify import measure_latency
+    from toolchain.ship.verify import measure_latency
 
     per: dict[str, list[dict]] = {k: [] for k in sessions}
     for k, s in sessions.items():  # warm-up once
@@ -89,12 +89,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from toolchain.export import export_point
-    from toolchain.modeling import ModelDims, load_model, model_from_config
-    from toolchain.onnx_export import build_onnx
-    from toolchain.subnetwork import SubNetwork
-    from toolchain.supernet import SuperNetwork
-    from toolchain.verify import MetricData, latency_inputs, open_session
+    from toolchain.ship.export import export_point
+    from toolchain.core.modeling import ModelDims, load_model, model_from_config
+    from toolchain.onnx.build import build_onnx
+    from toolchain.core.subnetwork import SubNetwork
+    from toolchain.core.supernet import SuperNetwork
+    from toolchain.ship.verify import MetricData, latency_inputs, open_session
 
     torch.set_num_threads(1)
     t_start = time.time()
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     lat = round_robin_latency(sessions, inputs, args.rounds, args.reps, warmup=10)
 
     def table_for(prec):
-        from latency_models.cli_api import find_table
+        from latency_models.cache import find_table
         from latency_models.lookup_table import LatencyTable
 
         path = table_path(args.tables, dims, getattr(target, "name", "cpu"), prec)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     from latency_models.profile import config_for, profile
     from targets import load_target
-    from toolchain.modeling import ModelDims, load_config, model_from_config
+    from toolchain.core.modeling import ModelDims, load_config, model_from_config
 
     targets = [load_target(t) for t in args.target]
     _, config = load_config(args.model)

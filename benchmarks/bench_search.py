@@ -34,7 +34,7 @@ METHODS = ("nsga2", "random", "local")
 
 
 def latency_table(args, dims):
-    from latency_models.cli_api import find_table, run_profile
+    from latency_models.cache import find_table, run_profile
     from latency_models.lookup_table import LatencyTable
 
     if args.latency_table:

@@ -39,9 +39,10 @@ def main(argv=None) -> int:
     import torch
 
     from common import data_dir
-    from toolchain.baselines import fine_tune, score
-    from toolchain.data import tokenize
-    from toolchain.modeling import load_model
+    from toolchain.evaluation import score_model as score
+    from toolchain.training import fine_tune
+    from toolchain.core.data import tokenize
+    from toolchain.core.modeling import load_model
     from toolchain.run import DataSettings
     from toolchain.training import TrainConfig
 

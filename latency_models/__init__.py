@@ -3,7 +3,7 @@
 Profiling: ``from latency_models.profile import profile`` (needs torch); tables: ``LatencyTable.load(path)``.
 """
 
-from .lookup_table import FingerprintMismatchWarning, LatencyTable, TableError, error_stats
+from latency_models.lookup_table import FingerprintMismatchWarning, LatencyTable, TableError, error_stats
 
 __all__ = ["LatencyTable", "TableError", "FingerprintMismatchWarning", "error_stats", "calibrate",
            "validate", "write_bundle", "run_profile", "default_table_path"]
@@ -11,11 +11,11 @@ __all__ = ["LatencyTable", "TableError", "FingerprintMismatchWarning", "error_st
 
 def __getattr__(name):  # the profiler needs torch; import it lazily
     if name in ("calibrate", "validate", "write_bundle", "measure_subnet"):
-        from . import profile as _p
+        from latency_models import profile as _p
 
         return getattr(_p, name)
     if name in ("run_profile", "default_table_path"):
-        from . import cli_api
+        from latency_models import cli_api
 
         return getattr(cli_api, name)
     raise AttributeError(name)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
+from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
 
 log = logging.getLogger(__name__)
 

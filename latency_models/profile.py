@@ -1,7 +1,7 @@
 """Profiling a model family on a target: micro-graphs, timing, calibration, validation, device bundles.
 
 The micro-graphs are what the compiler really ships, cut down to one layer: a one-layer model of the family,
-sliced to ``h`` heads and ``u`` FFN units and exported with :func:`toolchain.onnx_export.build_onnx` (same export,
+sliced to ``h`` heads and ``u`` FFN units and exported with :func:`toolchain.onnx.build.build_onnx` (same export,
 same ONNX Runtime fusion into ``Attention`` / ``SkipLayerNormalization`` / ``BiasGelu``, same int8 quantization),
 plus the zero-layer model (embeddings, pooler, classifier). Weights are random: values do not change latency.
 
@@ -29,8 +29,8 @@ import numpy as np
 from targets import Target, load_target
 from targets.session import ProviderUnavailableError, probe_providers
 
-from . import bundle_runner as runner
-from .lookup_table import LatencyTable, error_stats
+from latency_models import bundle_runner as runner
+from latency_models.lookup_table import LatencyTable, error_stats
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class MicroGraphBuilder:
         if vocab not in self._models:
             import torch
 
-            from toolchain.modeling import model_from_config
+            from toolchain.core.modeling import model_from_config
 
             cfg = copy.deepcopy(self._cfg)
             if vocab == "micro":
@@ -197,9 +197,9 @@ class MicroGraphBuilder:
         return self._models[vocab]
 
     def build(self, entry: dict, dst) -> Path:
-        from toolchain.onnx_export import build_onnx
-        from toolchain.slicing import slice_model
-        from toolchain.subnetwork import SubNetwork
+        from toolchain.onnx.build import build_onnx
+        from toolchain.core.slicing import slice_model
+        from toolchain.core.subnetwork import SubNetwork
 
         sub = SubNetwork((entry["heads"],), (entry["units"],))
         with _quiet():
@@ -253,11 +253,11 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
             if model is None:
                 import torch
 
-                from toolchain.modeling import model_from_config
+                from toolchain.core.modeling import model_from_config
 
                 torch.manual_seed(0)
                 model = model_from_config(config_for(dims, model_config)).eval()
-            from toolchain.search_space import make_space
+            from toolchain.core.search_space import make_space
 
             sp = make_space(space, dims)
             if calibrate_samples:
@@ -275,8 +275,8 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
 # ------------------------------------------------------------------------------------------ end-to-end checks
 def measure_subnet(model, subnet, target, precision: str, worker: Worker | None = None, workdir=None) -> dict:
     """Slice ``model`` to ``subnet``, build its ONNX (as compile does) and measure it on ``target``."""
-    from toolchain.onnx_export import build_onnx
-    from toolchain.slicing import slice_model
+    from toolchain.onnx.build import build_onnx
+    from toolchain.core.slicing import slice_model
 
     target = _target(target)
     own = worker is None
@@ -300,7 +300,7 @@ def _samples(space, n: int, seed: int) -> list:
     heads and FFN units, ``r_i`` stratified between 0.1 and 1 and each layer's shares jittered by +-0.15. Uniform
     random per-layer widths average out around half the network, which would leave the small and the near-full
     networks (where users' budgets lie) out of calibration and validation."""
-    from toolchain.subnetwork import SubNetwork
+    from toolchain.core.subnetwork import SubNetwork
 
     d = space.dims
     rng = np.random.default_rng([seed, 29])
@@ -327,8 +327,8 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     (the *reference*): ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine
     over the minutes of calibration and validation can be told apart from prediction error (see
     :func:`drift_corrected`). ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``)."""
-    from toolchain.onnx_export import build_onnx
-    from toolchain.slicing import slice_model
+    from toolchain.onnx.build import build_onnx
+    from toolchain.core.slicing import slice_model
 
     target = _target(target) if target is not None else load_target(table.fingerprint.get("target") or "cpu")
     subnets = _samples(space, n, seed)
@@ -375,7 +375,7 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
 
 
 def _unpruned(space):
-    from toolchain.subnetwork import SubNetwork
+    from toolchain.core.subnetwork import SubNetwork
 
     d = space.dims
     return SubNetwork.full(d.num_layers, d.num_heads, d.intermediate_size)

@@ -25,7 +25,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .session import (FINGERPRINT_KEY_FIELDS, OPT_LEVELS, ProviderUnavailableError, cpu_model, fingerprint_key,
+from targets.session import (FINGERPRINT_KEY_FIELDS, OPT_LEVELS, ProviderUnavailableError, cpu_model, fingerprint_key,
                       machine_fingerprint, open_session, physical_cores, probe_providers, resolve_threads)
 
 try:  # Python >= 3.11

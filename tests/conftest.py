@@ -40,7 +40,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny random BERT saved with the MiniLM tokenizer: loads through the same path as a real model."""
-    from toolchain.modeling import model_from_config, tiny_config
+    from toolchain.core.modeling import model_from_config, tiny_config
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolchain.baselines import fine_tune, front, layer_drop_subnet, pick, score, uniform_subnet
-from toolchain.data import TASKS
-from toolchain.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.core.subnetwork import layer_drop_subnet, uniform_subnet
+from toolchain.evaluation import score_model as score
+from toolchain.search import best_under as pick, non_dominated
+from toolchain.training import fine_tune
+from toolchain.core.data import TASKS
+from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
 from toolchain.run import DataSettings, RunError
-from toolchain.search_space import fixed_parameters, make_space
-from toolchain.slicing import slice_model
-from toolchain.subnetwork import SubNetwork
+from toolchain.core.search_space import fixed_parameters, make_space
+from toolchain.core.slicing import slice_model
+from toolchain.core.subnetwork import SubNetwork
 from toolchain.training import TrainConfig
 
 
@@ -70,8 +73,8 @@ def test_pick_and_front():
     assert pick(pts, 6.0) == pts[1]
     assert pick(pts, 100) == pts[0]
     assert pick(pts, 1.0) is None
-    assert front(pts) == [pts[3], pts[1], pts[0]]
-    assert front([]) == []
+    assert non_dominated(pts, ("error", "latency")) == [pts[0], pts[1], pts[3]]
+    assert non_dominated([], ("error", "latency")) == []
 
 
 def _write(path, n):

@@ -179,7 +179,7 @@ def test_sigint_then_resume(env, tiny_model_dir):
 
 
 def test_super_network_starts_from_a_fine_tuning_unless_the_strategy_is_one():
-    from toolchain.compile import CompileOptions
+    from toolchain.pipeline import CompileOptions
 
     assert CompileOptions().strategy == "kd" and CompileOptions().resolved_init() == "finetuned"
     assert CompileOptions(strategy="standard").resolved_init() == "pretrained"  # --method rfp prunes a fine-tuning

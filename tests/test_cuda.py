@@ -15,9 +15,9 @@ import torch
 
 from targets import ProviderUnavailableError, load_target
 from targets.session import check_started
-from toolchain.modeling import model_from_config, tiny_config
-from toolchain.subnetwork import SubNetwork
-from toolchain.verify import FP32_GPU_TOLERANCE
+from toolchain.core.modeling import model_from_config, tiny_config
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.ship.verify import FP32_GPU_TOLERANCE
 
 
 def _cuda_unavailable() -> str | None:
@@ -41,7 +41,7 @@ def _model(tokenizer):
 
 
 def _metric_data():
-    from toolchain.verify import MetricData
+    from toolchain.ship.verify import MetricData
 
     def data(tokenizer):
         texts = ["great fun", "a dull, lifeless and far too long movie", "fine", "I loved every minute of it", "meh"]
@@ -73,8 +73,8 @@ def test_a_silent_cpu_fallback_is_refused():
 def test_fp16_export_is_a_half_precision_graph_with_the_same_interface(tmp_path, tokenizer):
     import onnx
 
-    from toolchain.onnx_export import build_onnx
-    from toolchain.slicing import slice_model
+    from toolchain.onnx.build import build_onnx
+    from toolchain.core.slicing import slice_model
 
     sliced = slice_model(_model(tokenizer), SubNetwork((4, 2, 0), (48, 16, 8)))
     build_onnx(sliced, tmp_path / "m.onnx", "fp16", 1, 32, use_gpu=True)
@@ -113,7 +113,7 @@ def test_compile_for_cuda_without_cuda_stops_before_training(tmp_path, monkeypat
 
 @without_cuda
 def test_export_for_cuda_without_cuda_leaves_nothing(tmp_path, tokenizer):
-    from toolchain.export import export_point
+    from toolchain.ship.export import export_point
 
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider"):
         export_point(_model(tokenizer), SubNetwork((4, 2, 1), (8, 8, 8)), tokenizer, tmp_path / "p",
@@ -125,7 +125,7 @@ def test_export_for_cuda_without_cuda_leaves_nothing(tmp_path, tokenizer):
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_export_verify_and_measure_on_cuda(tmp_path, tokenizer, precision):
-    from toolchain.export import export_point
+    from toolchain.ship.export import export_point
 
     res = export_point(_model(tokenizer), SubNetwork((4, 2, 0), (48, 16, 8)), tokenizer, tmp_path / precision,
                        target=load_target("cuda"), precision=precision, metric_data=_metric_data()(tokenizer),
@@ -145,7 +145,7 @@ def test_export_verify_and_measure_on_cuda(tmp_path, tokenizer, precision):
 @needs_cuda
 def test_profile_on_cuda(tmp_path):
     from latency_models.profile import profile
-    from toolchain.modeling import ModelDims
+    from toolchain.core.modeling import ModelDims
 
     cfg = tiny_config(hidden_size=32, num_attention_heads=2, intermediate_size=16, num_hidden_layers=3,
                       max_position_embeddings=140)  # the cuda target's sequence is 128 tokens

@@ -1,4 +1,4 @@
-"""Tests of toolchain.data: GLUE loading (real files when present), custom files, metrics, tokenization."""
+"""Tests of toolchain.core.data: GLUE loading (real files when present), custom files, metrics, tokenization."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain import data
-from toolchain.data import DataError, TASKS, TextDataset, compute_metrics, load_custom, load_task
+from toolchain.core import data
+from toolchain.core.data import DataError, TASKS, TextDataset, compute_metrics, load_custom, load_task
 
 GLUE_DIR = Path(os.environ.get("NASPRUNE_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared/data/glue")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.executors import ExecutorError, LocalExecutor, check_executor, make_executor
+from toolchain.search.executors import ExecutorError, LocalExecutor, check_executor, make_executor
 from toolchain.search import run_search
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,7 +28,7 @@ NEEDS_RAY = "Ray is not installed (pip install 'nasprune[ray]')"
 @pytest.fixture(scope="module")
 def ray_instance():
     pytest.importorskip("ray", reason=NEEDS_RAY)
-    from toolchain.executors import start_local_ray, stop_local_ray
+    from toolchain.search.executors import start_local_ray, stop_local_ray
 
     # the workers unpickle this module's test functions by reference
     old_path = os.environ.get("PYTHONPATH")
@@ -47,7 +47,7 @@ def ray_instance():
 
 @pytest.fixture(scope="module")
 def ray_executor(ray_instance):
-    from toolchain.executors import RayExecutor
+    from toolchain.search.executors import RayExecutor
 
     ex = RayExecutor(workers=2)  # joins the instance above (and leaves it running on close)
     yield ex
@@ -175,7 +175,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
 
     from toolchain.cli import main
 
-    from latency_models.cli_api import run_profile
+    from latency_models.cache import run_profile
 
     data = glue_dir()
     if data is None:
@@ -230,7 +230,7 @@ FAST = {"warmup": 1, "min_reps": 3, "min_time_s": 0.0, "max_reps": 3}
 @pytest.fixture
 def two_targets(tmp_path, monkeypatch):
     """Two CPU targets, a tiny model family (config only: 2 heads, 8 FFN units) and a fresh cache."""
-    from toolchain.modeling import tiny_config
+    from toolchain.core.modeling import tiny_config
 
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
     tiny_config(hidden_size=16, num_attention_heads=2, intermediate_size=8, num_hidden_layers=2).save_pretrained(
@@ -244,7 +244,7 @@ def test_profile_several_targets_as_ray_tasks(ray_executor, tmp_path, two_target
     """tiny-b is the device of a node (resource target:tiny-b): a parallel task there; tiny-a runs on this
     machine's node, alone."""
     from latency_models import LatencyTable
-    from latency_models.cli_api import run_profiles
+    from latency_models.cache import run_profiles
 
     targets, model = two_targets
     paths = run_profiles(targets, ray_executor, model=model, out_dir=str(tmp_path / "tables"), unit_step=8,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.export import (
+from toolchain.ship.export import (
     Candidate,
     ExportResult,
     export_point,
@@ -22,11 +22,11 @@ from toolchain.export import (
     select_and_export,
     write_manifest,
 )
-from toolchain.modeling import ModelDims, model_from_config, tiny_config
-from toolchain.search_space import fixed_parameters, make_space
-from toolchain.subnetwork import SubNetwork
-from toolchain.supernet import SuperNetwork
-from toolchain.verify import MetricData, VerificationError, default_session, measure_latency
+from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.core.search_space import fixed_parameters, make_space
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.core.supernet import SuperNetwork
+from toolchain.ship.verify import MetricData, VerificationError, default_session, measure_latency
 
 FAST = dict(reps=3, warmup=1, memory=False)
 
@@ -125,7 +125,7 @@ def test_heterogeneous_heads_each_fuse(tmp_path, tokenizer):
 def test_an_unsliced_model_fuses_like_a_sliced_one(tmp_path, tokenizer, precision, attention):
     """A plain HF classifier (the unpruned reference of profiling) gets one fused attention per layer, not the
     unfused graph that HF's ``view(..., -1, head_size)`` leaves (timed unfused, it looked slower than it is)."""
-    from toolchain.onnx_export import build_onnx, count_ops
+    from toolchain.onnx.build import build_onnx, count_ops
 
     model = _model(tokenizer, "bert", layers=2)
     build_onnx(model, tmp_path / "m.onnx", precision, 1, 32)
@@ -327,7 +327,7 @@ def test_select_skips_measured_violators_and_manifest(tmp_path):
 
 
 def test_metric_data_from_dataset(tokenizer):
-    data = pytest.importorskip("toolchain.data")
+    data = pytest.importorskip("toolchain.core.data")
     spec = data.TaskSpec("sst2", ("sentence",), 2, False, "accuracy", ["negative", "positive"])
     ds = data.TextDataset([("good",), ("bad film",)], np.array([1, 0]), spec, "mem")
     md = MetricData.from_dataset(ds, tokenizer, max_length=16)

@@ -17,9 +17,9 @@ import pytest
 from latency_models import FingerprintMismatchWarning, LatencyTable, TableError
 from latency_models.bundle_runner import partial_path_for
 from targets import load_target
-from toolchain.modeling import ModelDims, model_from_config, tiny_config
-from toolchain.search_space import layer_parameters, make_space
-from toolchain.subnetwork import SubNetwork
+from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.core.search_space import layer_parameters, make_space
+from toolchain.core.subnetwork import SubNetwork
 
 FAST = {"warmup": 2, "min_reps": 5, "min_time_s": 0.02, "max_reps": 200}
 TARGET_TOML = """
@@ -105,7 +105,7 @@ def test_quadratic_calibration(table):
 def test_calibration_samples_span_the_sizes():
     """Calibration and validation cover small and near-full networks, not just the middle of the space."""
     from latency_models.profile import _samples
-    from toolchain.modeling import ModelDims
+    from toolchain.core.modeling import ModelDims
 
     dims = ModelDims(model_type="bert", num_layers=6, num_heads=12, head_size=32, hidden_size=384,
                      intermediate_size=1536, vocab_size=1000, num_labels=2)
@@ -207,7 +207,7 @@ def test_interrupted_profile_resumes_without_remeasuring(setup):
 
 
 def test_default_table_path(monkeypatch, tmp_path, setup):
-    from latency_models.cli_api import default_table_path
+    from latency_models.cache import default_table_path
 
     d, target, cfg, dims = setup
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolchain.modeling import ModelDims, ModelLoadError, load_config, load_model, model_from_config, tiny_config
+from toolchain.core.modeling import ModelDims, ModelLoadError, load_config, load_model, model_from_config, tiny_config
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])

@@ -10,13 +10,13 @@ import torch
 
 from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION
 from latency_models.lookup_table import LatencyTable
-from toolchain.modeling import ModelDims, layers_of, model_from_config, tiny_config
+from toolchain.core.modeling import ModelDims, layers_of, model_from_config, tiny_config
 from toolchain.rfp import (MaskGradients, Scales, apply_scales, fold_scales, mask_gradients, prune, rearrange_mask, search_mask,
                            tune_mask)
-from toolchain.search_space import fixed_parameters, layer_parameters
-from toolchain.slicing import head_columns, slice_model
-from toolchain.subnetwork import SubNetwork, subnetwork_from_masks
-from toolchain.supernet import SuperNetwork
+from toolchain.core.search_space import fixed_parameters, layer_parameters
+from toolchain.core.slicing import head_columns, slice_model
+from toolchain.core.subnetwork import SubNetwork, subnetwork_from_masks
+from toolchain.core.supernet import SuperNetwork
 
 
 def _model(family="bert", num_labels=2, seed=0):

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from toolchain.hypervolume import REFERENCE_POINT, hypervolume, knee_index
-from toolchain.modeling import ModelDims
+from toolchain.search.hypervolume import REFERENCE_POINT, hypervolume, knee_index
+from toolchain.core.modeling import ModelDims
 from toolchain.search import (
     HISTORY_COLUMNS,
     HistoryError,
@@ -21,7 +21,7 @@ from toolchain.search import (
     mutate,
     run_search,
 )
-from toolchain.search_space import make_space
+from toolchain.core.search_space import make_space
 
 DIMS = ModelDims(model_type="bert", num_layers=4, num_heads=4, head_size=8, hidden_size=32, intermediate_size=64,
                  vocab_size=100, num_labels=2)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.modeling import ModelDims, model_from_config, tiny_config
-from toolchain.search_space import SPACE_NAMES, fixed_parameters, make_space
-from toolchain.slicing import load_sliced, save_sliced
-from toolchain.subnetwork import SubNetwork
-from toolchain.supernet import SuperNetwork
+from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.core.search_space import SPACE_NAMES, fixed_parameters, make_space
+from toolchain.core.slicing import load_sliced, save_sliced
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.core.supernet import SuperNetwork
 
 
 def _inputs(vocab: int = 128):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from toolchain.evaluation import Evaluator
-from toolchain.modeling import model_from_config, tiny_config
-from toolchain.search_space import fixed_parameters, make_space
-from toolchain.subnetwork import SubNetwork
-from toolchain.supernet import SuperNetwork
+from toolchain.core.modeling import model_from_config, tiny_config
+from toolchain.core.search_space import fixed_parameters, make_space
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.core.supernet import SuperNetwork
 from toolchain.training import STRATEGIES, CheckpointError, TrainConfig, load_checkpoint, train
 
 
@@ -67,7 +67,7 @@ def test_damaged_checkpoint_is_a_clear_error(tokenizer, tmp_path):
 
 
 def test_evaluator_cache_and_mask_equals_slice(tokenizer):
-    from toolchain.data import get_task
+    from toolchain.core.data import get_task
 
     sn, space, enc = _setup(tokenizer)
     sn.model.eval()
@@ -80,7 +80,7 @@ def test_evaluator_cache_and_mask_equals_slice(tokenizer):
 
 
 def test_evaluator_store_is_reused_across_runs(tokenizer, tmp_path):
-    from toolchain.data import get_task
+    from toolchain.core.data import get_task
 
     sn, space, enc = _setup(tokenizer)
     sn.model.eval()

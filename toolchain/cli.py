@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from .run import INITS, default_init
-from .search_space import SPACE_NAMES
-from .training import STRATEGIES
+from toolchain.run import INITS, default_init
+from toolchain.core.search_space import SPACE_NAMES
+from toolchain.training import STRATEGIES
 
 log = logging.getLogger("nasprune")
 
@@ -58,7 +58,7 @@ def add_init_option(g) -> None:
 
 
 def _data_settings(args):
-    from .run import DataSettings
+    from toolchain.run import DataSettings
 
     return DataSettings(
         task=args.task, data_dir=args.data_dir, train_file=args.train_file, validation_file=args.validation_file,
@@ -69,7 +69,7 @@ def _data_settings(args):
 
 
 def _train_config(args):
-    from .training import TrainConfig
+    from toolchain.training import TrainConfig
 
     return TrainConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, grad_accumulation=args.grad_accumulation,
@@ -78,7 +78,7 @@ def _train_config(args):
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from .run import train_run
+    from toolchain.run import train_run
 
     run = train_run(args.output, model=args.model, data=_data_settings(args), space=args.space,
                     train_config=_train_config(args), reorder=not args.no_reorder,
@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
 
 
 def _read_subnet(text: str):
-    from .subnetwork import SubNetwork
+    from toolchain.core.subnetwork import SubNetwork
 
     p = Path(text)
     if not text.lstrip().startswith("{") and p.exists():
@@ -100,8 +100,8 @@ def _read_subnet(text: str):
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import Evaluator
-    from .run import load_run
+    from toolchain.evaluation import Evaluator
+    from toolchain.run import load_run
 
     run = load_run(args.run_dir)
     subnet = _read_subnet(args.subnet) if args.subnet else run.supernet.full()
@@ -200,15 +200,15 @@ def add_executor_options(p: argparse.ArgumentParser, search: bool = True) -> Non
 
 def _check_executor(args) -> None:
     """Ray missing, bad --workers: one clear line before any long work."""
-    from .executors import check_executor
+    from toolchain.search.executors import check_executor
 
     check_executor(getattr(args, "executor", "local"), getattr(args, "workers", None),
                    getattr(args, "ray_address", None))
 
 
 def _compile_options(args, **over):
-    from .compile import CompileOptions
-    from .units import parse_latency, parse_memory, parse_params
+    from toolchain.pipeline import CompileOptions
+    from toolchain.units import parse_latency, parse_memory, parse_params
 
     objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     return CompileOptions(
@@ -234,7 +234,7 @@ def _compile_options(args, **over):
 def _table_for_run(run, opts):
     from targets import load_target
 
-    from .compile import latency_table_for
+    from toolchain.pipeline import latency_table_for
 
     target = load_target(opts.target)
     precision = target.check_precision(opts.precision)
@@ -243,9 +243,9 @@ def _table_for_run(run, opts):
 
 
 def cmd_search(args) -> int:
-    from .compile import InfeasibleError, search_stage
-    from .run import load_run
-    from .search import infeasible_message
+    from toolchain.pipeline import InfeasibleError, search_stage
+    from toolchain.run import load_run
+    from toolchain.search import infeasible_message
 
     _check_executor(args)
     run = load_run(args.run_dir)
@@ -263,10 +263,10 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .compile import export_stage, rfp_scales, validate_front
-    from .export import write_manifest
-    from .run import load_run
-    from .subnetwork import SubNetwork
+    from toolchain.pipeline import export_stage, rfp_scales, validate_front
+    from toolchain.ship.export import write_manifest
+    from toolchain.run import load_run
+    from toolchain.core.subnetwork import SubNetwork
 
     folder = Path(args.run_dir)
     run = load_run(folder)
@@ -298,9 +298,9 @@ def _targets(values) -> list[str]:
 
 
 def cmd_profile(args) -> int:
-    from latency_models.cli_api import run_profile, run_profiles
+    from latency_models.cache import run_profile, run_profiles
 
-    from .executors import make_executor
+    from toolchain.search.executors import make_executor
 
     targets = _targets(args.target)
     common = dict(model=args.model, precision=args.precision, unit_step=args.unit_step,
@@ -343,7 +343,7 @@ def print_manifest(manifest: dict) -> None:
 
 
 def cmd_compile(args) -> int:
-    from .compile import compile_model
+    from toolchain.pipeline import compile_model
 
     opts = _compile_options(args)
     manifest = compile_model(opts)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import TaskSpec, batches, compute_metrics
-from .subnetwork import SubNetwork
-from .supernet import SuperNetwork
+from toolchain.core.data import TaskSpec, batches, compute_metrics
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.core.supernet import SuperNetwork
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Evaluator:
 class SearchObjective:
     """What the search scores a sub-network by: the error with the shared weights (an :class:`Evaluator`) plus
     ``cost(subnet)`` (predicted latency and memory, parameters). Picklable, so that an executor can ship it to
-    workers (:mod:`toolchain.executors`): each worker holds its own copy of the evaluator, which never writes the
+    workers (:mod:`toolchain.search.executors`): each worker holds its own copy of the evaluator, which never writes the
     store; the driver records what the workers computed with :meth:`remember`."""
 
     def __init__(self, evaluator: Evaluator, cost):
@@ -141,3 +141,14 @@ class SearchObjective:
         if key not in self.evaluator.cache:
             self.evaluator.remember(key, {"score": 1.0 - record["error"], "error": record["error"]},
                                     record.get("eval_seconds", 0.0))
+
+
+@torch.no_grad()
+def score_model(model: torch.nn.Module, encoded: dict[str, torch.Tensor], spec: TaskSpec, batch_size: int = 64) -> dict:
+    """The task metrics of a whole model (``score`` = the official metric, ``error`` = 1 - score)."""
+    model.eval()
+    inputs = {k: v for k, v in encoded.items() if k != "labels"}
+    logits = torch.cat([model(**b).logits for b in batches(inputs, batch_size)]).float().numpy()
+    metrics = compute_metrics(spec, logits, encoded["labels"].numpy())
+    metrics["error"] = 1.0 - metrics["score"]
+    return metrics

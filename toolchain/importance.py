@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .data import batches
-from .supernet import SuperNetwork
+from toolchain.core.data import batches
+from toolchain.core.supernet import SuperNetwork
 
 
 def fisher_scores(supernet: SuperNetwork, encoded: dict[str, torch.Tensor], batch_size: int = 8,

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import TaskSpec, batches
-from .modeling import ModelDims, layers_of
-from .slicing import head_columns, slice_model
-from .subnetwork import SubNetwork
-from .supernet import SuperNetwork
+from toolchain.core.data import TaskSpec, batches
+from toolchain.core.modeling import ModelDims, layers_of
+from toolchain.core.slicing import head_columns, slice_model
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.core.supernet import SuperNetwork
 
 Cost = Callable[[SubNetwork], float]
 

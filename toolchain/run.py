@@ -17,11 +17,11 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
-from .modeling import ModelDims, load_model
-from .search_space import SearchSpace, fixed_parameters, make_space
-from .supernet import SuperNetwork
-from .training import TrainConfig, train
+from toolchain.core.data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
+from toolchain.core.modeling import ModelDims, load_model
+from toolchain.core.search_space import SearchSpace, fixed_parameters, make_space
+from toolchain.core.supernet import SuperNetwork
+from toolchain.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     out = folder / "supernet"
     tmp = folder / "supernet.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    from .slicing import save_sliced  # a full "slice" is the same file layout
+    from toolchain.core.slicing import save_sliced  # a full "slice" is the same file layout
 
     net.config.nasprune_heads = [dims.num_heads] * dims.num_layers
     net.config.nasprune_units = [dims.intermediate_size] * dims.num_layers
@@ -225,7 +225,7 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
 
 
 def reorder_cached(supernet: SuperNetwork, encoded: dict, folder: Path, progress: bool) -> dict:
-    from .importance import reorder_by_importance
+    from toolchain.importance import reorder_by_importance
 
     path = folder / "importance.json"
     if path.exists():
@@ -239,7 +239,7 @@ def reorder_cached(supernet: SuperNetwork, encoded: dict, folder: Path, progress
 
 def load_run(folder: str | Path) -> Run:
     """Open a trained run folder (the super-network is loaded from safetensors)."""
-    from .slicing import load_sliced
+    from toolchain.core.slicing import load_sliced
 
     folder = Path(folder)
     run_json = folder / "run.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import dataclasses
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import batches
-from .search_space import SearchSpace
-from .supernet import SuperNetwork
+from toolchain.core.data import batches
+from toolchain.core.search_space import SearchSpace
+from toolchain.core.supernet import SuperNetwork
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +200,25 @@ def train(supernet: SuperNetwork, space: SearchSpace, encoded: dict[str, torch.T
     model.eval()
     return {"steps": step, "total_steps": total_steps, "seconds": round(time.time() - t0, 1),
             "final_loss": float(np.mean(losses[-20:])) if losses else None}
+
+
+class WholeModel:
+    """What :func:`train` uses of a super-network, for a model that is trained whole (a sliced network, say)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, subnet=None, **batch):
+        return self.model(**batch)
+
+
+def fine_tune(model: torch.nn.Module, encoded: dict[str, torch.Tensor], cfg: TrainConfig,
+              checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Standard fine-tuning of any model of the family, sliced ones included (in place; resumable from
+    ``checkpoint_dir``). Returns the training statistics of :func:`train`."""
+    cfg = dataclasses.replace(cfg, strategy="standard")
+    return train(WholeModel(model), None, encoded, cfg, checkpoint_dir, progress=progress)

@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .onnx_export import build_onnx, count_ops, input_names_for
-from .slicing import slice_model
-from .subnetwork import SubNetwork
-from .verify import (
+from toolchain.onnx.build import build_onnx, count_ops, input_names_for
+from toolchain.core.slicing import slice_model
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.ship.verify import (
     FP32_GPU_TOLERANCE,
     FP32_TOLERANCE,
     MetricData,
@@ -129,7 +129,7 @@ def write_json_atomic(path: str | Path, data) -> Path:
 
 
 def _unpack_model(model_or_supernet):
-    """``(model, supernet_or_None)`` for a HF classifier or a :class:`~toolchain.supernet.SuperNetwork`."""
+    """``(model, supernet_or_None)`` for a HF classifier or a :class:`~toolchain.core.supernet.SuperNetwork`."""
     if hasattr(model_or_supernet, "slice") and hasattr(model_or_supernet, "use"):
         return model_or_supernet.model, model_or_supernet
     return model_or_supernet, None
@@ -226,9 +226,9 @@ def export_point(
     ``intra_op_threads``, ``name``, ``fingerprint(precision)``) sets the session, batch and sequence length; without
     one, ``session_factory(path)`` or a CPU session with one thread per physical core is used, at ``batch`` x
     ``seq_len``. ``predicted`` = ``{"latency_ms": .., "memory_mb": ..}`` from the latency model. ``metric_data``
-    (a :class:`~toolchain.verify.MetricData` or a ``TextDataset``) gives the validation metric of the ONNX model.
+    (a :class:`~toolchain.ship.verify.MetricData` or a ``TextDataset``) gives the validation metric of the ONNX model.
     fp32 outputs must match the sliced model to 1e-4, 1e-3 on a GPU target (else
-    :class:`~toolchain.verify.VerificationError` and no folder). ``_fail_after`` (tests only) raises after the named stage to check that nothing half-written remains.
+    :class:`~toolchain.ship.verify.VerificationError` and no folder). ``_fail_after`` (tests only) raises after the named stage to check that nothing half-written remains.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})")

@@ -1,7 +1,7 @@
 """Search spaces of Klein et al. (2024): SMALL, MEDIUM, LARGE, LAYER.
 
 Each space has an encoding that pymoo searches (integers, or booleans for LARGE/LAYER), decodes it to the one
-:class:`~toolchain.subnetwork.SubNetwork` value, samples uniformly, knows its largest and smallest member, and
+:class:`~toolchain.core.subnetwork.SubNetwork` value, samples uniformly, knows its largest and smallest member, and
 counts parameters exactly (equal to ``sum(p.numel())`` of the sliced model).
 """
 
@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .modeling import ModelDims
-from .subnetwork import SubNetwork, subnetwork_from_masks
+from toolchain.core.modeling import ModelDims
+from toolchain.core.subnetwork import SubNetwork, subnetwork_from_masks
 
 SPACE_NAMES = ("small", "medium", "large", "layer")
 

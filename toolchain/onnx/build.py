@@ -102,11 +102,11 @@ def build_onnx(model: torch.nn.Module, dst: str | Path, precision: str = "fp32",
     """Export + fuse (+ quantize for int8, or fp16 conversion) into ``dst``; returns fused operator counts.
 
     A model whose self-attention still has Hugging Face's forward (a plain classifier, not a sliced one) is exported
-    from a copy that writes each layer's head count into its reshape (:func:`toolchain.slicing.with_explicit_heads`;
+    from a copy that writes each layer's head count into its reshape (:func:`toolchain.core.slicing.with_explicit_heads`;
     no weight changes). Without it ONNX Runtime fuses no ``Attention`` (nor ``EmbedLayerNormalization``), and the
     unpruned model would be timed as an unfused graph, slower than the same network sliced.
     """
-    from .slicing import with_explicit_heads
+    from toolchain.core.slicing import with_explicit_heads
 
     model = with_explicit_heads(model)
     dst = Path(dst)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .modeling import encoder_of, layers_of, model_from_config
-from .subnetwork import SubNetwork
+from toolchain.core.modeling import encoder_of, layers_of, model_from_config
+from toolchain.core.subnetwork import SubNetwork
 
 
 class ZeroHeadAttention(nn.Module):

@@ -50,7 +50,7 @@ def default_table_path(target: Target | str, precision: str | None, dims) -> Pat
 
 def find_table(target: Target | str, precision: str | None, dims):
     """The cached :class:`LatencyTable` for this target / precision / model on this machine, or ``None``."""
-    from .lookup_table import LatencyTable
+    from latency_models.lookup_table import LatencyTable
 
     p = default_table_path(target, precision, dims)
     return LatencyTable.load(p) if p.is_file() else None
@@ -64,9 +64,9 @@ def run_profile(target: str | Target, model: str | None = None, precision: str |
     (default: the target's first). Returns the table path, or the bundle folder when ``bundle`` is given.
     ``model_config`` (a transformers config) stands in for ``model`` where the model is not at hand;
     ``measurement`` overrides the timing settings (repetitions, minimum time; see ``bundle_runner``)."""
-    from toolchain.modeling import ModelDims, load_config
+    from toolchain.core.modeling import ModelDims, load_config
 
-    from .profile import profile, write_bundle
+    from latency_models.profile import profile, write_bundle
 
     t = load_target(target)
     precision = t.check_precision(precision)
@@ -80,9 +80,9 @@ def run_profile(target: str | Target, model: str | None = None, precision: str |
         # random weights of the real architecture: values do not change latency or memory
         import torch
 
-        from toolchain.modeling import model_from_config
+        from toolchain.core.modeling import model_from_config
 
-        from .profile import config_for
+        from latency_models.profile import config_for
 
         torch.manual_seed(0)
         model_obj = model_from_config(config_for(dims, config)).eval()
@@ -121,7 +121,7 @@ class ProfileJob:
         """Profile where this runs; returns (the table's file name on that machine, the table's JSON)."""
         import json
 
-        from toolchain.modeling import ModelDims
+        from toolchain.core.modeling import ModelDims
 
         dims = ModelDims.from_config(self.model_config)
         path = default_table_path(self.target, self.precision, dims)  # fingerprint of the machine that measures
@@ -146,15 +146,15 @@ def run_profiles(targets, executor=None, *, model: str | None = None, precision:
     """Profile several ``targets`` (names, TOML paths or :class:`Target`); returns one table path per target.
 
     Without an executor (or a local one), the targets are profiled one after another in this process. With a
-    :class:`toolchain.executors.RayExecutor` each profile is a Ray task: a target whose device is a node offering
+    :class:`toolchain.search.executors.RayExecutor` each profile is a Ray task: a target whose device is a node offering
     the custom resource ``target:<name>`` (see :func:`target_resource`) runs there, at the same time as the
     profiles of other devices; every other target runs on this machine's node, one after another and never beside
     another profile of this machine, because profiles sharing cores would distort each other's timings. The
     tables are written to ``out_dir`` (file names as in the cache), or to this machine's cache.
     """
-    from toolchain.modeling import load_config
+    from toolchain.core.modeling import load_config
 
-    from .lookup_table import LatencyTable
+    from latency_models.lookup_table import LatencyTable
 
     loaded = [load_target(t) for t in targets]
     if not loaded:

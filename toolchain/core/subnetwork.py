@@ -127,3 +127,22 @@ def subnetwork_from_masks(head_masks: Sequence[Sequence[int]], unit_masks: Seque
     hi = tuple(tuple(i for i, m in enumerate(row) if m) for row in head_masks)
     ui = tuple(tuple(i for i, m in enumerate(row) if m) for row in unit_masks)
     return SubNetwork(heads=tuple(len(r) for r in hi), units=tuple(len(r) for r in ui), head_index=hi, unit_index=ui)
+
+
+def layer_drop_subnet(dims, k: int) -> SubNetwork:
+    """The first ``k`` encoder layers of a network of ``dims`` (:class:`~toolchain.core.modeling.ModelDims`) at full
+    width, the others dropped."""
+    if not 1 <= k <= dims.num_layers:
+        raise ValueError(f"k must be in [1, {dims.num_layers}], got {k}")
+    n = dims.num_layers
+    return SubNetwork(tuple(dims.num_heads if i < k else 0 for i in range(n)),
+                      tuple(dims.intermediate_size if i < k else 0 for i in range(n)))
+
+
+def uniform_subnet(dims, ratio: float) -> SubNetwork:
+    """``ratio`` of the heads and of the FFN units (rounded, at least one of each) in every layer."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    h = max(1, round(ratio * dims.num_heads))
+    u = max(1, round(ratio * dims.intermediate_size))
+    return SubNetwork((h,) * dims.num_layers, (u,) * dims.num_layers)

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .run import DataSettings, RunError, default_init, load_run, train_run
-from .training import TrainConfig
+from toolchain.run import DataSettings, RunError, default_init, load_run, train_run
+from toolchain.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class InfeasibleError(CompileError):
 
 def cache_dir() -> Path:
     """``$NASPRUNE_CACHE`` or ``~/.cache/nasprune`` (tables/ and supernets/ live there)."""
-    from latency_models.cli_api import cache_dir as tables_dir
+    from latency_models.cache import cache_dir as tables_dir
 
     return tables_dir().parent
 
@@ -113,7 +113,7 @@ def _key(obj) -> str:
 # ------------------------------------------------------------------------------------------------ stage 1: table
 def latency_table_for(opts: CompileOptions, target, precision: str, dims, model_config):
     """The target's latency table: the user's file, the cached one for this fingerprint, or a new profile."""
-    from latency_models.cli_api import default_table_path, run_profile
+    from latency_models.cache import default_table_path, run_profile
     from latency_models.lookup_table import LatencyTable
 
     if opts.latency_table:
@@ -175,7 +175,7 @@ def compile_model(opts: CompileOptions) -> dict:
     target = load_target(opts.target)
     precision = target.check_precision(opts.precision)
     target.check_available()  # e.g. --target cuda without a GPU: fail before any long work
-    from .executors import check_executor
+    from toolchain.search.executors import check_executor
 
     check_executor(opts.executor, opts.workers)
     opts.data.spec()  # unknown task, missing data files: fail before any long work
@@ -208,7 +208,7 @@ def compile_model(opts: CompileOptions) -> dict:
     t = time.time()
     result = search_stage(run, table, opts, partial)
     timings["search_s"] = round(time.time() - t, 1)
-    from .search import infeasible_message
+    from toolchain.search import infeasible_message
 
     if not result.feasible:
         raise InfeasibleError(infeasible_message(result))
@@ -226,7 +226,7 @@ def compile_model(opts: CompileOptions) -> dict:
 
     # stage 6: report + manifest
     timings["total_s"] = round(time.time() - t_start, 1)
-    from .export import write_manifest
+    from toolchain.ship.export import write_manifest
 
     write_report(partial, run, result, front, selection, unpruned, settings, timings)
     write_manifest(partial, {**settings, "unpruned": unpruned}, timings,
@@ -240,7 +240,7 @@ def compile_model(opts: CompileOptions) -> dict:
     return manifest
 
 
-def _cost_metrics(table, space, subnet) -> dict[str, float]:
+def cost_metrics(table, space, subnet) -> dict[str, float]:
     """The hardware-side metrics of a candidate: predicted latency and memory on the target, exact parameters."""
     return {"latency": table.predict_latency(subnet), "memory": table.predict_memory(subnet),
             "params": float(space.num_parameters(subnet))}
@@ -256,15 +256,15 @@ def search_stage(run, table, opts: CompileOptions, folder: Path):
         return rfp_stage(run, table, opts, folder)
     from functools import partial
 
-    from .evaluation import Evaluator, SearchObjective
-    from .executors import make_executor
-    from .search import run_search
+    from toolchain.evaluation import Evaluator, SearchObjective
+    from toolchain.search.executors import make_executor
+    from toolchain.search import run_search
 
     n = opts.budget("search_eval_samples")
     ev = Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec,
                    param_count=run.space.num_parameters, store=run.evaluation_store("validation", n, opts.seed))
     space = run.space
-    objective = SearchObjective(ev, partial(_cost_metrics, table, space))  # picklable: Ray workers get a copy
+    objective = SearchObjective(ev, partial(cost_metrics, table, space))  # picklable: Ray workers get a copy
 
     with make_executor(opts.executor, opts.workers, opts.ray_address) as executor:
         result = run_search(space, objective, objectives=opts.objectives, constraints=_constraints(opts),
@@ -272,7 +272,7 @@ def search_stage(run, table, opts: CompileOptions, folder: Path):
                             n_evals=opts.budget("n_evals"), max_seconds=opts.max_search_seconds,
                             pop_size=opts.budget("pop_size"), seed=opts.seed,
                             history_path=folder / "search_history.csv",
-                            normalizers=_cost_metrics(table, space, space.largest()), progress=opts.progress,
+                            normalizers=cost_metrics(table, space, space.largest()), progress=opts.progress,
                             executor=executor, batch_size=opts.search_batch_size, on_evaluated=objective.remember)
     result.save(folder / "pareto.json")
     return result
@@ -285,7 +285,7 @@ RFP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.
 def rfp_budgets(table, dims, max_latency: float | None) -> list[float]:
     """Latency budgets (ms) for the retraining-free method: ``RFP_FRACTIONS`` of the unpruned network's predicted
     latency (a front), plus ``max_latency``; budgets below the empty network's latency are left out."""
-    from .subnetwork import SubNetwork
+    from toolchain.core.subnetwork import SubNetwork
 
     n = dims.num_layers
     full = table.predict_latency(SubNetwork.full(n, dims.num_heads, dims.intermediate_size))
@@ -300,10 +300,10 @@ def rfp_stage(run, table, opts: CompileOptions, folder: Path):
     """Retraining-free pruning (``--method rfp``) of the fine-tuned model, one mask per latency budget; each point is
     scored on the same validation subsample as a search and recorded in ``search_history.csv``; the scales of each
     point go to ``rfp.json`` (export folds them into the weights)."""
-    from .evaluation import Evaluator
-    from .rfp import prune
-    from .search import Evaluations, SearchError, SearchHistory, SearchResult, summarize
-    from .subnetwork import SubNetwork
+    from toolchain.evaluation import Evaluator
+    from toolchain.rfp import prune
+    from toolchain.search import Evaluations, SearchError, SearchHistory, SearchResult, summarize
+    from toolchain.core.subnetwork import SubNetwork
 
     t0 = time.perf_counter()
     space = run.space
@@ -329,11 +329,11 @@ def rfp_stage(run, table, opts: CompileOptions, folder: Path):
         entry = by_key[subnet.key()]
         ev = Evaluator(point_supernet(run, subnet, entry.get("scales")), enc, run.spec,
                        param_count=space.num_parameters)
-        return {"error": ev(subnet)["error"], **_cost_metrics(table, space, subnet),
+        return {"error": ev(subnet)["error"], **cost_metrics(table, space, subnet),
                 "budget_ms": float(entry["budget"])}
 
     constraints = _constraints(opts)
-    normalizers = _cost_metrics(table, space, space.largest())
+    normalizers = cost_metrics(table, space, space.largest())
     with SearchHistory(folder / "search_history.csv", space) as history:
         evaluations = Evaluations(evaluate, objectives=opts.objectives, constraints=constraints, history=history)
         for b in budgets:
@@ -361,7 +361,7 @@ def _load_rfp(path: Path) -> dict[str, dict]:
 
 def _rfp_by_key(saved: dict[str, dict], path: Path) -> dict[str, dict]:
     """The points of an ``rfp.json`` by sub-network key."""
-    from .subnetwork import SubNetwork
+    from toolchain.core.subnetwork import SubNetwork
 
     try:
         return {SubNetwork.from_dict(v["subnetwork"]).key(): v for v in saved.values()}
@@ -382,8 +382,8 @@ def point_supernet(run, subnet, scales: dict | None):
     """The network a point runs on: the shared weights, or (rfp) a copy with the point's scales folded in."""
     if not scales:
         return run.supernet
-    from .rfp import Scales, fold_scales
-    from .supernet import SuperNetwork
+    from toolchain.rfp import Scales, fold_scales
+    from toolchain.core.supernet import SuperNetwork
 
     return SuperNetwork(fold_scales(run.supernet.model, subnet, Scales.from_dict(scales)))
 
@@ -391,7 +391,7 @@ def point_supernet(run, subnet, scales: dict | None):
 def validate_front(run, pareto: list[dict], scales_of=lambda subnet: None) -> list[dict]:
     """Pareto records re-evaluated on the full validation set (the subsample's error is kept as ``search_error``).
     ``scales_of(subnet)`` gives a point's rfp scales (``None``: shared weights)."""
-    from .evaluation import Evaluator
+    from toolchain.evaluation import Evaluator
 
     enc = run.encoded("validation")
     full = Evaluator(run.supernet, enc, run.spec, param_count=run.space.num_parameters,
@@ -423,7 +423,7 @@ def export_order(front: list[dict], n: int) -> list[dict]:
 def export_stage(run, table, target, precision, front, opts: CompileOptions, folder: Path,
                  scales: dict[str, dict] | None = None):
     """Export ``front`` in :func:`export_order`; ``scales`` (subnet key -> rfp scales) are folded into the weights."""
-    from .export import Candidate, export_point, select_and_export
+    from toolchain.ship.export import Candidate, export_point, select_and_export
 
     scales = scales or {}
 
@@ -453,7 +453,7 @@ def export_stage(run, table, target, precision, front, opts: CompileOptions, fol
 
 
 def write_report(folder: Path, run, result, front, selection, unpruned, settings, timings) -> None:
-    from .report import html_report, pareto_plot
+    from toolchain.ship.report import html_report, pareto_plot
 
     x_axis = next((o for o in result.objectives if o != "error"), "latency")
     budget = {"latency": settings["max_latency_ms"], "memory": settings["max_memory_mb"],

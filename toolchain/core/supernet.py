@@ -2,7 +2,7 @@
 
 Masks are applied to the *inputs* of each layer's two output projections (``attention.output.dense`` gets a per-head
 mask, ``output.dense`` a per-FFN-unit mask), so a masked-out head or unit contributes exactly nothing and a fully
-masked block computes ``LayerNorm(x + b_out)`` -- the same as the zero-width modules of :mod:`toolchain.slicing`.
+masked block computes ``LayerNorm(x + b_out)`` -- the same as the zero-width modules of :mod:`toolchain.core.slicing`.
 Dropped layers are removed from the layer list for the duration of the forward pass (no wasted compute).
 
 Usage::
@@ -20,9 +20,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .modeling import ModelDims, encoder_of, layers_of
-from .slicing import head_columns, slice_model
-from .subnetwork import SubNetwork
+from toolchain.core.modeling import ModelDims, encoder_of, layers_of
+from toolchain.core.slicing import head_columns, slice_model
+from toolchain.core.subnetwork import SubNetwork
 
 
 class SuperNetwork:

@@ -159,8 +159,8 @@ class MetricData:
 
     @classmethod
     def from_dataset(cls, dataset, tokenizer, max_length: int = 128) -> "MetricData":
-        """From a :class:`toolchain.data.TextDataset` (uses ``toolchain.data.tokenize`` / ``compute_metrics``)."""
-        from . import data
+        """From a :class:`toolchain.core.data.TextDataset` (uses ``toolchain.core.data.tokenize`` / ``compute_metrics``)."""
+        from toolchain.core import data
 
         enc = data.tokenize(dataset, tokenizer, max_length=max_length)
         labels = enc.pop("labels").numpy()
@@ -209,7 +209,7 @@ def predict_torch(model, inputs: dict[str, np.ndarray], batch_size: int = 32) ->
 
 
 def _torch_input_names(model) -> list[str]:
-    from .onnx_export import input_names_for
+    from toolchain.onnx.build import input_names_for
 
     return input_names_for(model.config)
 
@@ -254,7 +254,7 @@ def measure_latency(session, inputs: dict[str, Any], warmup: int = 10, reps: int
 
 def latency_inputs(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
     """Fixed-shape inputs (``batch`` x ``seq_len``, no padding) -- the shape the latency tables are measured at."""
-    from .onnx_export import dummy_inputs
+    from toolchain.onnx.build import dummy_inputs
 
     return {k: v.numpy() for k, v in dummy_inputs(config, batch, seq_len).items()}
 

@@ -6,7 +6,7 @@ weights, latency in ms and memory in MB from a lookup table, parameter count fro
 candidate is evaluated once (cached by ``subnet.key()``), appended to ``search_history.csv`` as it happens, and a
 search interrupted half-way resumes from that file: the same seeded algorithm re-runs, and candidates found in the
 history are not evaluated again. Candidates are scored in batches fixed by the method (an NSGA-II generation, a
-batch of random samples), which an executor (:mod:`toolchain.executors`: this process, or Ray workers) may run in
+batch of random samples), which an executor (:mod:`toolchain.search.executors`: this process, or Ray workers) may run in
 parallel; the results are recorded in the order of the batch, so every executor gives the same result. See
 docs/search.md and docs/scaling.md.
 
@@ -29,9 +29,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from pymoo.core.problem import Problem
 
-from .hypervolume import REFERENCE_POINT, hypervolume, knee_index, normalise
-from .search_space import SearchSpace
-from .subnetwork import SubNetwork
+from toolchain.search.hypervolume import REFERENCE_POINT, hypervolume, knee_index, normalise
+from toolchain.core.search_space import SearchSpace
+from toolchain.core.subnetwork import SubNetwork, layer_drop_subnet, uniform_subnet
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Evaluations:
         executor=None,
         on_evaluated: Callable[[dict], None] | None = None,
     ):
-        from .executors import LocalExecutor
+        from toolchain.search.executors import LocalExecutor
 
         self.evaluate = evaluate
         self.objectives = _check_objectives(objectives)
@@ -437,8 +437,6 @@ class PruningProblem(Problem):
 def ladder(space: SearchSpace, n: int) -> list[SubNetwork]:
     """``n`` members of ``space`` from the full network down to a tenth of it: the same share of heads and units in
     every layer, or (LAYER space) the first layers."""
-    from .baselines import layer_drop_subnet, uniform_subnet
-
     d = space.dims
     out: list[SubNetwork] = []
     for r in np.linspace(1.0, 0.1, n) if n > 1 else [1.0]:
@@ -560,19 +558,33 @@ def _random(space: SearchSpace, evaluations: Evaluations, seed: int, batch_size:
             return f"budget (n_evals={evaluations.n_evals})"
 
 
-def _front(records: list[dict], objectives: Sequence[str]) -> list[dict]:
-    """Constrained Pareto front of ``records``: non-dominated feasible ones, or the least-violating if none."""
+def non_dominated(points: Sequence[Mapping], objectives: Sequence[str]) -> list:
+    """The points not dominated in ``objectives`` (all minimised; pymoo's non-dominated sorting), in input order."""
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+    if not points:
+        return []
+    F = np.array([[p[o] for o in objectives] for p in points], dtype=float)
+    keep = set(np.atleast_1d(NonDominatedSorting().do(F, only_non_dominated_front=True)).tolist())
+    return [p for i, p in enumerate(points) if i in keep]
+
+
+def best_under(points: Iterable[Mapping], budget: float, *, cost: str = "latency", score: str = "error"):
+    """The point with the lowest ``score`` among those whose ``cost`` is within ``budget`` (ties: the cheaper);
+    ``None`` when none fits."""
+    fits = [p for p in points if p[cost] <= budget]
+    return min(fits, key=lambda p: (p[score], p[cost])) if fits else None
+
+
+def _front(records: list[dict], objectives: Sequence[str]) -> list[dict]:
+    """Constrained Pareto front of ``records``: non-dominated feasible ones, or the least-violating if none."""
     feasible = [r for r in records if r["feasible"]]
     if feasible:
         pool = feasible
     else:
         least = min(r["violation"] for r in records)
         pool = [r for r in records if r["violation"] == least]
-    F = np.array([[r[o] for o in objectives] for r in pool], dtype=float)
-    keep = set(NonDominatedSorting().do(F, only_non_dominated_front=True).tolist())
-    return [r for i, r in enumerate(pool) if i in keep]
+    return non_dominated(pool, objectives)
 
 
 def mutate(space: SearchSpace, subnet: SubNetwork, rng: np.random.Generator) -> SubNetwork:
@@ -747,14 +759,10 @@ def _sort_key(objectives: Sequence[str]):
 
 def summarize(records: list[dict], objectives: Sequence[str], normalizers: Mapping[str, float]):
     """(pareto records sorted by the first non-error objective, knee record, hypervolume) of ``records``."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
     feasible = [r for r in records if r["feasible"]]
     if not feasible:
         return [], None, 0.0
-    F = np.array([[r[o] for o in objectives] for r in feasible], dtype=float)
-    idx = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    pareto = sorted((feasible[i] for i in np.atleast_1d(idx)), key=_sort_key(objectives))
+    pareto = sorted(non_dominated(feasible, objectives), key=_sort_key(objectives))
     PF = np.array([[r[o] for o in objectives] for r in pareto], dtype=float)
     k = knee_index(normalise(PF, objectives, normalizers))
     return pareto, (pareto[k] if k is not None else None), hypervolume(PF, objectives, normalizers)
@@ -787,7 +795,7 @@ def run_search(
     first (which then counts as the first candidate). ``history_path`` is ``search_history.csv`` or its folder;
     an existing file is resumed from. Returns a :class:`SearchResult`.
 
-    ``executor`` (:mod:`toolchain.executors`; default: local, in this process) runs the new candidates of each batch:
+    ``executor`` (:mod:`toolchain.search.executors`; default: local, in this process) runs the new candidates of each batch:
     on Ray, ``evaluate`` must be picklable and is shipped once to each worker. Batches are fixed by the method and
     ``batch_size``, never by the executor, so every executor visits the same candidates in the same order and
     returns the same Pareto set for the same seed (given a deterministic ``evaluate``). NSGA-II evaluates one
