@@ -290,7 +290,7 @@ def int8_metric(task: str, args, saved: Saved) -> float:
     if args.dev_samples and args.dev_samples < len(ds):
         import numpy as np
 
-        ds = ds.subset(np.sort(np.random.default_rng(0).permutation(len(ds))[:args.dev_samples]))
+        ds = ds.sample(args.dev_samples, 0)
     res = export_point(std.supernet, std.space.largest(), std.tokenizer, Path(args.out) / task / "int8", precision="int8",
                        seq_len=128, metric_data=MetricData.from_dataset(ds, std.tokenizer, max_length=128),
                        measure=False, memory=False, overwrite=True)

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         supernet, tokenizer = run.supernet, run.tokenizer
         ds = run.data.load("validation")
         if args.eval_samples and args.eval_samples < len(ds):
-            ds = ds.subset(np.sort(np.random.default_rng(0).permutation(len(ds))[: args.eval_samples]))
+            ds = ds.sample(args.eval_samples, 0)
         metric_data = MetricData.from_dataset(ds, tokenizer, max_length=args.seq_len)
         source = f"super-network of run {args.run_dir}, {len(ds)} validation examples ({metric_data.name})"
     else:

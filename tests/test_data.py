@@ -276,3 +276,17 @@ def test_batches_left_padding():
     }
     (batch,) = data.batches(enc, 4)
     assert batch["input_ids"].tolist() == [[0, 5, 6], [7, 8, 9]]
+
+
+def test_custom_file_sample_is_seeded_not_the_first_rows(tmp_path):
+    """A CSV sorted by label: --max-train-samples draws a seeded subset (both classes), as for GLUE."""
+    from toolchain.run import DataSettings
+
+    path = tmp_path / "sorted.csv"
+    path.write_text("text,label\n" + "".join(f"text {i},{'neg' if i < 50 else 'pos'}\n" for i in range(100)))
+    ds = DataSettings(train_file=str(path), validation_file=str(path), text_columns=["text"], max_train_samples=20)
+    train = ds.load("train")
+    assert len(train) == 20 and set(train.labels.tolist()) == {0, 1}
+    assert train.texts == ds.load("train").texts  # the same seed, the same subset
+    assert train.texts != DataSettings(**{**ds.to_dict(), "seed": 1}).load("train").texts
+    assert train.spec.label_names == ["neg", "pos"]

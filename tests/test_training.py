@@ -4,6 +4,7 @@ damaged checkpoints are reported, the run folder stages work on real data."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -50,8 +51,13 @@ def test_resume_after_interrupt_matches_uninterrupted(tokenizer, tmp_path):
         train(sn_b, space_b, enc, cfg, tmp_path / "b", progress=False, stop_after=5)  # mid-epoch 1 (6 steps/epoch)
     state = json.loads((tmp_path / "b" / "last" / "state.json").read_text())
     assert state["step"] == 5
+    # a kill between the two renames of a checkpoint save: no "last", the new one in last.tmp, the old in last.old
+    last = tmp_path / "b" / "last"
+    shutil.copytree(last, last.with_name("last.old"))
+    last.rename(last.with_name("last.tmp"))
     sn_c, space_c, _ = _setup(tokenizer)  # a fresh process would start from the pre-trained weights again
     stats = train(sn_c, space_c, enc, cfg, tmp_path / "b", progress=False)
+    assert stats["steps"] == 12 and json.loads((last / "state.json").read_text())["step"] == 12
     assert stats["steps"] == 12
     for (k, a), (_, c) in zip(sn_a.model.state_dict().items(), sn_c.model.state_dict().items()):
         assert torch.allclose(a, c, atol=1e-5), k
@@ -103,9 +109,18 @@ def test_train_run_and_cli_evaluate_on_real_data(tiny_model_dir, data_dir, tmp_p
     from toolchain.cli import main
     from toolchain.run import DataSettings, RunError, load_run, train_run
 
+    from toolchain.core.modeling import ModelLoadError
+
     data = DataSettings(task="sst2", data_dir=str(data_dir), max_train_samples=48)
+    with pytest.raises(ModelLoadError, match="--max-length 100000 is out of range: this model takes 1 to 130"):
+        train_run(tmp_path / "bad", model=str(tiny_model_dir), data=DataSettings(**{**data.to_dict(), "max_length": 100000}))
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        train_run(tmp_path / "bad", model=str(tmp_path / "typo"), data=data)
+    assert not (tmp_path / "bad").exists()  # nothing created for a bad input
     run = train_run(tmp_path / "run", model=str(tiny_model_dir), data=data,
-                    train_config=TrainConfig(epochs=1, batch_size=16), progress=False)
+                    train_config=TrainConfig(strategy="sandwich", epochs=1, batch_size=16), init="pretrained",
+                    progress=False)
+    assert run.supernet.model.config.id2label == {0: "negative", 1: "positive"}  # SST-2's label names
     assert (tmp_path / "run" / "supernet" / "model.safetensors").exists()
     assert (tmp_path / "run" / "importance.json").exists()
     again = load_run(tmp_path / "run")
@@ -117,7 +132,8 @@ def test_train_run_and_cli_evaluate_on_real_data(tiny_model_dir, data_dir, tmp_p
     assert out["examples"] == 40 and 0 <= out["accuracy"] <= 1
     with pytest.raises(RunError, match="other settings"):
         train_run(tmp_path / "run", model=str(tiny_model_dir), data=data,
-                  train_config=TrainConfig(epochs=2, batch_size=16), progress=False)
+                  train_config=TrainConfig(strategy="sandwich", epochs=2, batch_size=16), init="pretrained",
+                  progress=False)
 
 
 @pytest.mark.slow
@@ -147,9 +163,23 @@ def test_train_run_can_start_from_a_fine_tuned_model(tiny_model_dir, data_dir, t
     assert train_run(tmp_path / "run", model=str(tiny_model_dir), data=data, train_config=cfg, init="finetuned",
                      progress=False).folder == run.folder
     with pytest.raises(RunError, match="other settings"):
-        train_run(tmp_path / "run", model=str(tiny_model_dir), data=data, train_config=cfg, progress=False)
+        train_run(tmp_path / "run", model=str(tiny_model_dir), data=data, train_config=cfg, init="pretrained",
+                  progress=False)
     with pytest.raises(RunError, match="only fine-tunes"):
         train_run(tmp_path / "other", model=str(tiny_model_dir), data=data,
                   train_config=TrainConfig(strategy="standard"), init="finetuned", progress=False)
     with pytest.raises(RunError, match="unknown init"):
         train_run(tmp_path / "other", data=data, init="distilled", progress=False)
+
+
+def test_python_api_defaults_are_the_clis():
+    """``TrainConfig()`` and ``train_run()`` without arguments train what ``nasprune train`` trains."""
+    import inspect
+
+    from toolchain.cli import build_parser
+    from toolchain.run import default_init, train_run
+
+    args = build_parser().parse_args(["train", "-o", "somewhere"])
+    assert TrainConfig().strategy == args.strategy == "kd"
+    assert inspect.signature(train_run).parameters["init"].default is None  # resolved by the strategy, as the CLI
+    assert default_init(TrainConfig().strategy) == "finetuned"

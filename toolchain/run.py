@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from toolchain.core.data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
-from toolchain.core.modeling import ModelDims, load_model
+from toolchain.core.modeling import ModelDims, check_max_length, load_config, load_model, set_label_names
 from toolchain.core.search_space import SearchSpace, fixed_parameters, make_space
 from toolchain.core.supernet import SuperNetwork
 from toolchain.training import TrainConfig, train
@@ -72,10 +72,7 @@ class DataSettings:
                 return held
             return _limit(rest, self.max_train_samples, self.seed)
         limit = self.max_train_samples if split == "train" else self.max_eval_samples
-        ds = self._load_full(split)
-        if (self.train_file or self.validation_file) and limit is not None and limit < len(ds):
-            return ds.subset(range(limit))  # custom files: the first examples
-        return _limit(ds, limit, self.seed)
+        return _limit(self._load_full(split), limit, self.seed)  # GLUE and custom files alike: a seeded subset
 
     def _load_full(self, split: str) -> TextDataset:
         if self.train_file or self.validation_file:
@@ -90,15 +87,10 @@ class DataSettings:
 
 
 def _limit(ds: TextDataset, limit: int | None, seed: int) -> TextDataset:
-    """A seeded random subset of ``limit`` examples in file order (for a fixed seed, a smaller one is part of a
-    larger one); all of ``ds`` without a limit."""
-    if limit is None or limit >= len(ds):
-        return ds
-    if limit <= 0:
+    """:meth:`TextDataset.sample`, with a bad limit reported as a :class:`RunError`."""
+    if limit is not None and limit <= 0:
         raise RunError(f"a sample limit must be positive, got {limit}")
-    import numpy as np
-
-    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:limit]))
+    return ds.sample(limit, seed)
 
 
 @dataclass
@@ -115,13 +107,7 @@ class Run:
         return self.data.spec()
 
     def encoded(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> dict:
-        ds = self.data.load(split)
-        if max_samples is not None and max_samples < len(ds):
-            import numpy as np
-
-            idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples])
-            ds = ds.subset(idx)
-        return tokenize(ds, self.tokenizer, self.data.max_length)
+        return tokenize(self.data.load(split).sample(max_samples, seed), self.tokenizer, self.data.max_length)
 
     def evaluation_store(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> Path:
         """Where the metrics of sub-networks on this data are kept for reuse: beside the super-network's weights
@@ -150,7 +136,7 @@ def default_init(strategy: str) -> str:
 
 def train_run(folder: str | Path, *, model: str | None = None, data: DataSettings | None = None,
               space: str = "medium", train_config: TrainConfig | None = None, reorder: bool = True,
-              init: str = "pretrained", overwrite: bool = False, progress: bool = True,
+              init: str | None = None, overwrite: bool = False, progress: bool = True,
               stop_after: int | None = None) -> Run:
     """Stage ``train``: load, (re-order), train the super-network, save it in ``folder/supernet``.
 
@@ -164,12 +150,14 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     folder = Path(folder)
     data = data or DataSettings()
     cfg = train_config or TrainConfig()
+    init = init or default_init(cfg.strategy)
     if init not in INITS:
         raise RunError(f"unknown init '{init}'; choose one of: {', '.join(INITS)}")
     if init == "finetuned" and cfg.strategy == "standard":
         raise RunError("init 'finetuned' starts a super-network from a fine-tuned model; the 'standard' strategy "
                        "only fine-tunes, so use init 'pretrained' with it")
     spec = data.spec()
+    check_max_length(load_config(model, spec.num_labels, spec.is_regression)[1], data.max_length)
     settings = {"model": model, "data": data.to_dict(), "space": space, "train": asdict(cfg), "reorder": reorder}
     if init != "pretrained":  # only then, so run folders made before the option keep matching
         settings["init"] = init
@@ -193,7 +181,8 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
         base = train_run(folder / "finetuned", model=model, data=data, space=space,
                          train_config=replace(cfg, strategy="standard"), reorder=False, progress=progress)
         source, finetune_s = str(base.folder / "supernet"), base.settings["train_stats"]["seconds"]
-    net, tokenizer = load_model(source, num_labels=spec.num_labels, regression=spec.is_regression)
+    net, tokenizer = load_model(source, num_labels=spec.num_labels, regression=spec.is_regression,
+                                label_names=spec.label_names)
     supernet = SuperNetwork(net)
     dims = supernet.dims
     search_space = make_space(space, dims, fixed_parameters(net))
@@ -260,7 +249,8 @@ def load_run(folder: str | Path) -> Run:
     except Exception as e:  # noqa: BLE001
         raise RunError(f"cannot load the super-network in {supernet_dir}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(supernet_dir)
+    data = DataSettings(**settings["data"])
+    set_label_names(net.config, data.spec().label_names)  # also for super-networks saved before configs had them
     supernet = SuperNetwork(net)
     space = make_space(settings["space"], ModelDims(**settings["dims"]), settings["fixed_params"])
-    data = DataSettings(**settings["data"])
     return Run(folder, settings, supernet, tokenizer, space, data)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from toolchain.core.data import batches
 from toolchain.core.search_space import SearchSpace
@@ -45,7 +46,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    strategy: str = "sandwich"
+    strategy: str = "kd"  # the CLI's default too
     epochs: float = 1.0
     batch_size: int = 32
     learning_rate: float = 1e-4
@@ -109,10 +110,24 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> 
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_interrupted_save(folder: Path) -> None:
+    """A kill between the two renames of :func:`_save_checkpoint` leaves no ``folder`` but a complete ``.tmp`` (the
+    new checkpoint) and ``.old`` (the previous one): finish the swap instead of restarting from step 0."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if folder.exists():
+        return
+    for cand in (tmp, old):  # the newer first; a .tmp is complete once its state.json exists (written last)
+        if (cand / "state.json").is_file():
+            log.warning("checkpoint %s: finishing a save that was interrupted (using %s)", folder, cand.name)
+            cand.rename(folder)
+            return
 
 
 def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None) -> dict:
@@ -152,14 +167,11 @@ def train(supernet: SuperNetwork, space: SearchSpace, encoded: dict[str, torch.T
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
     warmup = int(cfg.warmup_ratio * total_steps)
 
-    def lr_lambda(s: int) -> float:  # linear warm-up, then linear decay to 0
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)  # linear warm-up, linear decay to 0
     step, losses = 0, []
     ckpt = Path(checkpoint_dir) / "last" if checkpoint_dir else None
+    if ckpt is not None:
+        _finish_interrupted_save(ckpt)
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         if state.get("config") != asdict(cfg):

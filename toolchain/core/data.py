@@ -108,6 +108,15 @@ class TextDataset:
         idx = np.asarray(indices, dtype=np.int64)
         return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.spec, self.source)
 
+    def sample(self, n: int | None, seed: int = 0) -> TextDataset:
+        """A seeded random subset of ``n`` examples, kept in file order (for a fixed seed, a smaller sample is part
+        of a larger one); the whole dataset when ``n`` is ``None`` or not smaller than it."""
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise DataError(f"a sample size must be positive, got {n}")
+        return self.subset(np.sort(np.random.default_rng(seed).permutation(len(self))[:n]))
+
     def split(self, fraction: float, seed: int = 0) -> tuple[TextDataset, TextDataset]:
         """A seeded random split into (rest, held_out), ``held_out`` holding ``fraction`` of the examples.
 
@@ -152,7 +161,7 @@ def load_task(
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     dataset = _load_glue_local(spec, split, Path(root)) if root else _load_glue_hub(spec, split)
-    return _sample(dataset, max_samples, seed)
+    return dataset.sample(max_samples, seed)
 
 
 def _load_glue_local(spec: TaskSpec, split: str, root: Path) -> TextDataset:
@@ -186,15 +195,6 @@ def _load_glue_hub(spec: TaskSpec, split: str) -> TextDataset:
     texts = list(zip(*(map(str, ds[c]) for c in spec.text_columns)))
     labels = np.asarray(list(ds["label"]), dtype=np.float32 if spec.is_regression else np.int64)
     return TextDataset(texts, labels, spec, f"hf://{GLUE_HUB_ID}/{spec.name}/{hub_split}")
-
-
-def _sample(dataset: TextDataset, max_samples: int | None, seed: int) -> TextDataset:
-    if max_samples is None or max_samples >= len(dataset):
-        return dataset
-    if max_samples <= 0:
-        raise DataError(f"max_samples must be positive, got {max_samples}")
-    perm = np.random.default_rng(seed).permutation(len(dataset))
-    return dataset.subset(np.sort(perm[:max_samples]))
 
 
 # -------------------------------------------------------------------------------------------------- custom data
@@ -239,7 +239,7 @@ def load_custom(
         metric="spearman" if is_regression else "accuracy",
         label_names=names,
     )
-    return _sample(TextDataset(texts, labels, spec, str(path)), max_samples, seed)
+    return TextDataset(texts, labels, spec, str(path)).sample(max_samples, seed)
 
 
 def _read_columns(
@@ -395,6 +395,8 @@ def compute_metrics(
     regression gives ``pearson`` and ``spearman``. ``score`` is the main metric. Undefined correlations
     (constant inputs) count as 0.
     """
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
     if isinstance(spec_or_metric, TaskSpec):
         metric, regression = spec_or_metric.metric, spec_or_metric.is_regression
     elif spec_or_metric in METRICS:
@@ -416,31 +418,12 @@ def compute_metrics(
         ids = preds.argmax(axis=1) if preds.ndim == 2 else preds.astype(np.int64)
         y = y.astype(np.int64)
         out = {"accuracy": float(np.mean(ids == y)) if len(y) else 0.0}
-        if metric == "f1":
-            out["f1"] = _f1(ids, y)
-        elif metric == "matthews":
-            out["matthews"] = _matthews(ids, y)
+        if metric == "f1":  # binary F1 of class 1 (0 when there are no positives at all)
+            out["f1"] = float(f1_score(y, ids, pos_label=1, average="binary", zero_division=0))
+        elif metric == "matthews":  # 0 when undefined
+            out["matthews"] = float(matthews_corrcoef(y, ids))
     out["score"] = out[metric]
     return out
-
-
-def _f1(pred: np.ndarray, y: np.ndarray) -> float:
-    """Binary F1 of class 1 (0 when there are no positives at all)."""
-    tp = np.sum((pred == 1) & (y == 1))
-    fp = np.sum((pred == 1) & (y != 1))
-    fn = np.sum((pred != 1) & (y == 1))
-    denom = 2 * tp + fp + fn
-    return float(2 * tp / denom) if denom else 0.0
-
-
-def _matthews(pred: np.ndarray, y: np.ndarray) -> float:
-    """Matthews correlation coefficient, multi-class form (0 when undefined), as in scikit-learn."""
-    k = int(max(pred.max(initial=0), y.max(initial=0))) + 1
-    cm = np.zeros((k, k), dtype=np.float64)
-    np.add.at(cm, (y, pred), 1)
-    t, p, c, s = cm.sum(axis=1), cm.sum(axis=0), np.trace(cm), cm.sum()
-    denom = np.sqrt(s * s - p @ p) * np.sqrt(s * s - t @ t)
-    return float((c * s - t @ p) / denom) if denom else 0.0
 
 
 def _correlation(x: np.ndarray, y: np.ndarray, kind: str) -> float:

@@ -105,8 +105,30 @@ def load_config(name_or_path: str | None, num_labels: int = 2, regression: bool 
     return path, config
 
 
+def set_label_names(config, names) -> None:
+    """``id2label`` / ``label2id`` from the task's label names (``None``: regression or unnamed labels, left as is),
+    so an exported ``config.json`` says "positive" where it would say LABEL_1."""
+    if names:
+        config.id2label = {i: str(n) for i, n in enumerate(names)}
+        config.label2id = {str(n): i for i, n in enumerate(names)}
+
+
+def max_sequence_length(config) -> int:
+    """The longest input the model takes: its position embeddings (RoBERTa's first ``pad_token_id + 1`` are
+    reserved for padding)."""
+    offset = (config.pad_token_id or 0) + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+    return int(config.max_position_embeddings) - offset
+
+
+def check_max_length(config, max_length: int) -> None:
+    """A clear error for a ``--max-length`` the model cannot take."""
+    top = max_sequence_length(config)
+    if not 1 <= int(max_length) <= top:
+        raise ModelLoadError(f"--max-length {max_length} is out of range: this model takes 1 to {top} tokens")
+
+
 def load_model(name_or_path: str | None = None, num_labels: int = 2, regression: bool = False,
-               attn_implementation: str = "eager"):
+               attn_implementation: str = "eager", label_names=None):
     """Load a pre-trained encoder with a fresh classification head for ``num_labels`` (1 = regression).
 
     Returns ``(model, tokenizer)``. Eager attention is the default: it is what ONNX Runtime's optimizer fuses into
@@ -116,6 +138,7 @@ def load_model(name_or_path: str | None = None, num_labels: int = 2, regression:
     from transformers.utils import logging as hf_logging
 
     path, config = load_config(name_or_path, num_labels, regression)
+    set_label_names(config, label_names)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
