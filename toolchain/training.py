@@ -100,7 +100,17 @@ def step_loss(supernet: SuperNetwork, space: SearchSpace, batch: dict, cfg: Trai
     return total
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
+def optimizer_and_schedule(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float,
+                           total_steps: int):
+    """AdamW (no decay on biases and LayerNorm) and a linear warm-up then linear decay to 0 over ``total_steps``."""
+    decay = [p for name, p in model.named_parameters() if not (name.endswith("bias") or "LayerNorm" in name)]
+    no_decay = [p for name, p in model.named_parameters() if name.endswith("bias") or "LayerNorm" in name]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -118,7 +128,7 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> 
 
 
 def _finish_interrupted_save(folder: Path) -> None:
-    """A kill between the two renames of :func:`_save_checkpoint` leaves no ``folder`` but a complete ``.tmp`` (the
+    """A kill between the two renames of :func:`save_checkpoint` leaves no ``folder`` but a complete ``.tmp`` (the
     new checkpoint) and ``.old`` (the previous one): finish the swap instead of restarting from step 0."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     if folder.exists():
@@ -128,6 +138,12 @@ def _finish_interrupted_save(folder: Path) -> None:
             log.warning("checkpoint %s: finishing a save that was interrupted (using %s)", folder, cand.name)
             cand.rename(folder)
             return
+
+
+def ckpt_exists(folder: Path) -> bool:
+    """Whether a checkpoint is there to resume from (after finishing a save that a kill interrupted)."""
+    _finish_interrupted_save(folder)
+    return folder.exists()
 
 
 def load_checkpoint(folder: Path, model, optimizer=None, scheduler=None) -> dict:
@@ -161,18 +177,11 @@ def train(supernet: SuperNetwork, space: SearchSpace, encoded: dict[str, torch.T
     micro_per_epoch = math.ceil(n / cfg.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accumulation)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    decay = [p for name, p in model.named_parameters() if not (name.endswith("bias") or "LayerNorm" in name)]
-    no_decay = [p for name, p in model.named_parameters() if name.endswith("bias") or "LayerNorm" in name]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    warmup = int(cfg.warmup_ratio * total_steps)
-
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)  # linear warm-up, linear decay to 0
+    optimizer, scheduler = optimizer_and_schedule(model, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
+                                                  total_steps)
     step, losses = 0, []
     ckpt = Path(checkpoint_dir) / "last" if checkpoint_dir else None
-    if ckpt is not None:
-        _finish_interrupted_save(ckpt)
-    if ckpt is not None and ckpt.exists():
+    if ckpt is not None and ckpt_exists(ckpt):
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         if state.get("config") != asdict(cfg):
             raise CheckpointError(f"checkpoint {ckpt} was written with other training settings; use a new run "
@@ -201,7 +210,7 @@ def train(supernet: SuperNetwork, space: SearchSpace, encoded: dict[str, torch.T
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             done = step >= total_steps
             if ckpt is not None and (step % cfg.checkpoint_every == 0 or done or step == stop_after):
-                _save_checkpoint(ckpt, model, optimizer, scheduler,
+                save_checkpoint(ckpt, model, optimizer, scheduler,
                                  {"step": step, "total_steps": total_steps, "losses": losses, "config": asdict(cfg)})
             if stop_after is not None and step >= stop_after and not done:
                 bar.close()

@@ -1,0 +1,193 @@
+"""Recovery stage: distillation brings a pruned point closer to the full network, points and teacher logits are
+cached, an interrupted recovery resumes, the recovery texts are the whole training split (holdout excluded)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.core.data import tokenize
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.recover import (RecoverSettings, point_dir, recover_point, recovery_data, teacher_logits,
+                               teacher_path)
+from toolchain.run import DataSettings, train_run
+from toolchain.training import TrainConfig
+
+POSITIVE = ["good", "great", "superb", "lovely", "brilliant", "fine", "excellent", "wonderful"]
+NEGATIVE = ["bad", "awful", "boring", "dull", "poor", "terrible", "weak", "horrible"]
+FILLER = ["the", "movie", "film", "plot", "was", "acting", "really", "quite", "story", "cast", "very", "it"]
+PRUNED = SubNetwork(heads=(1, 1, 0), units=(6, 4, 0))  # the last layer dropped, little left of the others
+N_TRAIN, LIMIT = 240, 48
+
+
+def _write(path, n, seed, regression):
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "label"])
+        for _ in range(n):
+            pos, neg = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+            if not regression and pos == neg:
+                pos += 1
+            words = list(rng.choice(POSITIVE, pos)) + list(rng.choice(NEGATIVE, neg))
+            words += list(rng.choice(FILLER, int(rng.integers(2, 6))))
+            rng.shuffle(words)
+            label = f"{pos - neg:.1f}" if regression else int(pos > neg)
+            w.writerow([" ".join(words), label])
+
+
+def _run(folder, model_dir, regression=False):
+    """A super-network fine-tuned (standard, so the pruned points are far from the full network) on ``LIMIT`` of the
+    ``N_TRAIN`` training rows of a small synthetic sentiment task."""
+    _write(folder / "train.csv", N_TRAIN, 0, regression)
+    _write(folder / "val.csv", 64, 1, regression)
+    data = DataSettings(train_file=str(folder / "train.csv"), validation_file=str(folder / "val.csv"),
+                        regression=regression, max_train_samples=LIMIT, max_length=32)
+    torch.manual_seed(0)
+    return train_run(folder / "run", model=str(model_dir), data=data, reorder=False, progress=False,
+                     train_config=TrainConfig(strategy="standard", epochs=20, batch_size=16, learning_rate=2e-3))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from two intra-op threads; on a shared 2-core machine the two threads wait on each
+    other (each step runs 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    return _run(tmp_path_factory.mktemp("recover"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory, tiny_model_dir):
+    return _run(tmp_path_factory.mktemp("recover-reg"), tiny_model_dir, regression=True)
+
+
+def _fast(**kw) -> RecoverSettings:
+    return RecoverSettings(**{"samples": None, "epochs": 2, "lr": 2e-3, "batch_size": 16, **kw})
+
+
+def _teacher_distance(run, model, regression) -> float:
+    """How far ``model`` is from the full network on the validation texts (never used by recovery):
+    mean KL(teacher || model) for classification, mean squared difference for regression."""
+    enc = {k: v for k, v in run.encoded("validation").items() if k != "labels"}
+    with torch.no_grad():
+        with run.supernet.use(None) as full:
+            teacher = full(**enc).logits
+        student = model.eval()(**enc).logits
+    if regression:
+        return float(((student - teacher) ** 2).mean())
+    return float(torch.nn.functional.kl_div(student.log_softmax(-1), teacher.softmax(-1), reduction="batchmean"))
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_recovery_brings_a_pruned_point_closer_to_the_full_network(request, tmp_path, kind):
+    run = request.getfixturevalue("run" if kind == "classification" else "regression_run")
+    regression = kind == "regression"
+    before = _teacher_distance(run, run.supernet.slice(PRUNED), regression)
+    point = recover_point(run, PRUNED, _fast(alpha=1.0), cache_dir=tmp_path, progress=False)  # distillation only
+    after = _teacher_distance(run, point.model, regression)
+    assert after < 0.3 * before, (before, after)
+    info = point.info
+    assert info["cached"] is False and info["steps"] == info["total_steps"] == 2 * N_TRAIN // 16
+    assert info["examples"] == N_TRAIN  # all training text, not the LIMIT rows the super-network saw
+    assert info["metric"] == ("spearman" if regression else "accuracy")
+    for m in (info["metric_before"], info["metric_after"]):
+        assert set(m) >= {"score", "error"} and -1.0 <= m["score"] <= 1.0
+    # the shipped model is the sliced architecture: as many parameters as the search space counts
+    assert sum(p.numel() for p in point.model.parameters()) == run.space.num_parameters(PRUNED)
+
+
+def test_second_call_loads_the_cached_point(run, tmp_path):
+    settings = _fast(epochs=1)
+    first = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)
+    folder = point_dir(run, PRUNED, settings, cache_dir=tmp_path)
+    assert first.info["score_after"] > first.info["score_before"]  # labels + teacher on all the training text
+    assert first.path == folder and {p.name for p in folder.iterdir()} == {"model.safetensors", "info.json"}
+    again = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)
+    assert first.info["cached"] is False and again.info["cached"] is True
+    assert again.info["score_after"] == first.info["score_after"] and again.info["steps"] == first.info["steps"]
+    a, b = first.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.model.config.nasprune_heads == [1, 1]  # rebuilt as the sliced architecture
+    # other settings are another point; a damaged point is recovered again
+    other = recover_point(run, PRUNED, dataclasses.replace(settings, alpha=1.0), cache_dir=tmp_path, progress=False)
+    assert other.info["cached"] is False and other.path != folder
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    assert recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False).info["cached"] is False
+
+
+def test_teacher_logits_are_computed_once(run, tmp_path):
+    settings = _fast(samples=100, epochs=1)
+    path = teacher_path(run, settings, cache_dir=tmp_path)
+    assert not path.exists()
+    logits = teacher_logits(run, settings, cache_dir=tmp_path, progress=False)
+    assert path.is_file() and logits.shape == (100, 2)
+    # the full network's logits on the selected texts, in their order
+    enc = tokenize(recovery_data(run, settings), run.tokenizer, run.data.max_length)
+    with torch.no_grad():
+        direct = run.supernet(None, **{k: v[:7] for k, v in enc.items() if k != "labels"}).logits.numpy()
+    assert np.allclose(logits[:7], direct, atol=1e-5)
+    # a second call reads the file: a marker written into it comes back
+    marker = np.full_like(logits, 3.0)
+    np.save(path, marker)
+    assert np.array_equal(teacher_logits(run, settings, cache_dir=tmp_path, progress=False), marker)
+    np.save(path, logits)
+    # recoveries with other training settings but the same texts share it and never rewrite it
+    stamp = path.stat().st_mtime_ns
+    for lr in (1e-3, 2e-3):
+        assert recover_point(run, PRUNED, dataclasses.replace(settings, lr=lr), cache_dir=tmp_path,
+                             progress=False).info["teacher"] == str(path)
+    assert path.stat().st_mtime_ns == stamp and list(path.parent.iterdir()) == [path]
+    # other texts, another teacher file
+    assert teacher_path(run, dataclasses.replace(settings, samples=50), cache_dir=tmp_path) != path
+
+
+def test_interrupted_recovery_resumes_from_its_checkpoint(run, tmp_path):
+    settings = _fast(checkpoint_every=2)  # 30 steps
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover_point(run, PRUNED, settings, cache_dir=tmp_path / "a", progress=False, on_step=interrupt)
+    folder = point_dir(run, PRUNED, settings, cache_dir=tmp_path / "a")
+    assert json.loads((folder / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert not (folder / "info.json").exists()
+
+    seen = []
+    resumed = recover_point(run, PRUNED, settings, cache_dir=tmp_path / "a", progress=False, on_step=seen.append)
+    assert resumed.info["resumed_from"] == 4 and seen == list(range(5, 31)) and resumed.info["steps"] == 30
+    assert not (folder / "checkpoint").exists()
+    # it ends where an uninterrupted recovery ends
+    whole = recover_point(run, PRUNED, settings, cache_dir=tmp_path / "b", progress=False)
+    assert whole.info["resumed_from"] is None
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_recovery_texts_are_the_whole_training_split_without_the_holdout(run):
+    full = recovery_data(run, RecoverSettings(samples=None))
+    assert len(full) == N_TRAIN and len(run.data.load("train")) == LIMIT
+    some = recovery_data(run, RecoverSettings(samples=100, seed=1))
+    assert len(some) == 100 and set(some.texts) <= set(full.texts)
+    assert recovery_data(run, RecoverSettings(samples=100, seed=1)).texts == some.texts  # seeded
+    assert recovery_data(run, RecoverSettings(samples=100, seed=2)).texts != some.texts
+    held_run = dataclasses.replace(run, data=dataclasses.replace(run.data, holdout=0.25))
+    rest = recovery_data(held_run, RecoverSettings(samples=None))
+    held = held_run.data.load("holdout")
+    assert len(rest) == N_TRAIN - len(held)
+    assert sorted(rest.texts + held.texts) == sorted(full.texts)  # the two split the training data
+    assert teacher_path(held_run) != teacher_path(run)

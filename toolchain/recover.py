@@ -1,0 +1,366 @@
+"""Recovery stage (issue #17): a sub-network about to be exported is sliced from the weight-sharing super-network,
+distilled from the super-network's full network, and validated again, so that shipped points lose less accuracy.
+
+The teacher (the full network) labels text, so recovery may use all of the task's training text, not only the
+subset the super-network trained on (``DataSettings.max_train_samples`` does not apply; a ``holdout`` split stays
+out, since a search scores candidates on it). ``RecoverSettings.samples`` training texts are drawn (seeded) from
+it. The loss mixes ``alpha`` x distillation (KL to the teacher's softened logits; MSE to its output for a regression
+task such as STS-B) with ``1 - alpha`` x the label loss (cross-entropy; MSE to the label for regression).
+
+Everything is cached beside the super-network (``<folder of supernet/>``, i.e. the run folder, or ``cache_dir``):
+
+    teacher/<key>.npy              the full network's logits on the recovery texts: computed once per data
+                                   selection, max_length and super-network weights, shared by every point
+    recovered/<key>/model.safetensors, info.json
+                                   a recovered point; complete only when info.json exists. ``<key>`` is
+                                   ``<subnet.key()>-<hash of super-network identity, settings.key(), data selection>``
+    recovered/<key>/checkpoint/    while it trains: model + optimizer + scheduler + step (resume), removed when done
+
+Determinism and resume follow :mod:`toolchain.training`: the data order of epoch ``e`` comes from ``seed + e`` and
+the dropout of step ``s`` from ``(seed, s)``, so an interrupted recovery resumed from its checkpoint ends where an
+uninterrupted one ends. Files are written to a temporary name and moved into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from toolchain.core.data import TextDataset, batches, tokenize
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.evaluation import Evaluator, score_model
+from toolchain.run import Run
+from toolchain.training import CheckpointError, ckpt_exists, load_checkpoint, optimizer_and_schedule, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+# fields of RecoverSettings that do not change the recovered weights (left out of ``key()``)
+_NOT_IN_KEY = ("checkpoint_every",)
+
+
+@dataclass
+class RecoverSettings:
+    samples: int | None = 6000  # training texts used (seeded subset of the full training split; None: all)
+    epochs: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 32
+    alpha: float = 0.5  # weight of the distillation loss; 1 - alpha on the label loss
+    temperature: float = 1.0
+    seed: int = 0
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50  # optimizer steps (does not change the result, so not part of key())
+
+    def __post_init__(self):
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples must be positive (or None for all), got {self.samples}")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
+            raise ValueError("epochs, lr, batch_size and temperature must be positive")
+        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("alpha must be in [0, 1] and warmup_ratio in [0, 1)")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        """A short stable hash of the settings that change the recovered weights."""
+        d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        return _hash(d)
+
+
+@dataclass
+class RecoveredPoint:
+    model: torch.nn.Module  # the sliced model with recovered weights (eval mode), ready for export
+    info: dict = field(default_factory=dict)  # metric before/after, seconds, cached, ...
+    path: Path | None = None  # the point's folder in the cache
+
+
+def _hash(obj, n: int = 12) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+# ------------------------------------------------------------------------------------------------ cache layout
+def _supernet_weights(run: Run) -> Path:
+    return Path(run.settings.get("supernet_dir") or run.folder / "supernet") / "model.safetensors"
+
+
+def supernet_identity(run: Run) -> str:
+    """Which super-network weights these are: the weights file's size and modification time (as
+    ``Run.evaluation_store``), so re-trained weights never meet a stale teacher or stale recovered points."""
+    st = _supernet_weights(run).stat()
+    return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
+
+
+def cache_root(run: Run, cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else the folder that holds the super-network (``<run>/`` or a compile's cached super-network)."""
+    return Path(cache_dir) if cache_dir is not None else _supernet_weights(run).parent.parent
+
+
+def _selection(run: Run, settings: RecoverSettings) -> dict:
+    """What decides the recovery texts, their tokenization and the teacher's logits on them."""
+    data = {k: v for k, v in run.data.to_dict().items() if k not in ("max_train_samples", "max_eval_samples")}
+    return {"data": data, "samples": settings.samples, "seed": settings.seed, "supernet": supernet_identity(run)}
+
+
+def teacher_path(run: Run, settings: RecoverSettings | None = None, *, cache_dir: str | Path | None = None) -> Path:
+    settings = settings or RecoverSettings()
+    return cache_root(run, cache_dir) / "teacher" / f"{_hash(_selection(run, settings))}.npy"
+
+
+def point_dir(run: Run, subnet: SubNetwork, settings: RecoverSettings | None = None, *,
+              cache_dir: str | Path | None = None) -> Path:
+    """The cache folder of a recovered point."""
+    settings = settings or RecoverSettings()
+    h = _hash({"selection": _selection(run, settings), "settings": settings.key(), "subnet": subnet.key()}, 8)
+    return cache_root(run, cache_dir) / "recovered" / f"{subnet.key()}-{h}"
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=float) + "\n"))
+
+
+# ---------------------------------------------------------------------------------------------- data, teacher
+def recovery_data(run: Run, settings: RecoverSettings | None = None) -> TextDataset:
+    """The recovery texts: a seeded subset of ``settings.samples`` examples of the task's full training split
+    (without ``max_train_samples``; without the ``holdout`` split when the run has one), in file order."""
+    settings = settings or RecoverSettings()
+    return replace(run.data, max_train_samples=None).load("train").sample(settings.samples, settings.seed)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 64,
+            desc: str | None = None, progress: bool = False) -> np.ndarray:
+    """Logits of ``model`` on ``encoded`` in its row order (batched by length, so batches pad little)."""
+    device = next(model.parameters()).device
+    inputs = {k: v for k, v in encoded.items() if k != "labels"}
+    order = torch.argsort(inputs["attention_mask"].sum(1))
+    inputs = {k: v[order] for k, v in inputs.items()}
+    out = []
+    n = len(order)
+    for b in tqdm(batches(inputs, batch_size), total=math.ceil(n / batch_size), desc=desc, disable=not progress,
+                  leave=False):
+        out.append(model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu())
+    logits = torch.cat(out).numpy()
+    result = np.empty_like(logits)
+    result[order.numpy()] = logits
+    return result
+
+
+def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_dir: str | Path | None = None,
+                   progress: bool = True, encoded: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """The full network's logits on :func:`recovery_data` (float32, one row per text), computed once and cached
+    in :func:`teacher_path`. ``encoded``: the tokenized recovery data, when the caller has it already."""
+    settings = settings or RecoverSettings()
+    path = teacher_path(run, settings, cache_dir=cache_dir)
+    if encoded is None:
+        encoded = tokenize(recovery_data(run, settings), run.tokenizer, run.data.max_length)
+    n = len(encoded["input_ids"])
+    if path.is_file():
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.shape[0] == n:
+                return cached
+            log.warning("teacher logits %s hold %d rows for %d texts; recomputed", path, cached.shape[0], n)
+        except (ValueError, OSError) as e:
+            log.warning("teacher logits %s are unreadable (%s); recomputed", path, e)
+    supernet = run.supernet
+    supernet.model.eval()
+    with supernet.use(supernet.full()) as model:
+        logits = _logits(model, encoded, desc="teacher", progress=progress).astype(np.float32)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, logits, allow_pickle=False)
+
+    _write_atomic(path, save)
+    return logits
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def recovery_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, regression: bool,
+                  alpha: float, temperature: float = 1.0) -> torch.Tensor:
+    """``alpha`` x distillation + ``(1 - alpha)`` x label loss (only distillation without labels).
+
+    Classification: KL(teacher || student) on temperature-softened logits (scaled by T^2) + cross-entropy.
+    Regression: MSE to the teacher's output + MSE to the label."""
+    if regression:
+        kd = F.mse_loss(student.float(), teacher.float())
+    else:
+        t = temperature
+        kd = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+    if labels is None or alpha >= 1.0:
+        return kd
+    if regression:
+        label = F.mse_loss(student.view(-1).float(), labels.view(-1).float())
+    else:
+        label = F.cross_entropy(student, labels.long())
+    return alpha * kd + (1.0 - alpha) * label
+
+
+# ---------------------------------------------------------------------------------------------------- recovery
+def _load_point(run: Run, subnet: SubNetwork, folder: Path) -> RecoveredPoint | None:
+    """A finished point from the cache (the sliced architecture rebuilt, then the recovered weights loaded)."""
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    info_path = folder / "info.json"
+    if not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        model = run.supernet.slice(subnet)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    except Exception as e:  # noqa: BLE001 - a damaged point is recomputed
+        log.warning("recovered point %s is damaged (%s: %s); recovering it again", folder, type(e).__name__, e)
+        info_path.unlink(missing_ok=True)
+        return None
+    info.update(cached=True, load_seconds=round(time.perf_counter() - t0, 3))
+    return RecoveredPoint(model.eval(), info, folder)
+
+
+def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None = None, *,
+                  cache_dir: str | Path | None = None, progress: bool = True,
+                  on_step: Callable[[int], None] | None = None) -> RecoveredPoint:
+    """Slice ``subnet`` from the run's super-network, distil it from the full network, validate it before and after.
+
+    Cached by (super-network weights, ``subnet.key()``, ``settings.key()``, data selection) in :func:`point_dir`: a
+    second call loads the recovered weights instead of training (``info["cached"]`` is True). An interrupted
+    recovery resumes from the checkpoint in the point's folder. ``on_step(step)`` is called after each optimizer
+    step (and its checkpoint, if one is due); an exception it raises interrupts the recovery.
+
+    ``info``: ``metric_before`` (shared weights) and ``metric_after`` (recovered), each the task's metrics on the
+    run's validation split with ``score`` = the official metric, ``score_before`` / ``score_after``, ``steps``,
+    ``resumed_from``, ``examples``, ``seconds`` (of the recovery), ``cached`` (+ ``load_seconds`` when it is), ...
+    """
+    from safetensors.torch import save_file
+
+    settings = settings or RecoverSettings()
+    folder = point_dir(run, subnet, settings, cache_dir=cache_dir)
+    done = _load_point(run, subnet, folder)
+    if done is not None:
+        return done
+
+    t0 = time.time()
+    key = folder.name
+    spec = run.spec
+    regression = spec.is_regression
+    validation = run.encoded("validation")
+    before = Evaluator(run.supernet, validation, spec, param_count=run.space.num_parameters,
+                       store=run.evaluation_store("validation"))(subnet)
+
+    data = recovery_data(run, settings)
+    encoded = tokenize(data, run.tokenizer, run.data.max_length)
+    teacher = torch.from_numpy(teacher_logits(run, settings, cache_dir=cache_dir, progress=progress,
+                                              encoded=encoded))
+    n = len(data)
+    encoded["index"] = torch.arange(n)
+
+    model = run.supernet.slice(subnet)
+    device = next(model.parameters()).device
+    steps_per_epoch = math.ceil(n / settings.batch_size)
+    total_steps = max(1, round(settings.epochs * steps_per_epoch))
+    optimizer, scheduler = optimizer_and_schedule(model, settings.lr, settings.weight_decay, settings.warmup_ratio,
+                                                  total_steps)
+
+    ckpt = folder / "checkpoint"
+    step, losses, resumed_from = 0, [], None
+    if ckpt_exists(ckpt):
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        if state.get("key") != key or state.get("total_steps") != total_steps:
+            raise CheckpointError(f"checkpoint {ckpt} belongs to another recovery; delete it to start again")
+        step, losses, resumed_from = state["step"], state["losses"], state["step"]
+        log.info("resuming recovery %s from step %d/%d", key, step, total_steps)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=f"recover {key}", disable=not progress)
+    try:
+        while step < total_steps:
+            epoch, within = divmod(step, steps_per_epoch)
+            order = batches(encoded, settings.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(settings.seed + epoch))
+            for i, b in enumerate(order):
+                if i < within:
+                    continue
+                torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout of this step
+                idx, labels = b.pop("index"), b.pop("labels")
+                logits = model(**{k: v.to(device) for k, v in b.items()}).logits
+                loss = recovery_loss(logits, teacher[idx].to(device), labels.to(device), regression,
+                                     settings.alpha, settings.temperature)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(float(loss.item()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                if step % settings.checkpoint_every == 0 or step >= total_steps:
+                    save_checkpoint(ckpt, model, optimizer, scheduler,
+                                     {"step": step, "total_steps": total_steps, "losses": losses, "key": key,
+                                      "settings": settings.to_dict()})
+                if on_step is not None:
+                    on_step(step)
+                if step >= total_steps or step % steps_per_epoch == 0:
+                    break
+    finally:
+        bar.close()
+    model.eval()
+
+    after = score_model(model, validation, spec)
+    info = {
+        "key": key,
+        "subnetwork": subnet.to_dict(),
+        "subnetwork_key": subnet.key(),
+        "settings": settings.to_dict(),
+        "settings_key": settings.key(),
+        "supernet": str(_supernet_weights(run).parent),
+        "supernet_identity": supernet_identity(run),
+        "teacher": str(teacher_path(run, settings, cache_dir=cache_dir)),
+        "examples": n,
+        "validation_examples": len(validation["labels"]),
+        "metric": spec.metric,
+        "metric_before": before,
+        "metric_after": after,
+        "score_before": before["score"],
+        "score_after": after["score"],
+        "steps": step,
+        "total_steps": total_steps,
+        "resumed_from": resumed_from,
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "seconds": round(time.time() - t0, 2),
+    }
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    _write_atomic(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _write_json(folder / "info.json", info)  # the point is complete from here on
+    shutil.rmtree(ckpt, ignore_errors=True)
+    log.info("recovered %s: %s %.4f -> %.4f (%d steps, %.1f s)", key, spec.metric, before["score"],
+             after["score"], step, info["seconds"])
+    return RecoveredPoint(model, {**info, "cached": False}, folder)
