@@ -3,12 +3,13 @@
 Two shapes of work, each with one ordered API whatever the executor:
 
 * ``executor.pool(fn)`` -> a :class:`LocalPool` / :class:`RayPool` whose ``map(items)`` yields ``(fn(item), seconds)``
-  for every item, **in the order of the items**, as soon as that item's result is there. On Ray, ``workers`` actors
-  each receive one copy of ``fn`` (put into the object store once, so a super-network of 90 MB travels once per worker,
-  not once per call) and keep it for every later call; each actor runs torch with ``cpus_per_worker`` threads.
+  for every item, **in the order of the items** (on Ray: :class:`ray.util.ActorPool`), as soon as that item's result
+  is there. On Ray, ``workers`` actors each receive one copy of ``fn`` (put into the object store once, so a
+  super-network of 90 MB travels once per worker, not once per call) and keep it for every later call; each actor
+  runs torch with ``cpus_per_worker`` threads.
   The search uses it: ``fn`` is the pure ``evaluate(subnet)``; caching, budgets and the history stay with the caller.
-* ``executor.run(fn, items, resources=...)`` -> ``[fn(item) for item in items]``, each item a one-off task; on Ray a task
-  may ask for custom resources (e.g. ``{"target:arm64": 1}``, to run on the node that *is* that device). Profiling
+* ``executor.run(fn, items, resources=...)`` -> ``[fn(item) for item in items]``, each item a one-off task; on Ray a
+  task may ask for custom resources (e.g. ``{"target:arm64": 1}``, to run on the node that *is* that device). Profiling
   several targets uses it.
 
 An ``fn`` may define ``cached(item)``: a result the driver can give without real work (``None`` otherwise); a
@@ -20,6 +21,7 @@ Ray is optional (``pip install 'nasprune[ray]'``): :func:`make_executor` names t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -121,6 +123,10 @@ class _Holder:
         return os.getpid()
 
 
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_saved_cluster_mode = None  # (the variable, Ray's constant) as they were before start_local_ray
+
+
 def start_local_ray(num_cpus: int | None = None, resources: dict | None = None):
     """Start a private one-node Ray instance that listens on 127.0.0.1 only; returns ``ray``.
 
@@ -133,15 +139,19 @@ def start_local_ray(num_cpus: int | None = None, resources: dict | None = None):
     ray = import_ray()
     if _saved_cluster_mode is None:
         _saved_cluster_mode = (os.environ.get(_CLUSTER_ENV), None)
+    os.environ[_CLUSTER_ENV] = "0"
+    # Ray has no public switch for this: ray.init resolves a loopback node address to the outward one unless the
+    # single-node mode is on, and Ray reads that mode from the variable only once, when it is first imported
+    # (ray._private.ray_constants.ENABLE_RAY_CLUSTER; see ray-project/ray#26293). The variable covers the processes
+    # Ray starts; this process has imported Ray already, so the private constant is set here too.
     try:
-        from ray._private import ray_constants  # a private constant: the only switch Ray has for this
+        from ray._private import ray_constants
 
         if _saved_cluster_mode[1] is None:
             _saved_cluster_mode = (_saved_cluster_mode[0], ray_constants.ENABLE_RAY_CLUSTER)
         ray_constants.ENABLE_RAY_CLUSTER = False
     except (ImportError, AttributeError):  # another Ray: it may then also listen on the machine's address
         log.warning("could not put Ray %s in single-node mode; it may listen beyond 127.0.0.1", ray.__version__)
-    os.environ[_CLUSTER_ENV] = "0"
     ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, configure_logging=False)
     return ray
@@ -165,16 +175,13 @@ def stop_local_ray() -> None:
         _saved_cluster_mode = None
 
 
-_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_saved_cluster_mode = None
-
-
 def _run_task(fn, item):
     return fn(item)
 
 
 class RayPool(_Closes):
-    """``workers`` Ray actors, each holding one copy of ``fn``; :meth:`map` keeps the order of the items.
+    """``workers`` Ray actors, each holding one copy of ``fn``, behind a :class:`ray.util.ActorPool`, whose ``map``
+    keeps the order of the items.
 
     Actors are started on the first item a worker must compute (and stay for later calls); :meth:`close` ends them.
     """
@@ -182,62 +189,44 @@ class RayPool(_Closes):
     def __init__(self, ray, fn: Callable, workers: int, cpus_per_worker: float):
         self._ray, self.fn, self.workers, self.cpus_per_worker = ray, fn, int(workers), cpus_per_worker
         self._actors: list = []
-        self._ref = None
+        self._pool = None
 
-    def _start(self) -> list:
+    def _start(self):
         if not self._actors:
+            from ray.util import ActorPool
+
             ray = self._ray
-            self._ref = ray.put(self.fn)  # serialised once; every actor fetches the same object
+            ref = ray.put(self.fn)  # serialised once; every actor fetches the same object
             threads = max(1, int(round(self.cpus_per_worker)))
             actor = ray.remote(_Holder).options(num_cpus=self.cpus_per_worker)
-            self._actors = [actor.remote(self._ref, threads) for _ in range(self.workers)]
-        return self._actors
+            self._actors = [actor.remote(ref, threads) for _ in range(self.workers)]
+            self._pool = ActorPool(self._actors)
+        return self._pool
 
     @property
     def pids(self) -> list[int]:
         """Process ids of the actors (starts them)."""
-        return self._ray.get([a.pid.remote() for a in self._start()])
+        self._start()
+        return self._ray.get([a.pid.remote() for a in self._actors])
 
     def map(self, items: Iterable) -> Iterator[tuple[Any, float]]:
-        """``(fn(item), seconds)`` per item, in order; items are handed out to idle actors as they finish."""
+        """``(fn(item), seconds)`` per item, in order; an actor takes the next item when its result has been read."""
         items = list(items)
-        answers: dict[int, tuple[Any, float]] = {}
-        todo: list[int] = []
-        for i, item in enumerate(items):
-            hit = _cached(self.fn, item)
-            if hit is not None:
-                answers[i] = (hit, 0.0)
-            else:
-                todo.append(i)
-        if not todo:
-            yield from (answers[i] for i in range(len(items)))
-            return
-        ray = self._ray
-        actors = self._start()
-        idle = list(actors)
-        pending: dict = {}  # ObjectRef -> (index, actor)
-        queue = list(todo)
+        hits = [_cached(self.fn, item) for item in items]
+        todo = [item for item, hit in zip(items, hits) if hit is None]
+        pool = self._start() if todo else None
+        results = pool.map(lambda actor, item: actor.call.remote(item), todo) if todo else iter(())
         try:
-            for i in range(len(items)):
-                while i not in answers:
-                    while idle and queue:
-                        j = queue.pop(0)
-                        a = idle.pop(0)
-                        pending[a.call.remote(items[j])] = (j, a)
-                    done, _ = ray.wait(list(pending), num_returns=1)
-                    ref = done[0]
-                    j, a = pending.pop(ref)
-                    idle.append(a)
-                    answers[j] = _get(ray, ref)
-                yield answers.pop(i)
+            for hit in hits:
+                if hit is not None:
+                    yield hit, 0.0
+                else:
+                    with _task_errors(self._ray):
+                        result = next(results)
+                    yield result
         finally:
-            for ref in pending:  # an error or an abandoned iteration: cancel what is still running
-                try:
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - best effort
-                    pass
-            if pending:
-                self.close()  # actors may be busy with cancelled work: start fresh ones next time
+            if pool is not None and pool.has_next():  # an error or an abandoned iteration: stop what still runs
+                self.close()  # (killing the actors; fresh ones start next time)
 
     def close(self) -> None:
         for a in self._actors:
@@ -246,16 +235,22 @@ class RayPool(_Closes):
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self._actors = []
-        self._ref = None
+        self._pool = None
+
+
+@contextlib.contextmanager
+def _task_errors(ray):
+    """Re-raise a Ray task's own exception (not Ray's wrapper) where it can."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        raise e.as_instanceof_cause() from None
 
 
 def _get(ray, ref):
-    """``ray.get``, re-raising a task's own exception (not Ray's wrapper) where it can."""
-    try:
+    """``ray.get``, re-raising a task's own exception."""
+    with _task_errors(ray):
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        raise cause from None
 
 
 class RayExecutor(_Closes):
