@@ -247,7 +247,8 @@ def choose(method: str, entry: dict, budget_ms: float) -> dict | None:
 # -------------------------------------------------------------------------------------------- measurement
 def measure(results: dict, args) -> dict:
     """The ONNX model of every chosen point (and the unpruned one in fp32 and int8) measured on the target."""
-    from latency_models.profile import Worker, measure_subnet
+    from latency_models.calibration import measure_subnet
+    from latency_models.grid import Worker
     from toolchain.core.modeling import load_model
     from toolchain.core.subnetwork import SubNetwork
 

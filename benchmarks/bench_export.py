@@ -63,7 +63,7 @@ def round_robin_latency(sessions: dict, inputs: dict, rounds: int, reps: int, wa
     for _ in range(rounds):
         for k, s in sessions.items():
             per[k].append(measure_latency(s, inputs[k], warmup=1, reps=reps))
-    return {k: {"median_ms": statistics.median(r["median_ms"] for r in v), "min_ms": min(r["min_ms"] for r in v),
+    return {k: {"median_ms": statistics.median(r["latency_ms"] for r in v), "min_ms": min(r["min_ms"] for r in v),
                 "p90_ms": statistics.median(r["p90_ms"] for r in v), "runs": rounds * reps}
             for k, v in per.items()}
 
@@ -191,6 +191,7 @@ def main(argv=None) -> int:
                 "latency_ms": lat[key]["median_ms"], "p90_ms": lat[key]["p90_ms"],
                 "predicted_ms": tables[prec].predict_latency(sub) if tables[prec] is not None else None,
                 "speedup": base / lat[key]["median_ms"], "memory_mb": r.measured_memory_mb,
+                "predicted_mb": tables[prec].predict_memory(sub) if tables[prec] is not None else None,
                 "metric": None if m is None else m["score"],
                 "max_delta": r.info["verification"]["max_abs_logit_delta"],
                 "attention": f"{r.info['onnx']['attention_found']}/{r.info['onnx']['attention_expected']}",
@@ -217,23 +218,25 @@ def main(argv=None) -> int:
         f"{summary['settings']['threads']} intra-op threads, ONNX Runtime {summary['settings']['onnxruntime']}), "
         f"batch {args.batch}, sequence length {args.seq_len}. Latency: median of {args.rounds} round-robin rounds "
         f"x {args.reps} runs (each round's median, then the median of those); speed-up relative to the unpruned fp32 "
-        f"ONNX model. Memory: peak RSS added by creating and running the session in a fresh process. "
+        f"ONNX model. Memory (MB = 10^6 bytes): peak RSS while serving minus RSS before the session, in a fresh process "
+        f"(`targets.meter.measure`, the meter of the latency tables); predicted: the table's `predict_memory`. "
         f"max abs delta: ONNX vs sliced torch logits (fp32 must be <= 1e-4). Predicted: the latency table of "
         f"`benchmarks/bench_latency.py` for the target and precision.",
         "",
         "| point | heads / layer | FFN units / layer | params (M) | precision | predicted ms | latency ms (p90) | "
-        "speed-up | memory MB | metric | max abs delta | Attention fused |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "speed-up | predicted MB | memory MB | metric | max abs delta | Attention fused |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         metric = "n/a" if r["metric"] is None else f"{r['metric']:.4f}"
         mem = "n/a" if r["memory_mb"] is None else f"{r['memory_mb']:.0f}"
+        pred_mem = "n/a" if r["predicted_mb"] is None else f"{r['predicted_mb']:.0f}"
         lines.append(
             f"| {r['point']} | {','.join(map(str, r['heads']))} | {','.join(map(str, r['units']))} | "
             f"{r['params_m']:.2f} | {r['precision']} | "
             f"{'n/a' if r['predicted_ms'] is None else format(r['predicted_ms'], '.2f')} | "
             f"{r['latency_ms']:.2f} ({r['p90_ms']:.2f}) | "
-            f"{r['speedup']:.2f}x | {mem} | {metric} | {r['max_delta']:.1e} | {r['attention']} |"
+            f"{r['speedup']:.2f}x | {pred_mem} | {mem} | {metric} | {r['max_delta']:.1e} | {r['attention']} |"
         )
     p = summary["physical"]
     lines += [

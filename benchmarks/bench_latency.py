@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from latency_models.profile import config_for, profile
+    from latency_models.grid import config_for
+    from latency_models.profile import profile
     from targets import load_target
     from toolchain.core.modeling import ModelDims, load_config, model_from_config
 

@@ -10,18 +10,13 @@ This file has two lives:
 
       python run_profile.py --out table.json
 
-It therefore imports nothing from nasprune: the session / fingerprint helpers come from ``targets.session`` or, in
-a bundle, from the copy ``nasprune_session.py`` next to this file.
+It therefore imports nothing from nasprune but the standalone ``targets.meter`` and ``targets.session`` (the meter,
+the session and fingerprint helpers), or, in a bundle, their copies ``nasprune_meter.py`` and ``nasprune_session.py``
+next to this file.
 
-How one graph is measured (:func:`measure_graph`), in a child process forked for that graph (Linux):
-
-* latency: ``warmup`` runs, then repetitions until at least ``min_reps`` runs and ``min_time_s`` seconds (at most
-  ``max_reps``); the statistic is the median of the per-run wall times (``time.perf_counter``).
-* memory: the peak resident set size while the session runs, minus the resident size before the session was
-  created. The kernel's peak counter (``VmHWM``) is reset after the session is created (``/proc/self/clear_refs``
-  = 5), so load-time transients (the ONNX protobuf next to the initializers) are not counted: the figure is what
-  the model occupies while it serves requests -- weights as ONNX Runtime holds them, plus its arena (activations).
-  Without /proc, the resident size after the runs is used (psutil).
+How one graph is measured: :func:`targets.meter.measure` (in a bundle, the copy ``nasprune_meter.py``), the meter
+the export uses too -- median of per-run wall times after warm-up, and peak memory while serving minus the resident
+size before the session (MB = 10^6 bytes), in a child process forked for that graph.
 """
 
 from __future__ import annotations
@@ -29,147 +24,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 try:  # inside nasprune
-    from targets.session import fingerprint_key, machine_fingerprint, open_session
+    from targets.meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD, measure as measure_graph
+    from targets.session import fingerprint_key, machine_fingerprint
 except ImportError:  # inside a bundle (or run from a source tree that is not installed)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from nasprune_session import fingerprint_key, machine_fingerprint, open_session  # type: ignore
+        from nasprune_meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD, measure as measure_graph  # type: ignore
+        from nasprune_session import fingerprint_key, machine_fingerprint  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-        from targets.session import fingerprint_key, machine_fingerprint, open_session
+        from targets.meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD, measure as measure_graph
+        from targets.session import fingerprint_key, machine_fingerprint
 
 TABLE_FORMAT = "nasprune.latency_table"
 TABLE_VERSION = 1
-MB = 1e6  # memory figures are in MB = 10^6 bytes
-
-DEFAULT_MEASUREMENT = {"warmup": 5, "min_reps": 15, "min_time_s": 0.3, "max_reps": 2000, "statistic": "median"}
-MEMORY_METHOD = ("peak RSS while running (VmHWM reset after session creation via /proc/self/clear_refs) minus RSS "
-                 "before session creation, in a child process forked per graph; MB = 1e6 bytes")
-
-
-# ---------------------------------------------------------------------------------------------------- measuring
-def _proc_status() -> dict:
-    out = {}
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(("VmRSS", "VmHWM")):
-                    k, v = line.split(":", 1)
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def _rss() -> int:
-    st = _proc_status()
-    if "VmRSS" in st:
-        return st["VmRSS"]
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def make_feed(input_names, batch: int, seq_len: int, vocab_size: int) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    feed = {}
-    for name in input_names:
-        if name == "input_ids":
-            feed[name] = rng.integers(5, max(6, vocab_size - 1), size=(batch, seq_len), dtype=np.int64)
-        elif name == "attention_mask":
-            feed[name] = np.ones((batch, seq_len), dtype=np.int64)
-        else:
-            feed[name] = np.zeros((batch, seq_len), dtype=np.int64)
-    return feed
-
-
-def _measure_here(onnx_path, target: dict, vocab_size: int, measurement: dict) -> dict:
-    m = {**DEFAULT_MEASUREMENT, **(measurement or {})}
-    base = _rss()
-    sess = open_session(onnx_path, target["providers"], target.get("optional_providers", ()),
-                        target.get("intra_op_threads", "auto"), target.get("graph_optimization_level", "all"))
-    loaded = _rss()
-    peak_ok = _reset_peak()
-    feed = make_feed([i.name for i in sess.get_inputs()], target.get("batch_size", 1),
-                     target.get("sequence_length", 128), vocab_size)
-    for _ in range(int(m["warmup"])):
-        sess.run(None, feed)
-    times = []
-    t_start = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        if len(times) >= m["max_reps"] or (len(times) >= m["min_reps"] and t1 - t_start >= m["min_time_s"]):
-            break
-    times.sort()
-    n = len(times)
-    med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-    st = _proc_status()
-    peak = st.get("VmHWM", 0) if peak_ok else _rss()
-    return {
-        "latency_ms": med * 1e3,
-        "q25_ms": times[n // 4] * 1e3,
-        "q75_ms": times[(3 * n) // 4] * 1e3,
-        "reps": n,
-        "memory_mb": max(peak - base, 0) / MB,
-        "loaded_mb": max(loaded - base, 0) / MB,
-        "memory_method": "vmhwm" if peak_ok else "rss",
-    }
-
-
-def measure_graph(onnx_path, target: dict, vocab_size: int, measurement: dict | None = None) -> dict:
-    """Latency (median ms) and peak memory (MB) of one ONNX graph with the target's session settings.
-
-    On POSIX the measurement runs in a forked child so each graph starts from the same resident baseline.
-    """
-    if not hasattr(os, "fork"):
-        return _measure_here(onnx_path, target, vocab_size, measurement or {})
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(r)
-        code = 0
-        try:
-            payload = json.dumps(_measure_here(onnx_path, target, vocab_size, measurement or {}))
-        except BaseException as e:  # report, never return into the parent's code
-            payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
-            code = 1
-        with os.fdopen(w, "w") as fh:
-            fh.write(payload)
-        os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    try:
-        result = json.loads(data)
-    except json.JSONDecodeError:
-        raise RuntimeError(f"measuring {onnx_path} crashed the measuring process") from None
-    if "error" in result:
-        raise RuntimeError(f"measuring {onnx_path} failed: {result['error']}")
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ the grid run

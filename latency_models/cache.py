@@ -1,4 +1,5 @@
-"""What ``nasprune-profile`` (toolchain/cli.py) calls, and where tables are cached.
+"""What ``nasprune-profile`` (toolchain/cli.py) calls, and the cache policy: :func:`cache_root` (``$NASPRUNE_CACHE``
+or ``~/.cache/nasprune``), :func:`tables_dir` (its ``tables/``), :func:`default_table_path` (a table's file there).
 
     run_profile(target="cpu", model=None, precision=None, out=None, bundle=None, unit_step=128,
                 calibrate_samples=10, validate_samples=10, resume=True) -> Path
@@ -27,11 +28,15 @@ log = logging.getLogger(__name__)
 RESOURCE_PREFIX = "target:"
 
 
-def cache_dir() -> Path:
-    """``$NASPRUNE_CACHE/tables`` or ``~/.cache/nasprune/tables``."""
+def cache_root() -> Path:
+    """nasprune's cache: ``$NASPRUNE_CACHE``, else ``~/.cache/nasprune`` (``tables/``, ``supernets/`` live there)."""
     root = os.environ.get("NASPRUNE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "nasprune"
-    return base / "tables"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "nasprune"
+
+
+def tables_dir() -> Path:
+    """Where latency tables are cached: ``<cache_root()>/tables``."""
+    return cache_root() / "tables"
 
 
 def dims_key(dims) -> str:
@@ -45,7 +50,7 @@ def default_table_path(target: Target | str, precision: str | None, dims) -> Pat
     ``<cache>/tables/<fingerprint_key>-<dims key>.json``."""
     t = target if isinstance(target, Target) else load_target(target)
     fp = t.fingerprint(t.check_precision(precision))
-    return cache_dir() / f"{fingerprint_key(fp)}-{dims_key(dims)}.json"
+    return tables_dir() / f"{fingerprint_key(fp)}-{dims_key(dims)}.json"
 
 
 def find_table(target: Target | str, precision: str | None, dims):
@@ -63,31 +68,22 @@ def run_profile(target: str | Target, model: str | None = None, precision: str |
     """Profile ``model``'s blocks (default: all-MiniLM-L6-v2) on ``target`` (name or TOML path) at ``precision``
     (default: the target's first). Returns the table path, or the bundle folder when ``bundle`` is given.
     ``model_config`` (a transformers config) stands in for ``model`` where the model is not at hand;
-    ``measurement`` overrides the timing settings (repetitions, minimum time; see ``bundle_runner``)."""
+    ``measurement`` overrides the timing settings (repetitions, minimum time; see :mod:`targets.meter`)."""
     from toolchain.core.modeling import ModelDims, load_config
 
-    from latency_models.profile import profile, write_bundle
+    from latency_models.bundle import write_bundle
+    from latency_models.profile import profile
 
     t = load_target(target)
     precision = t.check_precision(precision)
     config = model_config if model_config is not None else load_config(model)[1]
     dims = ModelDims.from_config(config)
     if bundle:
-        return write_bundle(dims, t, precision, bundle, model_config=config, unit_step=unit_step, progress=progress)
+        return write_bundle(dims, t, precision, bundle, model_config=config, unit_step=unit_step,
+                            measurement=measurement, progress=progress)
     out_path = Path(out) if out else default_table_path(t, precision, dims)
-    model_obj = None
-    if calibrate_samples or validate_samples:
-        # random weights of the real architecture: values do not change latency or memory
-        import torch
-
-        from toolchain.core.modeling import model_from_config
-
-        from latency_models.profile import config_for
-
-        torch.manual_seed(0)
-        model_obj = model_from_config(config_for(dims, config)).eval()
     table = profile(dims, t, precision, out_path, model_config=config, unit_step=unit_step, progress=progress,
-                    resume=resume, model=model_obj, calibrate_samples=calibrate_samples,
+                    resume=resume, calibrate_samples=calibrate_samples,
                     validate_samples=validate_samples, measurement=measurement)
     if progress:
         print(table.summary())
@@ -167,7 +163,7 @@ def run_profiles(targets, executor=None, *, model: str | None = None, precision:
     _, config = load_config(model)
     remote = executor is not None and getattr(executor, "name", "local") != "local"
     on_one_machine = not remote or getattr(executor, "local", True)
-    cache = str(cache_dir()) if on_one_machine else None
+    cache = str(tables_dir()) if on_one_machine else None
     jobs = [ProfileJob(t, p, config, unit_step, calibrate_samples, validate_samples, resume,
                        progress and not remote, cache, measurement) for t, p in zip(loaded, precisions)]
     if not remote:
@@ -188,7 +184,7 @@ def run_profiles(targets, executor=None, *, model: str | None = None, precision:
         results = executor.run(_run_job, jobs, resources, exclusive)
     paths = []
     for (name, data), job in zip(results, jobs):
-        dest = (Path(out_dir) if out_dir else cache_dir()) / name
+        dest = (Path(out_dir) if out_dir else tables_dir()) / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if job.cache is None or dest != Path(job.cache) / name:  # measured elsewhere, or asked for elsewhere
             LatencyTable(data, dest).save(dest)

@@ -1,28 +1,33 @@
 """The latency table: per-block latency and memory of one model family on one target, and the predictors.
 
 The JSON file (format ``nasprune.latency_table``, see docs/profiling.md) holds the target's fingerprint, the
-measured base (zero-layer model) and per-block costs on a (heads x units) grid, how they were measured, a linear
+measured base (zero-layer model) and per-block costs on a (heads x units) grid, how they were measured, a
 calibration fitted on end-to-end measurements, and the validation error on held-out sub-networks.
 
 Predictions::
 
-    latency(subnet) = a_lat * (base + sum_l L(h_l, u_l)) + b_lat                        [ms]
-    memory(subnet)  = a_mem * (base + sum_l W(h_l, u_l) + max_l K(h_l, u_l)) + b_mem     [MB]
+    raw_latency(subnet) = base + sum_l L(h_l, u_l)                                       [ms]
+    raw_memory(subnet)  = base + sum_l W(h_l, u_l) + max_l K(h_l, u_l)                   [MB = 10^6 bytes]
+    latency(subnet) = c_lat * raw_latency^2 + a_lat * raw_latency + b_lat
+    memory(subnet)  = a_mem * raw_memory + b_mem
 
 with L / W / K the block latency / weight / working-memory grids, linearly interpolated over units (and heads
-where the head grid is not complete); a dropped layer (0 heads, 0 units) costs nothing. Weights add up over
-layers; ONNX Runtime's arena reuses activation buffers between layers, so working memory is the largest layer's.
+where the head grid is not complete; scipy's ``RegularGridInterpolator``); a dropped layer (0 heads, 0 units) costs
+nothing. Weights add up over layers; ONNX Runtime's arena reuses activation buffers between layers, so working
+memory is the largest layer's. The latency calibration is quadratic (``c_lat`` > 0) only where the fitted curve
+rises over the whole measured range, else a straight line (``c_lat`` = 0); see :meth:`LatencyTable.set_calibration`.
+Memory is what :func:`targets.meter.measure` measures: peak RSS while serving minus RSS before the session.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
 
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_CHECKED = ("cpu_model", "physical_cores", "threads", "onnxruntime", "provider", "precision",
                        "batch_size", "sequence_length")
+
+
+#: the per-block grids of a table (``blocks.<name>``): latency L(h, u), weights W(h, u), working memory K(h, u)
+BLOCKS = ("latency_ms", "weights_mb", "working_mb")
 
 
 class TableError(ValueError):
@@ -40,20 +49,6 @@ class FingerprintMismatchWarning(UserWarning):
     """The table was measured on another machine / runtime / setting than the one asked for."""
 
 
-def _interp_axis(grid: list[int], x: float) -> tuple[int, int, float]:
-    """Indices i, j and weight t so that value = (1-t)*v[i] + t*v[j]; clamps outside the grid."""
-    if x <= grid[0]:
-        return 0, 0, 0.0
-    if x >= grid[-1]:
-        n = len(grid) - 1
-        return n, n, 0.0
-    j = bisect.bisect_left(grid, x)
-    if grid[j] == x:
-        return j, j, 0.0
-    i = j - 1
-    return i, j, (x - grid[i]) / (grid[j] - grid[i])
-
-
 class LatencyTable:
     def __init__(self, data: dict, path: str | Path | None = None):
         self.data = data
@@ -61,10 +56,7 @@ class LatencyTable:
         _validate(data, str(path or "<table>"))
         self.heads_grid = [int(h) for h in data["grid"]["heads"]]
         self.units_grid = [int(u) for u in data["grid"]["units"]]
-        b = data["blocks"]
-        self._lat = np.asarray(b["latency_ms"], dtype=float)
-        self._wts = np.asarray(b["weights_mb"], dtype=float)
-        self._work = np.asarray(b["working_mb"], dtype=float)
+        self._interp = self._interpolators(np.stack([np.asarray(data["blocks"][k], dtype=float) for k in BLOCKS], -1))
 
     # --------------------------------------------------------------------- io
     @classmethod
@@ -136,40 +128,53 @@ class LatencyTable:
                 raise TableError(f"latency table {self.path or ''} is for a model with {k}={m[k]}, not {d.get(k)}")
 
     # ------------------------------------------------------------ predictors
-    def _block(self, grid: np.ndarray, h: int, u: int) -> float:
-        if h == 0 and u == 0:
-            return 0.0
-        hi, hj, ht = _interp_axis(self.heads_grid, h)
-        ui, uj, ut = _interp_axis(self.units_grid, u)
+    def _interpolators(self, grids: np.ndarray) -> tuple:
+        """Linear interpolators over (heads, units) of the stacked block grids (``grids[h, u, k]``, ``k`` in
+        :data:`BLOCKS`): one for layers that keep FFN units, one for layers that keep heads only. Cell (0, 0) is a
+        dropped layer (cost 0), not a block: next to it, each uses the nearest real block instead, (0, units[1])
+        along the units and (heads[1], 0) along the heads."""
+        along_units, along_heads = grids.copy(), grids.copy()
+        if self.heads_grid[0] == 0 and self.units_grid[0] == 0:
+            along_units[0, 0] = grids[0, min(1, grids.shape[1] - 1)]
+            along_heads[0, 0] = grids[min(1, grids.shape[0] - 1), 0]
+        axes = (np.asarray(self.heads_grid, dtype=float), np.asarray(self.units_grid, dtype=float))
+        return tuple(RegularGridInterpolator(axes, g, method="linear") for g in (along_units, along_heads))
 
-        def at(a, b):
-            if self.heads_grid[a] == 0 and self.units_grid[b] == 0:  # (0,0) is "dropped"; use the nearest real block
-                return grid[a, min(b + 1, grid.shape[1] - 1)] if u > 0 else grid[min(a + 1, grid.shape[0] - 1), b]
-            return grid[a, b]
-
-        top = (1 - ut) * at(hi, ui) + ut * at(hi, uj)
-        bot = (1 - ut) * at(hj, ui) + ut * at(hj, uj)
-        return float((1 - ht) * top + ht * bot)
+    def _blocks(self, heads, units) -> np.ndarray:
+        """Block costs of layers with ``heads`` / ``units``: one row per layer, columns as :data:`BLOCKS` (latency,
+        weights, working memory). Values outside the grid are clamped to its edge; a dropped layer costs 0."""
+        h, u = np.asarray(heads, dtype=float).ravel(), np.asarray(units, dtype=float).ravel()
+        if not len(h):
+            return np.zeros((0, len(BLOCKS)))
+        pts = np.column_stack([np.clip(h, self.heads_grid[0], self.heads_grid[-1]),
+                               np.clip(u, self.units_grid[0], self.units_grid[-1])])
+        along_units, along_heads = self._interp
+        out = along_units(pts)
+        # they differ only for layers without units below the second head count (none with a complete head grid)
+        second = self.heads_grid[1] if len(self.heads_grid) > 1 else np.inf
+        near = (u == 0) & (h > 0) & (pts[:, 0] < second)
+        if near.any():
+            out[near] = along_heads(pts[near])
+        out[(h == 0) & (u == 0)] = 0.0
+        return out
 
     def layer_latency(self, heads: int, units: int) -> float:
-        return self._block(self._lat, heads, units)
+        return float(self._blocks([heads], [units])[0, 0])
 
     def raw_latency(self, subnet) -> float:
         """Uncalibrated latency (ms): base + sum of block costs."""
-        return float(self.data["base"]["latency_ms"] + sum(
-            self._block(self._lat, h, u) for h, u in zip(subnet.heads, subnet.units)))
+        return float(self.data["base"]["latency_ms"] + self._blocks(subnet.heads, subnet.units)[:, 0].sum())
 
     def raw_memory(self, subnet) -> float:
         """Uncalibrated memory (MB): base + weights of every kept layer + the largest layer's working memory."""
-        layers = [(h, u) for h, u in zip(subnet.heads, subnet.units) if h or u]
-        weights = sum(self._block(self._wts, h, u) for h, u in layers)
-        working = max((self._block(self._work, h, u) for h, u in layers), default=0.0)
-        return float(self.data["base"]["memory_mb"] + weights + max(working, 0.0))
+        blocks = self._blocks(subnet.heads, subnet.units)
+        kept = (np.asarray(subnet.heads) > 0) | (np.asarray(subnet.units) > 0)
+        largest = blocks[kept, 2].max() if kept.any() else 0.0
+        return float(self.data["base"]["memory_mb"] + blocks[:, 1].sum() + max(largest, 0.0))
 
     def weights_mb(self, subnet) -> float:
         """Weight bytes (MB) of the sliced model at this table's precision."""
-        return float(self.data["base"].get("weights_mb", 0.0) + sum(
-            self._block(self._wts, h, u) for h, u in zip(subnet.heads, subnet.units)))
+        return float(self.data["base"].get("weights_mb", 0.0) + self._blocks(subnet.heads, subnet.units)[:, 1].sum())
 
     def _calibrated(self, kind: str, raw: float) -> float:
         c = self.calibration.get(kind) or {}
@@ -180,7 +185,8 @@ class LatencyTable:
         return self._calibrated("latency", self.raw_latency(subnet))
 
     def predict_memory(self, subnet) -> float:
-        """Predicted peak resident memory (MB) of the sliced, exported ``subnet`` while it runs."""
+        """Predicted memory (MB = 10^6 bytes) of the sliced, exported ``subnet``: what :func:`targets.meter.measure`
+        measures, the peak resident size while it serves minus the resident size before its session existed."""
         return self._calibrated("memory", self.raw_memory(subnet))
 
     def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1) -> dict:

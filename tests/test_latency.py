@@ -104,7 +104,7 @@ def test_quadratic_calibration(table):
 
 def test_calibration_samples_span_the_sizes():
     """Calibration and validation cover small and near-full networks, not just the middle of the space."""
-    from latency_models.profile import _samples
+    from latency_models.calibration import _samples
     from toolchain.core.modeling import ModelDims
 
     dims = ModelDims(model_type="bert", num_layers=6, num_heads=12, head_size=32, hidden_size=384,
@@ -207,10 +207,12 @@ def test_interrupted_profile_resumes_without_remeasuring(setup):
 
 
 def test_default_table_path(monkeypatch, tmp_path, setup):
-    from latency_models.cache import default_table_path
+    from latency_models.cache import cache_root, default_table_path, tables_dir
+    from toolchain.pipeline import cache_dir
 
     d, target, cfg, dims = setup
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))
+    assert cache_root() == cache_dir() == tmp_path and tables_dir() == tmp_path / "tables"
     p32 = default_table_path(target, "fp32", dims)
     p8 = default_table_path(target, "int8", dims)
     assert p32.parent == tmp_path / "tables" and p32.suffix == ".json" and p32 != p8
@@ -218,7 +220,7 @@ def test_default_table_path(monkeypatch, tmp_path, setup):
 
 
 def test_sequence_longer_than_model_is_rejected(setup):
-    from latency_models.profile import MicroGraphBuilder
+    from latency_models.grid import MicroGraphBuilder
 
     d, target, cfg, dims = setup
     with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -248,7 +250,7 @@ def _notorch_python() -> Path | None:
 
 @pytest.fixture(scope="module")
 def bundle(setup):
-    from latency_models.profile import write_bundle
+    from latency_models.bundle import write_bundle
 
     d, target, cfg, dims = setup
     folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
@@ -268,7 +270,8 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     """Fast: the bundle's runner in this interpreter, with torch and nasprune made unimportable."""
     d, target, cfg, dims = setup
     names = {p.name for p in bundle.iterdir()}
-    assert {"run_profile.py", "nasprune_session.py", "manifest.json", "graphs", "README.txt"} <= names
+    assert {"run_profile.py", "nasprune_meter.py", "nasprune_session.py", "manifest.json", "graphs",
+            "README.txt"} <= names
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert len(list((bundle / "graphs").glob("*.onnx"))) == len(manifest["graphs"]) == 9
     block = tmp_path / "block"
@@ -309,3 +312,67 @@ def test_profile_unavailable_provider_suggests_bundle(setup, tmp_path):
     d, target, cfg, dims = setup
     with pytest.raises(ProviderUnavailableError, match="bundle"):
         profile(dims, "cuda", "fp16", tmp_path / "t.json", model_config=cfg, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ interpolation
+def _table_of(f, heads, units, calibration=None) -> LatencyTable:
+    """A table whose block grids are ``f(h, u)`` (dropped layer: 0)."""
+    grid = [[0.0 if h == 0 and u == 0 else f(h, u) for u in units] for h in heads]
+    return LatencyTable({
+        "format": "nasprune.latency_table", "version": 1, "model": {}, "measurement": {},
+        "fingerprint": {"precision": "fp32", "provider": "CPUExecutionProvider", "onnxruntime": "1", "threads": 1},
+        "grid": {"heads": heads, "units": units}, "base": {"latency_ms": 2.0, "memory_mb": 30.0, "weights_mb": 10.0},
+        "blocks": {"latency_ms": grid, "weights_mb": grid, "working_mb": grid},
+        "calibration": calibration or {}})
+
+
+def test_interpolation_is_bilinear_with_the_dropped_cell_left_out():
+    """Between grid points the block costs are interpolated linearly over units and heads (exact for a bilinear
+    cost); cell (0, 0) is a dropped layer, so next to it the nearest real block stands in; outside, the edge."""
+    def f(h, u):
+        return 1.0 + 0.5 * h + 0.01 * u + 0.002 * h * u
+
+    t = _table_of(f, [0, 2, 4], [0, 8, 16])  # an incomplete head grid: interpolated over heads too
+    for h, u in ((3, 12), (2, 4), (4, 9), (3, 0), (0, 12), (2, 16)):
+        assert t.layer_latency(h, u) == pytest.approx(f(h, u), abs=1e-9)
+    assert t.layer_latency(0, 0) == 0.0
+    assert t.layer_latency(0, 4) == pytest.approx(f(0, 8), abs=1e-9)  # (0, 0) replaced by (0, 8) along the units
+    assert t.layer_latency(1, 0) == pytest.approx(f(2, 0), abs=1e-9)  # ... and by (2, 0) along the heads
+    assert t.layer_latency(1, 4) == pytest.approx((2 * f(0, 8) + f(2, 0) + f(2, 8)) / 4, abs=1e-9)
+    assert t.layer_latency(7, 30) == pytest.approx(f(4, 16), abs=1e-9)  # clamped to the grid
+    sub = SubNetwork((3, 0, 1, 0), (12, 4, 0, 0))
+    blocks = [f(3, 12), f(0, 8), f(2, 0)]
+    assert t.raw_latency(sub) == pytest.approx(2.0 + sum(blocks), abs=1e-9)
+    assert t.weights_mb(sub) == pytest.approx(10.0 + sum(blocks), abs=1e-9)
+    assert t.raw_memory(sub) == pytest.approx(30.0 + sum(blocks) + max(blocks), abs=1e-9)
+    t.calibration.update(latency={"a": 0.5, "b": 1.0, "c": 0.01}, memory={"a": 2.0, "b": -3.0})
+    raw = t.raw_latency(sub)
+    assert t.predict_latency(sub) == pytest.approx(0.01 * raw * raw + 0.5 * raw + 1.0, abs=1e-9)
+    assert t.predict_memory(sub) == pytest.approx(2.0 * t.raw_memory(sub) - 3.0, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------- memory
+def test_table_and_export_memory_come_from_one_meter(setup, tmp_path):
+    """The profile's worker (and the bundle runner) and the export measure with targets.meter.measure: same
+    quantity, same unit (MB = 10^6 bytes), on a real small BERT graph."""
+    from latency_models import bundle_runner
+    from latency_models.grid import Worker, export_graph, onnx_weight_bytes
+    from targets import meter
+    from toolchain.ship import verify
+
+    d, target, cfg, dims = setup
+    assert bundle_runner.measure_graph is meter.measure and bundle_runner.MB == meter.MB == 1e6
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    path = export_graph(model_from_config(copy.deepcopy(cfg)).eval(), tmp_path / "m.onnx", "fp32", target)
+    with Worker() as worker:  # how the table's graphs and its calibration samples are measured
+        table_side = worker.measure(path, target, cfg.vocab_size, FAST)
+    export_side = verify.measure_memory(path, batch=target.batch_size, seq_len=target.sequence_length,
+                                        threads=target.threads, vocab_size=cfg.vocab_size)
+    assert export_side["method"] == meter.MEMORY_METHOD and "MB = 1e6 bytes" in meter.MEMORY_METHOD
+    for r in (table_side, export_side):
+        assert r["peak_reset"] is True
+        assert r["memory_mb"] == pytest.approx(r["peak_rss_mb"] - r["baseline_rss_mb"])
+        assert r["memory_mb"] * meter.MB > onnx_weight_bytes(path)  # the weights are resident while it serves
+    # the same graph, the same settings, the same function: the same figure up to the noise of the allocator
+    assert export_side["memory_mb"] == pytest.approx(table_side["memory_mb"], rel=0.15)

@@ -26,17 +26,23 @@ def write(tmp_path, text, name="t.toml"):
 
 @pytest.fixture(scope="module")
 def identity_onnx(tmp_path_factory):
-    import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _save_graph([helper.make_node("Identity", ["x"], ["y"])], [x], [y],
+                       tmp_path_factory.mktemp("onnx") / "id.onnx")
+
+
+def _save_graph(nodes, inputs, outputs, path):
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    p = tmp_path_factory.mktemp("onnx") / "id.onnx"
-    onnx.save(model, str(p))
-    return p
+    onnx.save(model, str(path))
+    return path
 
 
 def test_builtin_targets_load():
@@ -131,3 +137,58 @@ def test_fingerprint_and_key(tmp_path):
     assert cpu.fingerprint()["precision"] == "fp32"
     with pytest.raises(TargetError):
         cpu.fingerprint("fp16")
+
+
+@pytest.fixture(scope="module")
+def token_onnx(tmp_path_factory):
+    """A graph with a transformer's inputs (int64 input_ids / attention_mask [batch, seq]) and a float output."""
+    from onnx import TensorProto, helper
+
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+           for n in ("input_ids", "attention_mask")]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq"])
+    nodes = [helper.make_node("Mul", ["input_ids", "attention_mask"], ["m"]),
+             helper.make_node("Cast", ["m"], ["logits"], to=TensorProto.FLOAT)]
+    return _save_graph(nodes, ins, [out], tmp_path_factory.mktemp("onnx") / "tokens.onnx")
+
+
+def test_meter_statistic_and_memory_unit(token_onnx):
+    """targets.meter: the median of the timed runs after warm-up, order statistics beside it; memory in MB = 10^6
+    bytes, peak RSS while serving minus RSS before the session, in a forked child or a fresh interpreter."""
+    from targets import meter
+
+    t = load_target("cpu")
+    sess = t.session(token_onnx)
+    feed = meter.make_feed([i.name for i in sess.get_inputs()], 2, 16, 100)
+    assert feed["input_ids"].shape == (2, 16) and feed["input_ids"].max() < 100 and feed["attention_mask"].all()
+    lat = meter.time_session(sess, feed, warmup=1, min_reps=7, min_time_s=0.0, max_reps=7)
+    assert lat["reps"] == 7 and lat["warmup"] == 1
+    assert lat["min_ms"] <= lat["q25_ms"] <= lat["latency_ms"] <= lat["q75_ms"] <= lat["p90_ms"] <= lat["max_ms"]
+    settings = dict(t.settings(), intra_op_threads=1, sequence_length=16)
+    fast = {"warmup": 1, "min_reps": 3, "min_time_s": 0.0, "max_reps": 3}
+    forked = meter.measure(token_onnx, settings, 100, fast)
+    isolated = meter.measure_isolated(token_onnx, settings, 100, fast)
+    assert set(isolated) == set(forked) >= {"latency_ms", "memory_mb", "loaded_mb", "baseline_rss_mb", "peak_rss_mb"}
+    for r in (forked, isolated):
+        assert r["reps"] == 3 and r["memory_mb"] >= 0
+        assert r["memory_mb"] == pytest.approx(r["peak_rss_mb"] - r["baseline_rss_mb"])
+        assert 1 < r["baseline_rss_mb"] < 10_000  # a Python process with onnxruntime loaded, in units of 10^6 bytes
+    with pytest.raises(RuntimeError, match="failed"):
+        meter.measure(token_onnx.parent / "missing.onnx", settings, 100, fast)
+
+
+def test_meter_reads_gpu_memory_with_nvidia_ml_py(monkeypatch):
+    """On a GPU provider the meter adds the device's memory in use (nvidia-ml-py); without it, nothing."""
+    import sys
+    import types
+
+    from targets import meter
+
+    used = {("gpu", 1): 123_000_000}
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: ("gpu", i),
+                                 nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=used.get(h, 0)))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert meter.gpu_memory_used() == 123_000_000  # the first visible device
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert meter.gpu_memory_used() is None

@@ -5,20 +5,17 @@
   on a GPU execution provider), else
   :class:`VerificationError`; int8 / fp16 report the difference and the change of the validation metric.
 * :func:`evaluate_onnx` -- the task metric of the ONNX model itself on validation data (batched, padded).
-* :func:`measure_latency` -- median (and min / max / p90) of repeated runs after warm-up.
-* :func:`measure_memory` -- peak memory of creating a session and running it, in a fresh, isolated Python process.
+* :func:`measure_latency` -- median (and min / quartiles / p90 / max) of repeated runs after warm-up.
+* :func:`measure_memory` -- memory (MB = 10^6 bytes) the model adds while it serves, in a fresh Python process.
 
-Sessions come from a target (``target.session(path)``), a plain ``session_factory(path)``, or
-:func:`default_session` (CPU execution provider, one intra-op thread per physical core).
+Both are :mod:`targets.meter`, the meter that profiles the latency tables, so measured and predicted figures are
+the same quantities. Sessions come from a target (``target.session(path)``), a plain ``session_factory(path)``, or
+:func:`default_session` (CPU execution provider, one intra-op thread per physical core); all but a caller's own
+factory are :func:`targets.session.open_session`.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from targets.session import physical_cores
+from targets.meter import MEMORY_METHOD, measure_isolated, time_session
+from targets.session import open_session as open_target_session, physical_cores
 
 FP32_TOLERANCE = 1e-4
 # fp32 on a GPU execution provider: its kernels (fused attention, reductions in another order, TF32 matrix
@@ -50,18 +48,12 @@ class VerificationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------- sessions
+CPU_PROVIDERS = ("CPUExecutionProvider",)
 
 
 def default_session(onnx_path: str | Path, threads: int | None = None):
-    """CPU execution provider, ``threads`` (default: physical cores) intra-op threads, sequential execution."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or physical_cores()
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    """CPU execution provider, ``threads`` (default: physical cores) intra-op threads, all graph optimizations."""
+    return open_target_session(onnx_path, CPU_PROVIDERS, threads=threads or "auto")
 
 
 def open_session(onnx_path: str | Path, target=None, session_factory: Callable | None = None):
@@ -234,22 +226,13 @@ def evaluate_torch(model, metric_data: MetricData, batch_size: int = 32) -> dict
 
 
 def measure_latency(session, inputs: dict[str, Any], warmup: int = 10, reps: int = 50) -> dict:
-    """Wall-clock latency of ``session.run`` on ``inputs``: median, min, max and p90 in ms over ``reps`` runs
-    after ``warmup`` untimed runs."""
+    """Wall-clock latency of ``session.run`` on ``inputs`` (:func:`targets.meter.time_session`): ``latency_ms`` (the
+    median), ``min_ms``, ``q25_ms``, ``q75_ms``, ``p90_ms``, ``max_ms`` over ``reps`` runs after ``warmup`` untimed
+    runs."""
     if reps < 1:
         raise ValueError("reps must be >= 1")
-    feed = feed_for(session, inputs)
-    for _ in range(max(0, warmup)):
-        session.run(None, feed)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(np.ceil(0.9 * len(times))) - 1)]
-    return {"median_ms": float(statistics.median(times)), "min_ms": float(times[0]), "max_ms": float(times[-1]),
-            "p90_ms": float(p90), "reps": int(reps), "warmup": int(warmup)}
+    return time_session(session, feed_for(session, inputs), warmup=warmup, min_reps=reps, min_time_s=0.0,
+                        max_reps=reps)
 
 
 def latency_inputs(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -261,115 +244,23 @@ def latency_inputs(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------------- memory
 
-_MEMORY_SCRIPT = r"""
-import json, os, sys
-import numpy as np
-import onnxruntime as ort
-import psutil
-args = json.loads(sys.argv[1])
-proc = psutil.Process()
-gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in args["providers"])
-if gpu and hasattr(ort, "preload_dlls"):  # no torch here to load the CUDA libraries: let onnxruntime find them
-    import contextlib, io
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ort.preload_dlls(directory="")
-    except Exception:
-        pass
-
-def gpu_used():  # bytes in use on the GPU (whole device; nvidia-ml-py), or None
-    if not gpu:
-        return None
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
-        h = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-    except Exception:
-        return None
-
-gpu_base = gpu_used()
-
-def hwm():  # peak RSS of this process image (VmHWM, bytes), or the current RSS where /proc is not available
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return proc.memory_info().rss
-
-base = proc.memory_info().rss
-try:  # reset the high-water mark to the current RSS, so the peak below is the session's
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    reset = True
-except OSError:
-    reset = False
-opts = ort.SessionOptions()
-opts.intra_op_num_threads = args["threads"]
-opts.inter_op_num_threads = 1
-opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-sess = ort.InferenceSession(args["path"], sess_options=opts, providers=args["providers"])
-lost = [p for p in args["providers"] if p != "CPUExecutionProvider" and p not in sess.get_providers()]
-if gpu and lost:
-    sys.exit("execution provider(s) " + ", ".join(lost) + " did not start in the memory-measuring process")
-after_session = proc.memory_info().rss
-b, s = args["batch"], args["seq_len"]
-feed = {}
-for i in sess.get_inputs():
-    if i.name == "input_ids":
-        feed[i.name] = np.full((b, s), 1000 % max(2, args["vocab"]), dtype=np.int64)
-    elif i.name == "attention_mask":
-        feed[i.name] = np.ones((b, s), dtype=np.int64)
-    else:
-        feed[i.name] = np.zeros((b, s), dtype=np.int64)
-for _ in range(args["runs"]):
-    sess.run(None, feed)
-gpu_after = gpu_used()
-print(json.dumps({"baseline_rss": base, "after_session_rss": after_session,
-                  "after_run_rss": proc.memory_info().rss, "peak_rss": max(hwm(), proc.memory_info().rss),
-                  "hwm_reset": reset,
-                  "gpu_bytes": None if gpu_base is None or gpu_after is None else gpu_after - gpu_base}))
-"""
-
-MEMORY_METHOD = (
-    "fresh isolated Python process (python -I): peak resident set size (Linux VmHWM, reset through "
-    "/proc/self/clear_refs just before the session is created) while creating the ONNX Runtime session and running "
-    "{runs} inferences at batch x sequence length, minus the RSS just before creating the session (after importing "
-    "numpy + onnxruntime)"
-)
-
-
 def measure_memory(onnx_path: str | Path, *, batch: int = 1, seq_len: int = 128, threads: int | None = None,
-                   providers: list[str] | None = None, vocab_size: int = 30522, runs: int = 3,
-                   timeout: float = 300) -> dict:
-    """Peak memory (MB = 2**20 bytes) of loading and running the model, measured in a fresh subprocess.
+                   providers: list[str] | None = None, vocab_size: int = 30522, graph_optimization_level: str = "all",
+                   timeout: float = 600) -> dict:
+    """Memory the model adds while it serves (``memory_mb``, MB = 10^6 bytes), measured in a fresh Python process by
+    :func:`targets.meter.measure`, the function that measures the latency tables' memory.
 
-    ``memory_mb`` is the peak RSS of the process minus its RSS before the session existed, i.e. what the session
-    (weights, arena, activations, thread pools) added: host memory, also on a GPU target (where the latency table's
-    memory is host memory too). On a CUDA target ``gpu_memory_mb`` is the GPU memory in use after the runs minus
-    before the session (the whole device's, read with nvidia-ml-py where it is installed; else ``None``).
+    ``memory_mb`` is the peak RSS while the session runs minus the RSS before the session existed: host memory, also
+    on a GPU target (where the latency table's memory is host memory too). On a GPU target ``gpu_memory_mb`` is the
+    GPU memory in use after the runs minus before the session (the whole device's, read with nvidia-ml-py where it
+    is installed).
     """
-    args = {"path": str(Path(onnx_path).resolve()), "batch": int(batch), "seq_len": int(seq_len),
-            "threads": int(threads or physical_cores()), "providers": providers or ["CPUExecutionProvider"],
-            "vocab": int(vocab_size), "runs": int(runs)}
-    proc = subprocess.run([sys.executable, "-I", "-c", _MEMORY_SCRIPT, json.dumps(args)], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement failed: {proc.stderr.strip()[-2000:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    mb = 1024.0 * 1024.0
-    return {
-        "memory_mb": (r["peak_rss"] - r["baseline_rss"]) / mb,
-        "peak_rss_mb": r["peak_rss"] / mb,
-        "baseline_rss_mb": r["baseline_rss"] / mb,
-        "session_rss_mb": (r["after_session_rss"] - r["baseline_rss"]) / mb,
-        "peak_reset": bool(r.get("hwm_reset")),
-        **({"gpu_memory_mb": r["gpu_bytes"] / mb} if r.get("gpu_bytes") is not None else {}),
-        "method": MEMORY_METHOD.format(runs=runs),
-    }
+    settings = {"providers": list(providers or CPU_PROVIDERS), "intra_op_threads": int(threads or physical_cores()),
+                "graph_optimization_level": graph_optimization_level, "batch_size": int(batch),
+                "sequence_length": int(seq_len)}
+    r = measure_isolated(onnx_path, settings, vocab_size, timeout=timeout)
+    keys = ("memory_mb", "loaded_mb", "baseline_rss_mb", "peak_rss_mb", "peak_reset", "gpu_memory_mb")
+    return {**{k: r[k] for k in keys if k in r}, "method": MEMORY_METHOD}
 
 
 # ------------------------------------------------------------------------------------------------- verification

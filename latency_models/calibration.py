@@ -1,0 +1,173 @@
+"""End-to-end checks of a latency table: random sliced sub-networks built as compile builds them and measured
+whole, to fit the table's calibration (:func:`calibrate`) and to record its prediction error (:func:`validate`).
+
+Each sample is measured beside the unpruned network (the *reference*), so drift of a shared machine over the
+minutes of calibration and validation can be told apart from prediction error (:func:`drift_corrected`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from latency_models.grid import Worker, as_target, export_graph, onnx_weight_bytes
+from latency_models.lookup_table import LatencyTable, error_stats
+
+
+def measure_subnet(model, subnet, target, precision: str, worker: Worker | None = None, workdir=None) -> dict:
+    """Slice ``model`` to ``subnet``, build its ONNX (as compile does) and measure it on ``target``."""
+    from toolchain.core.slicing import slice_model
+
+    target = as_target(target)
+    own = worker is None
+    worker = worker or Worker()
+    try:
+        with tempfile.TemporaryDirectory(prefix="nasprune-e2e-", dir=workdir) as tmp:
+            dst = export_graph(slice_model(model, subnet), Path(tmp) / "model.onnx", precision, target)
+            res = worker.measure(dst, target, model.config.vocab_size, None)
+            res["weight_bytes"] = onnx_weight_bytes(dst)
+            return res
+    finally:
+        if own:
+            worker.close()
+
+
+def _samples(space, n: int, seed: int) -> list:
+    """``n`` sub-networks whose sizes span the whole range: sample ``i`` keeps about a share ``r_i`` of every layer's
+    heads and FFN units, ``r_i`` stratified between 0.1 and 1 and each layer's shares jittered by +-0.15. Uniform
+    random per-layer widths average out around half the network, which would leave the small and the near-full
+    networks (where users' budgets lie) out of calibration and validation."""
+    from toolchain.core.subnetwork import SubNetwork
+
+    d = space.dims
+    rng = np.random.default_rng([seed, 29])
+    out = []
+    while len(out) < n:
+        r = 0.1 + 0.9 * (len(out) + rng.random()) / n
+
+        def widths(top):
+            return np.rint(np.clip(r + rng.uniform(-0.15, 0.15, d.num_layers), 0.0, 1.0) * top).astype(int)
+
+        s = SubNetwork(widths(d.num_heads), widths(d.intermediate_size))
+        if s.kept_layers:  # a network without layers is not a useful sample
+            out.append(s)
+    return [out[i] for i in rng.permutation(n)]  # sizes in no particular order
+
+
+#: end-to-end measurements of each calibration / validation sample, alternating with the unpruned reference; the
+#: sample's latency is the median of the rounds (one window of ``min_time_s`` is at the mercy of a shared machine)
+E2E_ROUNDS = 3
+
+
+def _measure_samples(table, model, space, n, seed, target, worker, progress, desc):
+    """Measure ``n`` random sub-networks end to end, alternating :data:`E2E_ROUNDS` times with the unpruned network
+    (the *reference*): ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine
+    over the minutes of calibration and validation can be told apart from prediction error (see
+    :func:`drift_corrected`). ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``)."""
+    from toolchain.core.slicing import slice_model
+
+    target = as_target(target if target is not None else table.fingerprint.get("target") or "cpu")
+    subnets = _samples(space, n, seed)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, desc=desc, unit="net", dynamic_ncols=True)
+        except ImportError:
+            pass
+    rows = []
+    own = worker is None
+    worker = worker or Worker()
+    try:
+        with tempfile.TemporaryDirectory(prefix="nasprune-ref-") as tmp:
+            ref = export_graph(model, Path(tmp) / "reference.onnx", table.precision, target)
+            for s in subnets:
+                dst = export_graph(slice_model(model, s), Path(tmp) / "sample.onnx", table.precision, target)
+                refs, runs = [], []
+                for _ in range(E2E_ROUNDS):  # reference and sample alternate: both see the same machine speed
+                    refs.append(worker.measure(ref, target, model.config.vocab_size, None)["latency_ms"])
+                    runs.append(worker.measure(dst, target, model.config.vocab_size, None))
+                r = dict(runs[0])
+                r["latency_ms"] = float(np.median([x["latency_ms"] for x in runs]))
+                r["rounds_ms"] = [x["latency_ms"] for x in runs]
+                r["reference_ms"] = float(np.median(refs))
+                r["weight_bytes"] = onnx_weight_bytes(dst)
+                rows.append((s, r))
+                if bar:
+                    bar.update(1)
+    finally:
+        if bar:
+            bar.close()
+        if own:
+            worker.close()
+    return rows
+
+
+def _unpruned(space):
+    from toolchain.core.subnetwork import SubNetwork
+
+    d = space.dims
+    return SubNetwork.full(d.num_layers, d.num_heads, d.intermediate_size)
+
+
+def drift_corrected(measured: list[float], reference: list[float], speed_ms: float) -> list[float]:
+    """Latencies rescaled to the machine speed at which the unpruned network takes ``speed_ms``: each measurement
+    times ``speed_ms / reference`` (its own side-by-side measurement of the unpruned network)."""
+    return [m * speed_ms / r for m, r in zip(measured, reference)]
+
+
+def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, target=None, worker=None,
+              progress: bool = False) -> dict:
+    """Fit ``measured = c * raw^2 + a * raw + b`` (latency; memory: ``a * raw + b``) on ``n`` random sliced
+    sub-networks measured end to end; stores it in ``table`` (call ``table.save()`` to persist)."""
+    rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "calibrating")
+    refs = [r["reference_ms"] for _, r in rows]
+    speed = float(np.median(refs))  # the unpruned network's latency at calibration time
+    # the unpruned network, measured beside every sample, anchors the top of the fit (median of all its runs)
+    full = _unpruned(space)
+    lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows] + [table.raw_latency(full)],
+                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed], degree=2)
+    lat["reference_ms"] = speed
+    for sample, (_, r) in zip(lat["samples"], rows):
+        sample.update(measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
+    lat["samples"][-1].update(subnet=full.to_dict(), reference=True)
+    mem = table.set_calibration("memory", [table.raw_memory(s) for s, _ in rows], [r["memory_mb"] for _, r in rows])
+    for cal, (kind, key) in zip((lat, mem), (("latency", "latency_ms"), ("memory", "memory_mb"))):
+        for sample, (s, r) in zip(cal["samples"], rows):
+            sample["subnet"] = s.to_dict()
+    return {"latency": lat, "memory": mem}
+
+
+def validate(table: LatencyTable, model, space, n: int = 10, seed: int = 1, target=None, worker=None,
+             progress: bool = False) -> dict:
+    """Prediction error on ``n`` held-out random sub-networks measured end to end; stored in ``table.validation``:
+    MAPE, max error, share within +-5 % and +-10 %, for latency and memory, with every sample."""
+    rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "validating")
+    out = {}
+    for kind, key, pred in (("latency", "latency_ms", table.predict_latency), ("memory", "memory_mb", table.predict_memory)):
+        p = [pred(s) for s, _ in rows]
+        m = [r[key] for _, r in rows]
+        stats = error_stats(p, m)
+        stats["samples"] = [{"subnet": s.to_dict(), "predicted": float(a), "measured": float(b)}
+                            for (s, _), a, b in zip(rows, p, m)]
+        if kind == "latency":  # the same, with each measurement scaled to the calibration's machine speed
+            speed = (table.calibration.get("latency") or {}).get("reference_ms")
+            refs = [r["reference_ms"] for _, r in rows]
+            for sample, ref in zip(stats["samples"], refs):
+                sample["reference_ms"] = float(ref)
+            if speed:
+                stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
+                stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
+                                                      "latency measured just before this sample)")
+            # the unpruned network itself: measured beside every sample, compared with its prediction
+            stats["unpruned"] = {"predicted": float(pred(_unpruned(space))), "measured": float(np.median(refs)),
+                                 "n": len(refs)}
+        out[kind] = stats
+    out["space"] = space.name
+    out["seed"] = seed
+    table.validation.clear()
+    table.validation.update(out)
+    return out

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""The one latency and memory meter: what profiling, the device bundle and the export measure with.
+
+Standalone like :mod:`targets.session` (standard library, ``numpy``, ``onnxruntime``; ``psutil`` and
+``nvidia-ml-py`` where installed): a profiling bundle copies it next to ``run_profile.py`` as ``nasprune_meter.py``.
+
+* **latency** (:func:`time_session`): ``warmup`` untimed runs, then timed runs (``time.perf_counter`` around each
+  ``session.run``) until at least ``min_reps`` runs and ``min_time_s`` seconds, at most ``max_reps``; the statistic
+  is the **median** of the per-run wall times (``latency_ms``), with min / quartiles / p90 / max beside it.
+* **memory** (:func:`measure`): ``memory_mb`` = the peak resident set size while the model serves requests minus
+  the resident size just before the session was created, in **MB = 10^6 bytes**, in a fresh process: a child
+  forked for the graph (:func:`measure`), or a fresh interpreter that runs :func:`measure` (:func:`measure_isolated`,
+  for callers that have torch or CUDA loaded). numpy and onnxruntime (and, for a GPU provider, the CUDA libraries)
+  are loaded before the baseline is read. The kernel's peak counter (``VmHWM``) is reset after the session is
+  created (``/proc/self/clear_refs`` = 5), so load-time transients (the ONNX protobuf next to the initializers) do
+  not count: the figure is what serving costs -- weights as ONNX Runtime holds them, its arena (activations), its
+  threads. Without /proc, the resident size after the runs is used (psutil). On a GPU provider,
+  ``gpu_memory_mb`` is the GPU memory in use after the runs minus before the session (the whole device's, read
+  with nvidia-ml-py where installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:  # inside nasprune
+    from targets.session import GPU_PROVIDERS, open_session, prepare_providers
+except ImportError:  # inside a bundle, or run as a script (python -I targets/meter.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from nasprune_session import GPU_PROVIDERS, open_session, prepare_providers  # type: ignore
+    except ImportError:
+        sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+        from targets.session import GPU_PROVIDERS, open_session, prepare_providers
+
+MB = 1e6  # memory figures are in MB = 10^6 bytes, everywhere
+
+DEFAULT_MEASUREMENT = {"warmup": 5, "min_reps": 15, "min_time_s": 0.3, "max_reps": 2000, "statistic": "median"}
+MEMORY_METHOD = ("peak RSS while serving (VmHWM reset after session creation via /proc/self/clear_refs) minus RSS "
+                 "before session creation (numpy and onnxruntime already loaded), in a fresh process "
+                 "(targets.meter.measure); MB = 1e6 bytes")
+
+
+# ------------------------------------------------------------------------------------------------------ latency
+def time_session(session, feed: dict, warmup: int = DEFAULT_MEASUREMENT["warmup"],
+                 min_reps: int = DEFAULT_MEASUREMENT["min_reps"], min_time_s: float = DEFAULT_MEASUREMENT["min_time_s"],
+                 max_reps: int = DEFAULT_MEASUREMENT["max_reps"]) -> dict:
+    """Wall-clock latency of ``session.run(None, feed)`` (ms): ``latency_ms`` is the median of the timed runs."""
+    if max_reps < 1:
+        raise ValueError("max_reps must be >= 1")
+    for _ in range(max(0, int(warmup))):
+        session.run(None, feed)
+    times = []
+    t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        t1 = time.perf_counter()
+        times.append((t1 - t0) * 1e3)
+        if len(times) >= max_reps or (len(times) >= min_reps and t1 - t_start >= min_time_s):
+            break
+    times.sort()
+    n = len(times)
+    median = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+    return {"latency_ms": median, "min_ms": times[0], "q25_ms": times[n // 4], "q75_ms": times[(3 * n) // 4],
+            "p90_ms": times[max(0, -(-9 * n // 10) - 1)], "max_ms": times[-1], "reps": n, "warmup": int(warmup)}
+
+
+def make_feed(input_names, batch: int, seq_len: int, vocab_size: int) -> dict:
+    """Fixed-shape int64 inputs: random token ids below ``vocab_size``, an all-ones mask, zero token types."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feed = {}
+    for name in input_names:
+        if name == "input_ids":
+            feed[name] = rng.integers(5, max(6, vocab_size - 1), size=(batch, seq_len), dtype=np.int64)
+        elif name == "attention_mask":
+            feed[name] = np.ones((batch, seq_len), dtype=np.int64)
+        else:
+            feed[name] = np.zeros((batch, seq_len), dtype=np.int64)
+    return feed
+
+
+# ------------------------------------------------------------------------------------------------------- memory
+def _proc_status() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS", "VmHWM")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _rss() -> int:
+    st = _proc_status()
+    if "VmRSS" in st:
+        return st["VmRSS"]
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def gpu_memory_used() -> int | None:
+    """Bytes in use on the (first visible) GPU, whole device (nvidia-ml-py), or ``None``."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        h = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    except Exception:  # noqa: BLE001 - not installed, no driver, no device
+        return None
+
+
+def measure_here(onnx_path, settings: dict, vocab_size: int, measurement: dict | None = None) -> dict:
+    """Latency and memory of ``onnx_path`` in *this* process (see the module docstring); prefer :func:`measure`.
+
+    ``settings``: a target's settings (``Target.settings()``): ``providers``, ``optional_providers``,
+    ``intra_op_threads``, ``graph_optimization_level``, ``batch_size``, ``sequence_length``."""
+    import numpy  # noqa: F401 - loaded before the baseline: not part of the model's memory
+    import onnxruntime  # noqa: F401
+
+    m = {**DEFAULT_MEASUREMENT, **(measurement or {})}
+    providers = list(settings.get("providers") or ["CPUExecutionProvider"])
+    gpu = any(p in GPU_PROVIDERS for p in providers)
+    if gpu:
+        prepare_providers(providers)  # the CUDA libraries are the runtime's, not the model's
+    gpu_base = gpu_memory_used() if gpu else None
+    base = _rss()
+    sess = open_session(onnx_path, providers, settings.get("optional_providers", ()),
+                        settings.get("intra_op_threads", "auto"), settings.get("graph_optimization_level", "all"))
+    loaded = _rss()
+    peak_ok = _reset_peak()
+    feed = make_feed([i.name for i in sess.get_inputs()], settings.get("batch_size", 1),
+                     settings.get("sequence_length", 128), vocab_size)
+    result = time_session(sess, feed, m["warmup"], m["min_reps"], m["min_time_s"], m["max_reps"])
+    peak = _proc_status().get("VmHWM", 0) if peak_ok else _rss()
+    gpu_after = gpu_memory_used() if gpu_base is not None else None
+    result.update(memory_mb=max(peak - base, 0) / MB, loaded_mb=max(loaded - base, 0) / MB,
+                  baseline_rss_mb=base / MB, peak_rss_mb=peak / MB, peak_reset=peak_ok)
+    if gpu_after is not None:
+        result["gpu_memory_mb"] = (gpu_after - gpu_base) / MB
+    return result
+
+
+def measure(onnx_path, settings: dict, vocab_size: int, measurement: dict | None = None) -> dict:
+    """Latency (median, ms) and memory (MB = 10^6 bytes) of one ONNX graph with the target's session settings.
+
+    On POSIX the measurement runs in a child forked for this graph, so every graph starts from the same resident
+    baseline and nothing of the previous one stays resident."""
+    import numpy  # noqa: F401 - once here rather than in every child
+    import onnxruntime  # noqa: F401
+
+    if not hasattr(os, "fork"):
+        return measure_here(onnx_path, settings, vocab_size, measurement)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            payload = json.dumps(measure_here(onnx_path, settings, vocab_size, measurement))
+        except BaseException as e:  # report, never return into the parent's code
+            payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
+            code = 1
+        with os.fdopen(w, "w") as fh:
+            fh.write(payload)
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    try:
+        result = json.loads(data)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"measuring {onnx_path} crashed the measuring process") from None
+    if "error" in result:
+        raise RuntimeError(f"measuring {onnx_path} failed: {result['error']}")
+    return result
+
+
+def measure_isolated(onnx_path, settings: dict, vocab_size: int, measurement: dict | None = None,
+                     timeout: float = 600) -> dict:
+    """:func:`measure` in a fresh interpreter (``python -I targets/meter.py``): for a caller that has torch, CUDA or
+    large buffers loaded (the export), whose own process would not give a clean baseline."""
+    req = {"path": str(Path(onnx_path).resolve()), "settings": settings, "vocab_size": int(vocab_size),
+           "measurement": measurement}
+    proc = subprocess.run([sys.executable, "-I", str(Path(__file__).resolve()), json.dumps(req)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {onnx_path} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    req = json.loads((argv or sys.argv[1:])[0])
+    print(json.dumps(measure(req["path"], req["settings"], req["vocab_size"], req.get("measurement"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
