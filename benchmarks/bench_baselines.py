@@ -98,7 +98,7 @@ def standard_folder(folder: Path, args) -> Path:
 
 def run_task(task: str, args, table, saved: Saved) -> dict:
     from toolchain.core.subnetwork import layer_drop_subnet, uniform_subnet
-    from toolchain.pipeline import point_supernet
+    from toolchain.rfp_stage import point_supernet
     from toolchain.evaluation import Evaluator
     from toolchain.rfp import prune
     from toolchain.run import DataSettings, train_run
@@ -574,7 +574,8 @@ def check_settings(saved: Saved, args) -> None:
 def get_table(args):
     from latency_models.lookup_table import LatencyTable
     from targets import load_target
-    from toolchain.pipeline import CompileOptions, latency_table_for
+    from toolchain.options import CompileOptions
+    from toolchain.pipeline import latency_table_for
     from toolchain.core.modeling import ModelDims, load_config
 
     _, config = load_config(None)

@@ -145,6 +145,20 @@ def test_compile_with_retraining_free_pruning(env, tiny_model_dir, capsys):
     shipped = [p for p in manifest["points"] if p["feasible"]]
     assert shipped and all(p["measured_latency_ms"] <= 50 for p in shipped)
 
+    # the rfp stage again over the same folder: rfp.json and the history are read back, nothing is recomputed
+    assert main(["search", str(out), "--method", "rfp", "--max-latency", "50ms"]) == 0
+    assert (out / "search_history.csv").read_text().splitlines() == history
+
+    # `nasprune export` over the finished run goes through the same stages 4-6: the same artifacts, report included
+    for name in ("report.html", "pareto.png", "manifest.json"):
+        (out / name).unlink()
+    assert main(["export", str(out), "--max-latency", "50ms", "--export", "1"]) == 0
+    again = json.loads((out / "manifest.json").read_text())
+    assert {"profile_s", "validate_s", "export_s", "total_s"} <= set(again["timings"])
+    assert again["settings"]["method"] == "rfp" and again["settings"]["strategy"] == "standard"
+    assert again["hypervolume"] == manifest["hypervolume"] and again["num_feasible"] == 1
+    assert (out / "report.html").is_file() and (out / "pareto.png").is_file()
+
 
 @pytest.mark.slow
 def test_sigint_then_resume(env, tiny_model_dir):
@@ -179,8 +193,9 @@ def test_sigint_then_resume(env, tiny_model_dir):
 
 
 def test_super_network_starts_from_a_fine_tuning_unless_the_strategy_is_one():
-    from toolchain.pipeline import CompileOptions
+    from toolchain.options import CompileOptions
 
     assert CompileOptions().strategy == "kd" and CompileOptions().resolved_init() == "finetuned"
     assert CompileOptions(strategy="standard").resolved_init() == "pretrained"  # --method rfp prunes a fine-tuning
+    assert CompileOptions(method="rfp").strategy == "standard"  # as nasprune-compile --method rfp
     assert CompileOptions(init="pretrained").resolved_init() == "pretrained"

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.ship.export import (
-    Candidate,
-    ExportResult,
-    export_point,
-    load_export_info,
-    select_and_export,
-    write_manifest,
-)
+from toolchain.ship.export import ExportResult, export_point
+from toolchain.ship.manifest import load_export_info, write_manifest
+from toolchain.ship.selection import Candidate, export_order, select_and_export
 from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
 from toolchain.core.search_space import fixed_parameters, make_space
 from toolchain.core.subnetwork import SubNetwork
@@ -278,8 +273,8 @@ def test_measure_latency_statistics(tmp_path, tokenizer):
     sess = default_session(tmp_path / "l" / "model.onnx", threads=1)
     ids = np.full((1, 16), 7, dtype=np.int64)
     lat = measure_latency(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, warmup=1, reps=5)
-    assert set(lat) >= {"median_ms", "min_ms", "max_ms", "p90_ms"}
-    assert lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["max_ms"]
+    assert set(lat) >= {"latency_ms", "min_ms", "max_ms", "p90_ms"}  # latency_ms: the median (targets.meter)
+    assert lat["min_ms"] <= lat["latency_ms"] <= lat["p90_ms"] <= lat["max_ms"]
 
 
 def test_select_skips_measured_violators_and_manifest(tmp_path):
@@ -324,6 +319,14 @@ def test_select_skips_measured_violators_and_manifest(tmp_path):
     sel = select_and_export(cands[:3], 2, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path / "b",
                             export_fn=fake_export)
     assert len(sel.shipped) == 1 and sel.exhausted and "ran out" in sel.report()
+
+
+def test_export_order_best_metric_first_then_spread_along_the_front():
+    front = [{"id": i, "error": e, "latency": lat} for i, (e, lat) in
+             enumerate([(0.10, 9.0), (0.12, 7.0), (0.15, 5.0), (0.20, 3.0), (0.30, 1.0)])]
+    assert [r["id"] for r in export_order(front, 3)] == [0, 2, 4, 1, 3]
+    assert [r["id"] for r in export_order(front, 1)] == [0, 1, 2, 3, 4]
+    assert export_order([], 3) == []
 
 
 def test_metric_data_from_dataset(tokenizer):

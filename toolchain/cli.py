@@ -1,4 +1,6 @@
-"""Command line: ``nasprune <stage>``, ``nasprune-compile``, ``nasprune-profile``. A thin layer over the Python API."""
+"""Command line: ``nasprune <stage>``, ``nasprune-compile``, ``nasprune-profile``. A thin layer over the Python API:
+argparse, then :mod:`toolchain.pipeline` (each command builds its :class:`~toolchain.options.CompileOptions` from its
+own parser's fields)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from toolchain.run import INITS, default_init
+from latency_models.cache import run_profile
 from toolchain.core.search_space import SPACE_NAMES
-from toolchain.training import STRATEGIES
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.options import CompileOptions
+from toolchain.pipeline import compile_model, evaluate_subnet, export_run, profile_targets, search_run
+from toolchain.run import INITS, DataSettings, default_init, train_run
+from toolchain.training import STRATEGIES, TrainConfig
+from toolchain.units import parse_latency, parse_memory, parse_params
 
 log = logging.getLogger("nasprune")
 
@@ -57,9 +64,7 @@ def add_init_option(g) -> None:
                         "standard)")
 
 
-def _data_settings(args):
-    from toolchain.run import DataSettings
-
+def _data_settings(args) -> DataSettings:
     return DataSettings(
         task=args.task, data_dir=args.data_dir, train_file=args.train_file, validation_file=args.validation_file,
         text_columns=[c.strip() for c in args.text_columns.split(",") if c.strip()], label_column=args.label_column,
@@ -68,9 +73,7 @@ def _data_settings(args):
     )
 
 
-def _train_config(args):
-    from toolchain.training import TrainConfig
-
+def _train_config(args) -> TrainConfig:
     return TrainConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, grad_accumulation=args.grad_accumulation,
                        num_random=args.num_random, seed=args.seed)
@@ -78,8 +81,6 @@ def _train_config(args):
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from toolchain.run import train_run
-
     run = train_run(args.output, model=args.model, data=_data_settings(args), space=args.space,
                     train_config=_train_config(args), reorder=not args.no_reorder,
                     init=args.init or default_init(args.strategy),
@@ -88,9 +89,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _read_subnet(text: str):
-    from toolchain.core.subnetwork import SubNetwork
-
+def _read_subnet(text: str) -> SubNetwork:
     p = Path(text)
     if not text.lstrip().startswith("{") and p.exists():
         text = p.read_text()
@@ -100,17 +99,8 @@ def _read_subnet(text: str):
 
 
 def cmd_evaluate(args) -> int:
-    from toolchain.evaluation import Evaluator
-    from toolchain.run import load_run
-
-    run = load_run(args.run_dir)
-    subnet = _read_subnet(args.subnet) if args.subnet else run.supernet.full()
-    d = run.supernet.dims
-    subnet.validate_for(d.num_layers, d.num_heads, d.intermediate_size)
-    enc = run.encoded("validation", max_samples=args.max_eval_samples)
-    metrics = Evaluator(run.supernet, enc, run.spec, batch_size=args.eval_batch_size)(subnet)
-    result = {"subnet": subnet.to_dict(), "parameters": run.space.num_parameters(subnet),
-              "examples": len(enc["labels"]), **metrics}
+    subnet = _read_subnet(args.subnet) if args.subnet else None
+    result = evaluate_subnet(args.run_dir, subnet, args.max_eval_samples, args.eval_batch_size)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -124,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(func=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune the pre-trained model as a weight-sharing super-network",
@@ -163,7 +154,9 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
 def add_search_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search and constraints")
     g.add_argument("--max-latency", default=None, help="latency budget on the target: 20, 20ms, 0.02s")
-    g.add_argument("--max-memory", default=None, help="memory budget: 300MB, 0.5GB, 256MiB, 1GiB")
+    g.add_argument("--max-memory", default=None,
+                   help="memory budget: peak memory the model adds while serving, in MB = 10^6 bytes (as the latency "
+                        "table predicts and the export measures it): 300MB, 0.5GB, 256MiB, 1GiB")
     g.add_argument("--max-params", default=None, help="parameter budget: 10M, 500K")
     g.add_argument("--objectives", default="error,latency",
                    help="comma-separated, from: error, latency, memory, params (default: error,latency)")
@@ -198,63 +191,40 @@ def add_executor_options(p: argparse.ArgumentParser, search: bool = True) -> Non
                             "executor, so every executor gives the same result")
 
 
-def _check_executor(args) -> None:
-    """Ray missing, bad --workers: one clear line before any long work."""
-    from toolchain.search.executors import check_executor
-
-    check_executor(getattr(args, "executor", "local"), getattr(args, "workers", None),
-                   getattr(args, "ray_address", None))
-
-
-def _compile_options(args, **over):
-    from toolchain.pipeline import CompileOptions
-    from toolchain.units import parse_latency, parse_memory, parse_params
-
-    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
-    return CompileOptions(
-        model=getattr(args, "model", None), data=_data_settings(args) if hasattr(args, "task") else None,
+def _budget_options(args) -> dict:
+    """The fields of the target and search option groups (every command that searches or exports has them)."""
+    return dict(
         target=args.target, latency_table=args.latency_table, precision=args.precision,
         max_latency=parse_latency(args.max_latency) if args.max_latency is not None else None,
         max_memory=parse_memory(args.max_memory) if args.max_memory is not None else None,
         max_params=parse_params(args.max_params) if args.max_params is not None else None,
-        objectives=objectives, space=getattr(args, "space", "medium"),
-        strategy=getattr(args, "strategy", None) or ("standard" if args.method == "rfp" else "kd"),
-        method=args.method, preset=args.preset, n_evals=args.n_evals, max_search_seconds=args.max_search_time,
-        search_eval_samples=args.search_eval_samples, n_export=getattr(args, "export", None),
-        max_train_samples=getattr(args, "max_train_samples", None), epochs=getattr(args, "epochs", None),
-        rfp_samples=getattr(args, "rfp_samples", None),
-        reorder=not getattr(args, "no_reorder", False), init=getattr(args, "init", None),
-        output=getattr(args, "output", None), seed=args.seed,
-        resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
-        executor=getattr(args, "executor", "local"), workers=getattr(args, "workers", None),
-        ray_address=getattr(args, "ray_address", None), search_batch_size=getattr(args, "search_batch_size", None),
-        **over)
+        objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), method=args.method,
+        preset=args.preset, n_evals=args.n_evals, max_search_seconds=args.max_search_time,
+        search_eval_samples=args.search_eval_samples, seed=args.seed)
 
 
-def _table_for_run(run, opts):
-    from targets import load_target
+def _search_options(args) -> CompileOptions:
+    """``nasprune search``: model, data and training come from the run folder."""
+    return CompileOptions(**_budget_options(args), executor=args.executor, workers=args.workers,
+                          ray_address=args.ray_address, search_batch_size=args.search_batch_size)
 
-    from toolchain.pipeline import latency_table_for
 
-    target = load_target(opts.target)
-    precision = target.check_precision(opts.precision)
-    opts.model = opts.model or run.settings.get("model")  # a table to profile is the run's model family's
-    return target, precision, latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
+def _export_options(args) -> CompileOptions:
+    """``nasprune export``: model, data, training and search come from the run folder."""
+    return CompileOptions(**_budget_options(args), n_export=args.export)
+
+
+def _compile_options(args) -> CompileOptions:
+    return CompileOptions(
+        **_budget_options(args), model=args.model, data=_data_settings(args), space=args.space,
+        strategy=args.strategy, max_train_samples=args.max_train_samples, epochs=args.epochs,
+        rfp_samples=args.rfp_samples, reorder=not args.no_reorder, init=args.init, n_export=args.export,
+        output=args.output, resume=args.resume, overwrite=args.overwrite, executor=args.executor,
+        workers=args.workers, ray_address=args.ray_address, search_batch_size=args.search_batch_size)
 
 
 def cmd_search(args) -> int:
-    from toolchain.pipeline import InfeasibleError, search_stage
-    from toolchain.run import load_run
-    from toolchain.search import infeasible_message
-
-    _check_executor(args)
-    run = load_run(args.run_dir)
-    opts = _compile_options(args)
-    opts.data = run.data
-    _, _, table = _table_for_run(run, opts)
-    result = search_stage(run, table, opts, Path(args.run_dir))
-    if not result.feasible:
-        raise InfeasibleError(infeasible_message(result))
+    result = search_run(args.run_dir, _search_options(args))
     print(f"{len(result.records)} candidates, {len(result.pareto)} on the Pareto front, "
           f"hypervolume {result.hypervolume:.4f}; written to {Path(args.run_dir) / 'pareto.json'}")
     for r in result.pareto:
@@ -263,32 +233,10 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from toolchain.pipeline import export_stage, rfp_scales, validate_front
-    from toolchain.ship.export import write_manifest
-    from toolchain.run import load_run
-    from toolchain.core.subnetwork import SubNetwork
-
-    folder = Path(args.run_dir)
-    run = load_run(folder)
-    pareto_json = folder / "pareto.json"
-    if not pareto_json.exists():
-        raise FileNotFoundError(f"{pareto_json} not found: run `nasprune search {folder}` first")
-    search = json.loads(pareto_json.read_text())
-    pareto = [{**r, "subnet": SubNetwork.from_dict(r["subnet"])} for r in search["pareto"]]
-    opts = _compile_options(args)
-    opts.data = run.data
-    target, precision, table = _table_for_run(run, opts)
-    target.check_available()  # export measures on the target: e.g. cuda needs a GPU here
-    scales = rfp_scales(folder)  # points of a --method rfp search carry their own rescaling
-    front = validate_front(run, pareto, lambda subnet: scales.get(subnet.key()))
-    shipped, selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, scales)
-    settings = {"target": target.name, "precision": precision, "max_latency_ms": opts.max_latency,
-                "max_memory_mb": opts.max_memory, "unpruned": unpruned}
-    hypervolume = {k: search.get(k) for k in ("hypervolume", "normalizers", "reference_point", "objectives")}
-    write_manifest(folder, settings, {}, hypervolume, selection)
+    selection = export_run(args.run_dir, _export_options(args))
     print(selection.report())
-    print_manifest(json.loads((folder / "manifest.json").read_text()))
-    return 0 if shipped else 3
+    print_manifest(json.loads((Path(args.run_dir) / "manifest.json").read_text()))
+    return 0 if selection.shipped else 3
 
 
 def _targets(values) -> list[str]:
@@ -298,10 +246,6 @@ def _targets(values) -> list[str]:
 
 
 def cmd_profile(args) -> int:
-    from latency_models.cache import run_profile, run_profiles
-
-    from toolchain.search.executors import make_executor
-
     targets = _targets(args.target)
     common = dict(model=args.model, precision=args.precision, unit_step=args.unit_step,
                   calibrate_samples=args.calibrate_samples, validate_samples=args.validate_samples,
@@ -312,17 +256,9 @@ def cmd_profile(args) -> int:
         return 0
     if args.bundle:
         raise ValueError("--bundle writes the bundle of one target; name one --target (and no --executor ray)")
-    if args.output and Path(args.output).suffix.lower() == ".json":
-        raise ValueError("with several targets (or --executor ray), --output is a folder: one table per target")
-    _check_executor(args)
-    with make_executor(args.executor, None, args.ray_address) as executor:
-        if executor.name != "local":
-            print(f"profiling {', '.join(targets)} on {executor.describe()}", flush=True)
-        paths = run_profiles(targets, executor, out_dir=args.output, **common)
-    from targets import load_target
-
-    for target, path in zip(targets, paths):
-        print(f"{load_target(target).name}: written: {path}")
+    for name, path in profile_targets(targets, output=args.output, executor=args.executor,
+                                      ray_address=args.ray_address, **common):
+        print(f"{name}: written: {path}")
     return 0
 
 
@@ -343,10 +279,7 @@ def print_manifest(manifest: dict) -> None:
 
 
 def cmd_compile(args) -> int:
-    from toolchain.pipeline import compile_model
-
-    opts = _compile_options(args)
-    manifest = compile_model(opts)
+    manifest = compile_model(_compile_options(args))
     out = Path(manifest["output"])
     print(f"\nshipped {manifest['num_feasible']} point(s) to {out} "
           f"(total {manifest['timings']['total_s']:.0f} s; report: {out / 'report.html'})")
@@ -449,7 +382,7 @@ def _join_budget_values(argv: list[str] | None) -> list[str]:
 
 
 def run_command(args) -> int:
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("fusion_attention", "onnx_model", "fusion_base", "onnxruntime.transformers", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -460,7 +393,7 @@ def run_command(args) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if getattr(args, "verbose", False):
+        if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -470,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(_join_budget_values(argv))
-    if not getattr(args, "func", None):
+    if args.func is None:
         parser.print_help()
         return 1
     return run_command(args)

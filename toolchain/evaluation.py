@@ -39,6 +39,7 @@ class Evaluator:
         self.encoded = {k: v[order] for k, v in encoded.items()}
         self.labels = self.encoded["labels"].numpy()
         self.cache: dict[str, dict] = {}
+        self.subnets: dict[str, SubNetwork] = {}  # key -> sub-network, where the store says which one it was
         self.cost: dict[str, float] = {}  # seconds the first (uncached) evaluation of each key took
         self.seconds = 0.0
         self.calls = 0
@@ -60,6 +61,8 @@ class Evaluator:
                 row = json.loads(line)
                 if row["n"] == n:
                     self.cache[row["key"]], self.cost[row["key"]] = dict(row["metrics"]), float(row["seconds"])
+                    if "subnet" in row:
+                        self.subnets[row["key"]] = SubNetwork.from_dict(row["subnet"])
             except (ValueError, KeyError, TypeError):  # e.g. the last line of an interrupted run
                 log.warning("%s, line %d: unreadable, ignored", self.store, i + 1)
 
@@ -98,15 +101,17 @@ class Evaluator:
             t = time.perf_counter()
             metrics = compute_metrics(self.spec, self.logits(subnet), self.labels)
             metrics["error"] = 1.0 - metrics["score"]
-            self.remember(key, metrics, time.perf_counter() - t)
+            self.remember(key, metrics, time.perf_counter() - t, subnet)
             self.seconds += self.cost[key]
             self.calls += 1
         return dict(self.cache[key])
 
-    def remember(self, key: str, metrics: dict, seconds: float) -> None:
+    def remember(self, key: str, metrics: dict, seconds: float, subnet: SubNetwork | None = None) -> None:
         """Cache the metrics of sub-network ``key`` (computed here, or by a copy of this evaluator in a worker) and
-        append them to the store."""
+        append them to the store (with the sub-network itself, so later compiles can reconsider it)."""
         self.cache[key], self.cost[key] = dict(metrics), float(seconds)
+        if subnet is not None:
+            self.subnets[key] = subnet
         if self.store is not None:
             self.store.parent.mkdir(parents=True, exist_ok=True)
             with open(self.store, "a+b") as f:  # one line per write: concurrent compiles append safely
@@ -115,8 +120,15 @@ class Evaluator:
                     f.seek(-1, 2)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
-                f.write(json.dumps({"key": key, "n": len(self.labels), "metrics": metrics,
-                                    "seconds": float(seconds)}, default=float).encode() + b"\n")
+                row = {"key": key, "n": len(self.labels), "metrics": metrics, "seconds": float(seconds)}
+                if subnet is not None:
+                    row["subnet"] = subnet.to_dict()
+                f.write(json.dumps(row, default=float).encode() + b"\n")
+
+    def known(self) -> list[tuple[SubNetwork, dict]]:
+        """Every sub-network scored on these weights and data that this evaluator knows by value (this run's and
+        earlier runs' through the store), with its metrics."""
+        return [(s, dict(self.cache[k])) for k, s in self.subnets.items() if k in self.cache]
 
 
 class SearchObjective:
@@ -140,7 +152,7 @@ class SearchObjective:
         key = record["key"]
         if key not in self.evaluator.cache:
             self.evaluator.remember(key, {"score": 1.0 - record["error"], "error": record["error"]},
-                                    record.get("eval_seconds", 0.0))
+                                    record.get("eval_seconds", 0.0), record.get("subnet"))
 
 
 @torch.no_grad()

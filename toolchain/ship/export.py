@@ -1,4 +1,4 @@
-"""One export folder per Pareto point, the run manifest, and "ship only what is measured feasible".
+"""One export folder per sub-network: :func:`export_point` and what it returns, :class:`ExportResult`.
 
 :func:`export_point` slices a sub-network out of the (super-)network, builds the optimized ONNX model (eager
 attention, ORT fusion, int8 dynamic quantization if asked), verifies it against the sliced torch model, measures
@@ -7,25 +7,21 @@ latency and memory on the target and writes the folder described in docs/artifac
     <out_dir>/model.onnx  config.json  tokenizer files  nasprune.json
 
 The folder is written under a temporary sibling name and renamed into place only when everything succeeded, so a
-folder named like a point is always complete.
-
-:func:`select_and_export` walks candidates in order and ships the first ``n_points`` whose *measured* latency (and
-memory) meets the constraints; violators are reported and kept apart. :func:`write_manifest` writes the run's
-``manifest.json``.
+folder named like a point is always complete. Which points are shipped: :mod:`toolchain.ship.selection`; the run's
+``manifest.json``: :mod:`toolchain.ship.manifest`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +29,7 @@ import torch
 from toolchain.onnx.build import build_onnx, count_ops, input_names_for
 from toolchain.core.slicing import slice_model
 from toolchain.core.subnetwork import SubNetwork
+from toolchain.ship.jsonfile import versions, write_json_atomic
 from toolchain.ship.verify import (
     FP32_GPU_TOLERANCE,
     FP32_TOLERANCE,
@@ -50,7 +47,6 @@ from toolchain.ship.verify import (
 log = logging.getLogger(__name__)
 
 FORMAT = "nasprune-export/1"
-MANIFEST_FORMAT = "nasprune-manifest/1"
 PRECISIONS = ("fp32", "fp16", "int8")
 ATTENTION_OPS = ("Attention", "QAttention", "MultiHeadAttention")
 
@@ -86,46 +82,6 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import transformers
-
-    out = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
-           "transformers": transformers.__version__}
-    try:
-        from importlib.metadata import version
-
-        out["nasprune"] = version("nasprune")
-    except Exception:  # pragma: no cover
-        out["nasprune"] = None
-    return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, SubNetwork):
-        return obj.to_dict()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json_atomic(path: str | Path, data) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _unpack_model(model_or_supernet):
@@ -286,11 +242,12 @@ def export_point(
         measured: dict[str, Any] = {"latency_ms": None, "memory_mb": None}
         if measure:
             lat = measure_latency(session, latency_inputs(sliced.config, batch, seq_len), warmup=warmup, reps=reps)
-            measured.update(latency_ms=lat["median_ms"], latency=lat,
+            measured.update(latency_ms=lat["latency_ms"], latency=lat,
                             intra_op_threads=target_threads(target), providers=target_providers(target, session))
         if memory:
             mem = measure_memory(onnx_path, batch=batch, seq_len=seq_len, threads=target_threads(target),
                                  providers=[p for p in target_providers(target, session)],
+                                 graph_optimization_level=getattr(target, "graph_optimization_level", "all"),
                                  vocab_size=sliced.config.vocab_size)
             measured.update(memory_mb=mem.pop("memory_mb"), memory=mem)
         del session
@@ -320,7 +277,7 @@ def export_point(
                      "attention_found": found_att, "attention_fused_ok": attention_ok,
                      "file_bytes": onnx_path.stat().st_size},
             "verification": verification,
-            "versions": _versions(),
+            "versions": versions(),
             "extra": extra or {},
         }
         write_json_atomic(tmp / "nasprune.json", info)
@@ -338,203 +295,3 @@ def export_point(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(path=out_dir, point_id=point_id, subnet=subnet, info=info)
-
-
-def load_export_info(folder: str | Path) -> dict:
-    """``nasprune.json`` of an export folder."""
-    return json.loads((Path(folder) / "nasprune.json").read_text())
-
-
-# ---------------------------------------------------------------------------------------------- selection
-
-
-@dataclass
-class Candidate:
-    """A sub-network proposed for export, in preference order, with the latency model's predictions."""
-
-    subnet: SubNetwork
-    predicted: dict = field(default_factory=dict)  # latency_ms, memory_mb, error, ...
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class Selection:
-    shipped: list[ExportResult]
-    rejected: list[tuple[ExportResult, str]]  # (export, why)
-    failed: list[tuple[Candidate, str]]  # (candidate, error) -- export or verification failed
-    exhausted: bool  # candidates ran out before n_points were shipped
-
-    def report(self) -> str:
-        lines = [f"shipped {len(self.shipped)} point(s)"]
-        for r, why in self.rejected:
-            lines.append(f"  not shipped: {r.point_id}: {why}")
-        for c, err in self.failed:
-            lines.append(f"  export failed: {c.subnet}: {err}")
-        if self.exhausted:
-            lines.append("  candidates ran out before the requested number of feasible points was reached")
-        return "\n".join(lines)
-
-
-def as_candidate(c) -> Candidate:
-    if isinstance(c, Candidate):
-        return c
-    if isinstance(c, SubNetwork):
-        return Candidate(c)
-    if isinstance(c, dict):
-        sub = c.get("subnet", c.get("subnetwork"))
-        sub = sub if isinstance(sub, SubNetwork) else SubNetwork.from_dict(sub)
-        pred = dict(c.get("predicted") or {})
-        for k in ("latency_ms", "memory_mb"):
-            if k in c and k not in pred:
-                pred[k] = c[k]
-        return Candidate(sub, pred, dict(c.get("extra") or {}))
-    if isinstance(c, (tuple, list)) and len(c) == 2:
-        return Candidate(c[0], dict(c[1] or {}))
-    raise TypeError(f"cannot read a candidate from {type(c).__name__}")
-
-
-def constraint_violation(result: ExportResult, max_latency_ms: float | None, max_memory_mb: float | None) -> str | None:
-    """Why a measured point breaks the constraints (``None`` if it meets them)."""
-    why = []
-    lat, mem = result.measured_latency_ms, result.measured_memory_mb
-    if max_latency_ms is not None and lat is not None and lat > max_latency_ms:
-        pred = (result.info.get("predicted") or {}).get("latency_ms")
-        why.append(f"measured latency {lat:.2f} ms > max {max_latency_ms:g} ms"
-                   + (f" (predicted {pred:.2f} ms)" if pred is not None else ""))
-    if max_memory_mb is not None and mem is not None and mem > max_memory_mb:
-        why.append(f"measured memory {mem:.1f} MB > max {max_memory_mb:g} MB")
-    return "; ".join(why) or None
-
-
-def select_and_export(
-    candidates: Iterable,
-    n_points: int,
-    max_latency_ms: float | None,
-    *,
-    model_or_supernet,
-    tokenizer,
-    run_dir: str | Path,
-    max_memory_mb: float | None = None,
-    keep_rejected: bool = True,
-    export_fn: Callable[..., ExportResult] = export_point,
-    **export_kwargs,
-) -> Selection:
-    """Export ``candidates`` (ordered, best first) until ``n_points`` measured-feasible points are shipped.
-
-    Shipped points go to ``run_dir/points/<id>``. A point whose MEASURED latency exceeds ``max_latency_ms`` (or
-    measured memory ``max_memory_mb``) is not shipped as feasible: it is logged, moved to ``run_dir/rejected/<id>``
-    (``keep_rejected``; else deleted), ``nasprune.json["feasible"]`` says false, and the next candidate is tried.
-    A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
-    ``export_fn`` (default :func:`export_point`).
-    """
-    run_dir = Path(run_dir)
-    points_dir, rejected_dir = run_dir / "points", run_dir / "rejected"
-    shipped: list[ExportResult] = []
-    rejected: list[tuple[ExportResult, str]] = []
-    failed: list[tuple[Candidate, str]] = []
-    rank = 0
-    for rank, raw in enumerate(candidates):
-        if len(shipped) >= n_points:
-            break
-        cand = as_candidate(raw)
-        pid = f"{rank:02d}-{cand.subnet.key()}"
-        try:
-            res = export_fn(model_or_supernet, cand.subnet, tokenizer, points_dir / pid,
-                            predicted=cand.predicted, extra=cand.extra or None, point_id=pid, overwrite=True,
-                            **export_kwargs)
-        except Exception as e:  # noqa: BLE001 - report, try the next one
-            log.error("candidate %s (%s) could not be exported: %s", pid, cand.subnet, e)
-            failed.append((cand, f"{type(e).__name__}: {e}"))
-            continue
-        why = constraint_violation(res, max_latency_ms, max_memory_mb)
-        res.info["feasible"] = why is None
-        res.info["infeasible_reason"] = why
-        if why is None:
-            write_json_atomic(res.path / "nasprune.json", res.info)
-            shipped.append(res)
-            log.info("shipped %s: %s", pid, _summary(res))
-            continue
-        log.warning("not shipping %s: %s; selecting the next candidate", pid, why)
-        if keep_rejected:
-            rejected_dir.mkdir(parents=True, exist_ok=True)
-            dest = rejected_dir / pid
-            if dest.exists():
-                shutil.rmtree(dest)
-            write_json_atomic(res.path / "nasprune.json", res.info)
-            os.replace(res.path, dest)
-            res.path = dest
-        else:
-            shutil.rmtree(res.path, ignore_errors=True)
-        rejected.append((res, why))
-    exhausted = len(shipped) < n_points
-    if exhausted:
-        log.warning("only %d of %d requested points meet the constraints when measured", len(shipped), n_points)
-    return Selection(shipped, rejected, failed, exhausted)
-
-
-def _summary(res: ExportResult) -> str:
-    lat = res.measured_latency_ms
-    return f"{res.parameters / 1e6:.2f}M params, " + (f"{lat:.2f} ms measured" if lat is not None else "no latency")
-
-
-# ----------------------------------------------------------------------------------------------- manifest
-
-
-def _point_entry(p, run_dir: Path, feasible: bool | None = None) -> dict:
-    if isinstance(p, ExportResult):
-        info, path = p.info, p.path
-    else:  # a dict: nasprune.json content with "path"
-        info, path = p, Path(p["path"])
-    try:
-        rel = str(Path(path).resolve().relative_to(run_dir.resolve()))
-    except ValueError:
-        rel = str(path)
-    meas, pred = info.get("measured") or {}, info.get("predicted") or {}
-    metric = info.get("metric")
-    return {
-        "id": info.get("id"),
-        "path": rel,
-        "subnetwork": info.get("subnetwork"),
-        "parameters": info.get("parameters"),
-        "precision": info.get("precision"),
-        "predicted_latency_ms": pred.get("latency_ms"),
-        "measured_latency_ms": meas.get("latency_ms"),
-        "predicted_memory_mb": pred.get("memory_mb"),
-        "measured_memory_mb": meas.get("memory_mb"),
-        "metric": metric.get("score") if isinstance(metric, dict) else metric,
-        "metric_name": metric.get("name") if isinstance(metric, dict) else None,
-        "feasible": bool(info.get("feasible", True) if feasible is None else feasible),
-        "infeasible_reason": info.get("infeasible_reason"),
-        "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
-    }
-
-
-def write_manifest(run_dir: str | Path, settings: dict, timings: dict, hypervolume: float | dict | None,
-                   points: Iterable | Selection) -> Path:
-    """Write ``run_dir/manifest.json``: run settings, timings (s), hypervolume and one entry per point.
-
-    ``points``: :class:`ExportResult` objects, ``nasprune.json``-like dicts with a ``path``, or a :class:`Selection`
-    (shipped points feasible, rejected ones listed with ``feasible: false``).
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(points, Selection):
-        entries = [_point_entry(p, run_dir, True) for p in points.shipped]
-        entries += [_point_entry(p, run_dir, False) for p, _ in points.rejected]
-        failed = [{"subnetwork": c.subnet.to_dict(), "error": err} for c, err in points.failed]
-    else:
-        entries = [_point_entry(p, run_dir) for p in points]
-        failed = []
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": settings,
-        "timings": timings,
-        "hypervolume": hypervolume,
-        "num_points": len(entries),
-        "num_feasible": sum(e["feasible"] for e in entries),
-        "points": entries,
-        "failed": failed,
-        "versions": _versions(),
-    }
-    return write_json_atomic(run_dir / "manifest.json", manifest)

@@ -1,4 +1,4 @@
-"""What a person looks at first: ``pareto.png`` and ``report.html`` in the run folder."""
+"""What a person looks at first: ``pareto.png`` and ``report.html`` in the run folder (:func:`write_report`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from toolchain.ship.export import ExportResult  # noqa: E402
+from toolchain.ship.selection import Selection  # noqa: E402
 
 AXIS_LABELS = {"latency": "latency on target (ms, predicted)", "memory": "memory (MB, predicted)",
                "params": "parameters (millions)", "error": "validation error (1 - metric)"}
@@ -90,3 +93,60 @@ th{{background:#f3f3f3}}</style></head><body>
     path = Path(path)
     path.write_text(page)
     return path
+
+
+def write_report(folder: Path, result, front: list[dict], selection: Selection, unpruned: dict, settings: dict,
+                 timings: dict, *, metric_name: str, full) -> None:
+    """``pareto.png`` and ``report.html`` of a run: every candidate of the search ``result`` (records, objectives,
+    method, hypervolume), the validated ``front``, the points of ``selection`` (shipped and rejected), the
+    ``unpruned`` export's figures (``full``: the unpruned sub-network), the run ``settings`` and ``timings``."""
+    x_axis = next((o for o in result.objectives if o != "error"), "latency")
+    budget = {"latency": settings["max_latency_ms"], "memory": settings["max_memory_mb"],
+              "params": settings["max_params"]}.get(x_axis)
+    records = result.records
+    shipped_rows, shipped_pts = [], []
+    for res in selection.shipped:
+        info = res.info
+        lat = res.measured_latency_ms
+        score = (res.metric or {}).get("score")
+        pred = (info.get("predicted") or {})
+        shipped_pts.append({x_axis: pred.get("latency_ms") if x_axis == "latency" else
+                            (pred.get("memory_mb") if x_axis == "memory" else res.parameters),
+                            "error": pred.get("error", 1 - (score or 0)),
+                            "label": f"{res.point_id[:2]}: {lat:.1f} ms measured" if lat else res.point_id[:2]})
+        shipped_rows.append(_row(res, folder))
+    rejected_rows = [_row(r, folder) for r, _ in selection.rejected]
+    unpruned_pt = next((r for r in records if r["subnet"] == full), None)
+    if unpruned_pt is None and unpruned.get("metric") is not None:  # not among the candidates: its export's figures
+        unpruned_pt = {"latency": unpruned["predicted_latency_ms"], "memory": None, "params": unpruned["parameters"],
+                       "error": 1 - unpruned["metric"]}
+        if x_axis == "memory":
+            unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
+                {**unpruned_pt, "memory": unpruned["measured_memory_mb"]}
+    png = pareto_plot(folder / "pareto.png", records, front, x_axis=x_axis, metric_name=metric_name, budget=budget,
+                      unpruned=unpruned_pt, shipped=shipped_pts,
+                      title=f"{settings['task']} on {settings['target']} ({settings['precision']}): "
+                            f"{len(records)} sub-networks evaluated, {len(front)} on the front")
+    notes = [
+        f"Search: {result.method}, {len(records)} candidates, hypervolume {result.hypervolume:.4f} "
+        f"(normalised by the unpruned network; reference point {result.reference_point}).",
+        f"Accuracy on the plot: validation subsample during search; shipped points: full validation set "
+        f"measured on the exported ONNX model.",
+        f"Unpruned model: {unpruned['parameters'] / 1e6:.2f}M parameters, {unpruned['measured_latency_ms']:.2f} ms "
+        f"measured, metric {unpruned['metric']}.",
+        "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+    ]
+    html_report(folder / "report.html", title=f"nasprune report: {settings['task']} on {settings['target']}",
+                png=png, settings=settings, shipped_rows=shipped_rows, rejected_rows=rejected_rows, notes=notes)
+
+
+def _row(res: ExportResult, folder: Path) -> dict:
+    pred = (res.info.get("predicted") or {}).get("latency_ms")
+    score = (res.metric or {}).get("score")
+    return {"point": res.point_id, "parameters": f"{res.parameters / 1e6:.2f}M",
+            "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
+            "measured latency (ms)": f"{res.measured_latency_ms:.2f}" if res.measured_latency_ms else "",
+            "memory (MB)": f"{res.measured_memory_mb:.1f}" if res.measured_memory_mb else "",
+            "metric": f"{score:.4f}" if score is not None else "",
+            "path": str(Path(res.path).resolve().relative_to(folder.resolve())) if folder in Path(res.path).parents
+            else str(res.path)}

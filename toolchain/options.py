@@ -1,0 +1,96 @@
+"""What a compile (or one stage command) is asked to do: :class:`CompileOptions`, the budget ``PRESETS``, and the
+errors a compile reports to the user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from toolchain.run import DataSettings, Run, default_init
+
+PRESETS: dict[str, dict] = {
+    # budgets sized for a 2-core CPU: quick ~5 min, default ~20 min (first run, profiling included)
+    "quick": dict(max_train_samples=1500, epochs=1.0, n_evals=60, pop_size=12, search_eval_samples=200, n_export=2,
+                  unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256),
+    "default": dict(max_train_samples=6000, epochs=1.0, n_evals=200, pop_size=20, search_eval_samples=400, n_export=3,
+                    unit_step=128, calibration_samples=16, validation_samples=16, rfp_samples=512),
+    "paper": dict(max_train_samples=None, epochs=5.0, n_evals=1000, pop_size=50, search_eval_samples=None, n_export=5,
+                  unit_step=64, calibration_samples=30, validation_samples=30, rfp_samples=2048),
+}
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+class InfeasibleError(CompileError):
+    """No evaluated sub-network meets the constraints (the message shows the closest ones)."""
+
+
+@dataclass
+class CompileOptions:
+    model: str | None = None
+    data: DataSettings = field(default_factory=DataSettings)
+    target: str = "cpu"
+    latency_table: str | None = None
+    precision: str | None = None
+    max_latency: float | None = None  # ms
+    max_memory: float | None = None  # MB
+    max_params: float | None = None
+    objectives: tuple[str, ...] = ("error", "latency")
+    space: str = "medium"
+    strategy: str | None = None  # None: "standard" with method "rfp" (it prunes a plain fine-tuning), else "kd"
+    method: str = "nsga2"
+    preset: str = "default"
+    n_evals: int | None = None
+    max_search_seconds: float | None = None
+    search_eval_samples: int | None = None
+    n_export: int | None = None
+    max_train_samples: int | None = None
+    epochs: float | None = None
+    rfp_samples: int | None = None  # --method rfp: training examples for the mask gradients and the rescaling
+    reorder: bool = True
+    init: str | None = None  # where the super-network starts (run.train_run); None: run.default_init(strategy)
+    output: str | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    executor: str = "local"  # where search candidates are evaluated: local | ray (docs/scaling.md)
+    workers: int | None = None  # Ray workers (default: the cluster's CPUs)
+    ray_address: str | None = None  # an existing Ray cluster (default: a local instance)
+    search_batch_size: int | None = None  # random / local search: candidates per batch
+
+    def __post_init__(self):
+        if self.strategy is None:
+            self.strategy = "standard" if self.method == "rfp" else "kd"
+
+    def budget(self, key: str):
+        """An explicit option wins over the preset."""
+        if self.preset not in PRESETS:
+            raise CompileError(f"unknown preset '{self.preset}'; choose one of: {', '.join(PRESETS)}")
+        value = getattr(self, key, None)
+        return PRESETS[self.preset][key] if value is None else value
+
+    def resolved_init(self) -> str:
+        """Where the super-network starts: ``init``, else :func:`toolchain.run.default_init` of the strategy."""
+        return self.init or default_init(self.strategy)
+
+    def constraints(self) -> dict[str, float]:
+        """The search's constraints: ``{"latency": ms, "memory": MB, "params": n}``, those that are set."""
+        return {k: v for k, v in (("latency", self.max_latency), ("memory", self.max_memory),
+                                  ("params", self.max_params)) if v is not None}
+
+    def default_output(self) -> Path:
+        task = "custom" if self.data.train_file else self.data.task
+        target = Path(self.target).stem
+        budget = f"-{self.max_latency:g}ms" if self.max_latency else ""
+        return Path("nasprune-out") / f"{task}-{target}{budget}"
+
+    def for_run(self, run: Run) -> CompileOptions:
+        """These options over a trained run folder (``nasprune search`` / ``export``): model, data, search space and
+        training as the run was made."""
+        s = run.settings
+        return replace(self, model=self.model or s.get("model"), data=run.data, space=s.get("space", self.space),
+                       strategy=(s.get("train") or {}).get("strategy", self.strategy),
+                       init=s.get("init", "pretrained"), reorder=s.get("reorder", self.reorder))

@@ -1,0 +1,81 @@
+"""The run's ``manifest.json`` (settings, timings, hypervolume, one entry per exported point; docs/artifacts.md) and
+reading a point's ``nasprune.json``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Iterable
+
+from toolchain.ship.export import ExportResult
+from toolchain.ship.jsonfile import versions, write_json_atomic
+from toolchain.ship.selection import Selection
+
+MANIFEST_FORMAT = "nasprune-manifest/1"
+
+
+def load_export_info(folder: str | Path) -> dict:
+    """``nasprune.json`` of an export folder."""
+    return json.loads((Path(folder) / "nasprune.json").read_text())
+
+
+def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = None) -> dict:
+    if isinstance(p, ExportResult):
+        info, path = p.info, p.path
+    else:  # a dict: nasprune.json content with "path"
+        info, path = p, Path(p["path"])
+    try:
+        rel = str(Path(path).resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        rel = str(path)
+    meas, pred = info.get("measured") or {}, info.get("predicted") or {}
+    metric = info.get("metric")
+    return {
+        "id": info.get("id"),
+        "path": rel,
+        "subnetwork": info.get("subnetwork"),
+        "parameters": info.get("parameters"),
+        "precision": info.get("precision"),
+        "predicted_latency_ms": pred.get("latency_ms"),
+        "measured_latency_ms": meas.get("latency_ms"),
+        "predicted_memory_mb": pred.get("memory_mb"),
+        "measured_memory_mb": meas.get("memory_mb"),
+        "metric": metric.get("score") if isinstance(metric, dict) else metric,
+        "metric_name": metric.get("name") if isinstance(metric, dict) else None,
+        "feasible": bool(info.get("feasible", True) if feasible is None else feasible),
+        "infeasible_reason": info.get("infeasible_reason"),
+        "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
+    }
+
+
+def write_manifest(run_dir: str | Path, settings: dict, timings: dict, hypervolume: float | dict | None,
+                   points: Iterable[ExportResult | dict] | Selection) -> Path:
+    """Write ``run_dir/manifest.json``: run settings, timings (s), hypervolume and one entry per point.
+
+    ``points``: :class:`~toolchain.ship.export.ExportResult` objects, ``nasprune.json``-like dicts with a ``path``,
+    or a :class:`~toolchain.ship.selection.Selection` (shipped points feasible, rejected ones listed with
+    ``feasible: false``).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(points, Selection):
+        entries = [_point_entry(p, run_dir, True) for p in points.shipped]
+        entries += [_point_entry(p, run_dir, False) for p, _ in points.rejected]
+        failed = [{"subnetwork": c.subnet.to_dict(), "error": err} for c, err in points.failed]
+    else:
+        entries = [_point_entry(p, run_dir) for p in points]
+        failed = []
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "timings": timings,
+        "hypervolume": hypervolume,
+        "num_points": len(entries),
+        "num_feasible": sum(e["feasible"] for e in entries),
+        "points": entries,
+        "failed": failed,
+        "versions": versions(),
+    }
+    return write_json_atomic(run_dir / "manifest.json", manifest)
