@@ -22,6 +22,12 @@ when installed). On the device:
 
 An interrupted run resumes from table.json.partial.json. Copy table.json back and pass it to nasprune
 (--latency-table table.json) or put it in the table cache (see docs/profiling.md).
+
+Then, to check what a compile ships on this device, copy its run folder here and measure its exported points:
+
+    python run_profile.py --measure-points RUN --out measured.json
+
+and give the result back to nasprune: nasprune export RUN --measured measured.json
 """
 
 

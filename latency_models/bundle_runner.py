@@ -9,6 +9,7 @@ This file has two lives:
   and ``numpy`` (``psutil`` and ``tqdm`` are used when present)::
 
       python run_profile.py --out table.json
+      python run_profile.py --measure-points RUN_OR_POINTS_DIR --out measured.json   # exported points, on the device
 
 It therefore imports nothing from nasprune but the standalone ``targets.meter`` and ``targets.session`` (the meter,
 the session and fingerprint helpers), or, in a bundle, their copies ``nasprune_meter.py`` and ``nasprune_session.py``
@@ -29,17 +30,20 @@ import time
 from pathlib import Path
 
 try:  # inside nasprune
-    from targets.meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD, measure as measure_graph
-    from targets.session import fingerprint_key, machine_fingerprint
+    from targets.meter import (DEFAULT_MEASUREMENT, MB, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
+                               measure as measure_graph, point_key)
+    from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 except ImportError:  # inside a bundle (or run from a source tree that is not installed)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from nasprune_meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD, measure as measure_graph  # type: ignore
-        from nasprune_session import fingerprint_key, machine_fingerprint  # type: ignore
+        from nasprune_meter import (DEFAULT_MEASUREMENT, MB, MEASURED_FORMAT, MEASURED_VERSION,  # type: ignore
+                                    MEMORY_METHOD, measure as measure_graph, point_key)
+        from nasprune_session import device_fingerprint, fingerprint_key, machine_fingerprint  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-        from targets.meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD, measure as measure_graph
-        from targets.session import fingerprint_key, machine_fingerprint
+        from targets.meter import (DEFAULT_MEASUREMENT, MB, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
+                                   measure as measure_graph, point_key)
+        from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 
 TABLE_FORMAT = "nasprune.latency_table"
 TABLE_VERSION = 1
@@ -236,6 +240,37 @@ def run_bundle(manifest_path, out_path, progress: bool = True, resume: bool = Tr
     return Path(out_path)
 
 
+# ---------------------------------------------------------------------------------- exported points, measured
+def measure_points(folder, manifest: dict, out_path, progress: bool = True) -> Path:
+    """Measure every exported point below ``folder`` (a folder holding ``model.onnx`` and ``nasprune.json``: a run
+    folder, its ``points/``, or one point) on this device, with the bundle's target settings and the point's batch
+    and sequence length, by the same meter as everything else; write ``out_path`` (format ``MEASURED_FORMAT``)."""
+    folder = Path(folder)
+    points = sorted(p.parent for p in folder.rglob("nasprune.json") if (p.parent / "model.onnx").is_file())
+    if not points:
+        raise SystemExit(f"error: no exported point (model.onnx next to nasprune.json) under {folder}")
+    target, results = manifest["target"], {}
+    for i, point in enumerate(points, 1):
+        info = json.loads((point / "nasprune.json").read_text())
+        vocab_size = json.loads((point / "config.json").read_text())["vocab_size"]
+        settings = {**target, "batch_size": info["batch_size"], "sequence_length": info["sequence_length"]}
+        r = measure_graph(point / "model.onnx", settings, vocab_size, manifest.get("measurement"))
+        memory = {k: r[k] for k in ("memory_mb", "loaded_mb", "baseline_rss_mb", "peak_rss_mb", "peak_reset",
+                                    "gpu_memory_mb", "measured_on") if k in r}
+        latency = {k: v for k, v in r.items() if k not in memory or k == "measured_on"}
+        results[point_key(info)] = {"id": info.get("id"), "path": str(point.relative_to(folder)),
+                                    "latency_ms": r["latency_ms"], "memory_mb": r["memory_mb"],
+                                    "latency": latency, "memory": {**memory, "method": MEMORY_METHOD}}
+        if progress:
+            print(f"  {i}/{len(points)} {info.get('id')}: {r['latency_ms']:.3f} ms, {r['memory_mb']:.1f} MB",
+                  file=sys.stderr)
+    return write_json(out_path, {
+        "format": MEASURED_FORMAT, "version": MEASURED_VERSION, "target": target.get("name"),
+        "device": device_fingerprint(target["providers"], target.get("optional_providers", ())),
+        "measurement": manifest.get("measurement"), "points": results,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
 # ------------------------------------------------------------------------------------------ worker protocol
 def serve(stdin=None, stdout=None) -> None:
     """One JSON request per line: ``{"path", "target", "vocab_size", "measurement"}`` -> one JSON reply per line."""
@@ -257,7 +292,12 @@ def main(argv=None) -> int:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description="Profile the nasprune micro-graphs of this bundle on this device.")
     ap.add_argument("--manifest", default=str(here / "manifest.json"), help="bundle manifest (default: next to me)")
-    ap.add_argument("--out", default="table.json", help="latency table to write (default: table.json)")
+    ap.add_argument("--out", default=None,
+                    help="latency table to write (default: table.json), or with --measure-points the measurements "
+                         "(default: measured.json)")
+    ap.add_argument("--measure-points", metavar="RUN_OR_POINTS_DIR", default=None,
+                    help="measure the exported points (model.onnx + nasprune.json) below this folder on this device "
+                         "instead; give the result to `nasprune export RUN --measured measured.json`")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-resume", action="store_true", help="ignore <out>.partial.json from an interrupted run")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -265,7 +305,14 @@ def main(argv=None) -> int:
     if args.serve:
         serve()
         return 0
-    out = run_bundle(args.manifest, args.out, progress=not args.no_progress, resume=not args.no_resume)
+    if args.measure_points:
+        manifest = json.loads(Path(args.manifest).read_text())
+        out = measure_points(args.measure_points, manifest, args.out or "measured.json",
+                             progress=not args.no_progress)
+        print(f"wrote {out}")
+        return 0
+    out = run_bundle(args.manifest, args.out or "table.json", progress=not args.no_progress,
+                     resume=not args.no_resume)
     print(f"wrote {out}")
     return 0
 

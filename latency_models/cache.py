@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from targets import Target, fingerprint_key, load_target
+from targets import Target, TargetError, fingerprint_key, load_target
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +154,11 @@ def run_profiles(targets, executor=None, *, model: str | None = None, precision:
 
     loaded = [load_target(t) for t in targets]
     if not loaded:
-        raise ValueError("no target to profile")
+        raise TargetError("no target to profile")
     names = [t.name for t in loaded]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"target(s) named twice: {', '.join(twice)}")
+        raise TargetError(f"target(s) named twice: {', '.join(twice)}")
     precisions = [t.check_precision(precision) for t in loaded]
     _, config = load_config(model)
     remote = executor is not None and getattr(executor, "name", "local") != "local"
@@ -168,7 +168,7 @@ def run_profiles(targets, executor=None, *, model: str | None = None, precision:
                        progress and not remote, cache, measurement) for t, p in zip(loaded, precisions)]
     if not remote:
         for t in loaded:
-            t.check_available()  # before the first (long) profile, not after it
+            t.check_host()  # before the first (long) profile, not after it
         results = [job() for job in jobs]
     else:
         offered = executor.resources()
@@ -176,7 +176,7 @@ def run_profiles(targets, executor=None, *, model: str | None = None, precision:
         exclusive = [r is None for r in resources]
         for t, r in zip(loaded, resources):
             if r is None:
-                t.check_available()
+                t.check_host()
                 log.info("target %s: no Ray node offers resource '%s'; profiled on this machine, one target at a "
                          "time", t.name, target_resource(t.name))
             else:

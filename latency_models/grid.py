@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets import Target, load_target
+from targets import Target, TargetError, load_target
 from targets.meter import DEFAULT_MEASUREMENT
 
 from latency_models import bundle_runner as runner
@@ -84,7 +84,7 @@ def check_sequence_length(config, target: Target) -> None:
     if limit is not None and config.model_type in ("roberta", "xlm-roberta"):
         limit -= getattr(config, "pad_token_id", 1) + 1  # RoBERTa positions start after the padding index
     if limit is not None and target.sequence_length > limit:
-        raise ValueError(f"target '{target.name}' has sequence_length {target.sequence_length}, but the model takes "
+        raise TargetError(f"target '{target.name}' has sequence_length {target.sequence_length}, but the model takes "
                          f"at most {limit} positions (max_position_embeddings); use a target with a shorter sequence")
 
 

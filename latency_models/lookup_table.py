@@ -30,10 +30,11 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
+from targets.session import same_device
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_CHECKED = ("cpu_model", "physical_cores", "threads", "onnxruntime", "provider", "precision",
+FINGERPRINT_CHECKED = ("cpu_model", "physical_cores", "threads", "onnxruntime", "provider", "gpu", "precision",
                        "batch_size", "sequence_length")
 
 
@@ -105,6 +106,25 @@ class LatencyTable:
         """``{field: (table's value, given value)}`` for the fields that decide whether the table applies."""
         mine = self.fingerprint
         return {k: (mine.get(k), fingerprint.get(k)) for k in FINGERPRINT_CHECKED if mine.get(k) != fingerprint.get(k)}
+
+    def measured_on(self, target, precision: str | None = None) -> bool:
+        """Whether this table was measured on the device ``target`` is (here: this machine), by
+        :func:`targets.same_device` (another runtime version or thread count is the same device)."""
+        return same_device(self.fingerprint, target.fingerprint(precision))
+
+    def device_target(self, target, precision: str | None = None):
+        """``target``, or -- this table measured on another device -- the target as that device
+        (:meth:`targets.Target.on_device`): what is measured here is then not measured on the target, and the export
+        ships by this table's predictions (:func:`toolchain.ship.selection.constraint_violation`)."""
+        if self.measured_on(target, precision):
+            return target
+        fp = self.fingerprint
+        log.warning("the latency table %s was measured on another device (%s, %s): points are verified and measured "
+                    "here but shipped by its predictions and marked not measured on the target; measure them on the "
+                    "device (profiling bundle: run_profile.py --measure-points) and give the result to "
+                    "`nasprune export RUN --measured`", self.path, fp.get("cpu_model"), fp.get("gpu") or
+                    fp.get("provider"))
+        return target.on_device(fp)
 
     def check_fingerprint(self, target, precision: str | None = None) -> dict:
         """Warn (:class:`FingerprintMismatchWarning`) when this table was measured under other conditions than

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from targets.session import ProviderUnavailableError, probe_providers
-
 from latency_models import bundle_runner as runner
 from latency_models.calibration import calibrate, validate
 from latency_models.grid import DEFAULT_UNIT_STEP, MicroGraphBuilder, Worker, as_target, config_for, make_manifest
@@ -33,11 +31,7 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
     """
     target = as_target(target)
     precision = target.check_precision(precision)
-    try:
-        probe_providers(target.providers, target.optional_providers)  # a GPU provider must also start here
-    except ProviderUnavailableError as e:
-        raise ProviderUnavailableError(f"{e}. To profile target '{target.name}' on its own device, write a bundle "
-                                       "(nasprune-profile --bundle DIR) and run it there.") from None
+    target.check_host()  # the target's architecture, its providers available and starting here; else: the bundle
     out_path = Path(out_path)
     manifest = make_manifest(dims, target, precision, unit_step, measurement)
     fp = target.fingerprint(precision)

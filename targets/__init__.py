@@ -11,6 +11,8 @@ passes a path to their own)::
     precisions = ["fp32", "int8"]                   # first = default
     intra_op_threads = "auto"                       # "auto" = physical cores, or an integer >= 1
     graph_optimization_level = "all"                # all | extended | basic | disabled
+    architecture = "aarch64"                        # optional: the device's CPU (x86_64, aarch64, ...); a machine
+                                                    # of another architecture refuses to profile it (use a bundle)
 
 Usage::
 
@@ -22,11 +24,12 @@ Usage::
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from targets.session import (FINGERPRINT_KEY_FIELDS, OPT_LEVELS, ProviderUnavailableError, cpu_model, fingerprint_key,
-                      machine_fingerprint, open_session, physical_cores, probe_providers, resolve_threads)
+from targets.session import (FINGERPRINT_KEY_FIELDS, OPT_LEVELS, ProviderUnavailableError, architecture, cpu_model,
+                             fingerprint_key, machine_fingerprint, open_session, physical_cores, probe_providers,
+                             resolve_threads, same_device)
 
 try:  # Python >= 3.11
     import tomllib
@@ -34,7 +37,7 @@ except ImportError:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Target", "TargetError", "ProviderUnavailableError", "load_target", "list_targets", "fingerprint_key",
-           "FINGERPRINT_KEY_FIELDS", "PRECISIONS", "KNOWN_PROVIDERS", "cpu_model", "physical_cores"]
+           "FINGERPRINT_KEY_FIELDS", "PRECISIONS", "KNOWN_PROVIDERS", "cpu_model", "physical_cores", "same_device"]
 
 TARGETS_DIR = Path(__file__).resolve().parent
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -61,7 +64,10 @@ class Target:
     intra_op_threads: int | str = "auto"
     graph_optimization_level: str = "all"
     optional_providers: tuple[str, ...] = ()
+    architecture: str | None = None  # the device's CPU architecture (x86_64, aarch64, ...), where the TOML names it
     source: str = field(default="", compare=False)
+    #: the fingerprint of the device this target stands for when that is not this machine (:meth:`on_device`)
+    device: dict | None = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ views
     @property
@@ -93,6 +99,9 @@ class Target:
         """The raw settings (``"auto"`` unresolved): what a bundle carries to the device."""
         d = asdict(self)
         d.pop("source")
+        d.pop("device")
+        if d["architecture"] is None:
+            d.pop("architecture")
         d["providers"] = list(self.providers)
         d["optional_providers"] = list(self.optional_providers)
         d["precisions"] = list(self.precisions)
@@ -112,8 +121,38 @@ class Target:
         provider that cannot start here (e.g. ``cuda`` on a machine without a GPU)."""
         return probe_providers(self.providers, self.optional_providers)
 
+    def check_host(self) -> None:
+        """Raise :class:`ProviderUnavailableError` unless this machine can *measure* the target: the same CPU
+        architecture (where the target names one) and its execution providers available and starting here. The
+        message points to the profiling bundle, which measures on the device itself."""
+        here = architecture()
+        name = self.name if not self.source or Path(self.source).parent == TARGETS_DIR else self.source
+        bundle = (f"profile it on the device: nasprune-profile --target {name} --bundle DIR, "
+                  "run DIR/run_profile.py there, and pass the table it writes with --latency-table")
+        if self.architecture and architecture(self.architecture) != here:
+            raise ProviderUnavailableError(f"target '{self.name}' is an {self.architecture} device and this machine "
+                                           f"is {here}: {bundle}")
+        try:
+            self.check_available()
+        except ProviderUnavailableError as e:
+            raise ProviderUnavailableError(f"{e}. To measure target '{self.name}', {bundle}") from None
+
+    def on_device(self, fingerprint: dict) -> "Target":
+        """This target as the device ``fingerprint`` describes (a latency table measured there): its
+        :meth:`fingerprint` is that device's, so what this machine measures for it is not measured on the target."""
+        return replace(self, device=dict(fingerprint))
+
+    @property
+    def is_this_machine(self) -> bool:
+        """Whether measuring here measures the target (no other device was named with :meth:`on_device`)."""
+        return self.device is None
+
     def fingerprint(self, precision: str | None = None) -> dict:
+        """The target's fingerprint at ``precision``: this machine's under the target's settings, or the device's
+        (:meth:`on_device`)."""
         precision = self.check_precision(precision)
+        if self.device is not None:
+            return {**self.device, "precision": precision}
         return machine_fingerprint(self.providers, self.optional_providers, self.intra_op_threads, precision,
                                    self.batch_size, self.sequence_length, self.name)
 
@@ -121,7 +160,7 @@ class Target:
 # ---------------------------------------------------------------------- loading
 _FIELDS = {
     "name": str, "providers": list, "optional_providers": list, "batch_size": int, "sequence_length": int,
-    "precisions": list, "intra_op_threads": (int, str), "graph_optimization_level": str,
+    "precisions": list, "intra_op_threads": (int, str), "graph_optimization_level": str, "architecture": str,
 }
 _REQUIRED = ("name", "providers")
 
@@ -211,5 +250,6 @@ def target_from_dict(data: dict, source: str = "<dict>") -> Target:
     return Target(
         name=name, providers=tuple(providers), batch_size=data.get("batch_size", 1),
         sequence_length=data.get("sequence_length", 128), precisions=tuple(precisions), intra_op_threads=threads,
-        graph_optimization_level=level, optional_providers=tuple(optional), source=source,
+        graph_optimization_level=level, optional_providers=tuple(optional),
+        architecture=architecture(data["architecture"]) if data.get("architecture") else None, source=source,
     )

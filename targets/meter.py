@@ -17,6 +17,8 @@ Standalone like :mod:`targets.session` (standard library, ``numpy``, ``onnxrunti
   threads. Without /proc, the resident size after the runs is used (psutil). On a GPU provider,
   ``gpu_memory_mb`` is the GPU memory in use after the runs minus before the session (the whole device's, read
   with nvidia-ml-py where installed).
+* **where** (``measured_on``): the device that ran the graph (:func:`targets.session.device_fingerprint`: CPU,
+  cores, GPU, onnxruntime, provider), so every figure says where it was measured.
 """
 
 from __future__ import annotations
@@ -29,21 +31,30 @@ import time
 from pathlib import Path
 
 try:  # inside nasprune
-    from targets.session import GPU_PROVIDERS, open_session, prepare_providers
+    from targets.session import GPU_PROVIDERS, device_fingerprint, open_session, prepare_providers
 except ImportError:  # inside a bundle, or run as a script (python -I targets/meter.py)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from nasprune_session import GPU_PROVIDERS, open_session, prepare_providers  # type: ignore
+        from nasprune_session import GPU_PROVIDERS, device_fingerprint, open_session, prepare_providers  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-        from targets.session import GPU_PROVIDERS, open_session, prepare_providers
+        from targets.session import GPU_PROVIDERS, device_fingerprint, open_session, prepare_providers
 
 MB = 1e6  # memory figures are in MB = 10^6 bytes, everywhere
 
 DEFAULT_MEASUREMENT = {"warmup": 5, "min_reps": 15, "min_time_s": 0.3, "max_reps": 2000, "statistic": "median"}
+#: exported points measured on a device (``run_profile.py --measure-points``), read by ``nasprune export --measured``
+MEASURED_FORMAT = "nasprune.measured_points"
+MEASURED_VERSION = 1
 MEMORY_METHOD = ("peak RSS while serving (VmHWM reset after session creation via /proc/self/clear_refs) minus RSS "
                  "before session creation (numpy and onnxruntime already loaded), in a fresh process "
                  "(targets.meter.measure); MB = 1e6 bytes")
+
+
+def point_key(info: dict) -> str:
+    """What a measurement of an exported point is matched by (``info``: its ``nasprune.json``): the sub-network,
+    the precision, the batch and the sequence length."""
+    return f"{info['subnetwork_key']}-{info['precision']}-b{info['batch_size']}-s{info['sequence_length']}"
 
 
 # ------------------------------------------------------------------------------------------------------ latency
@@ -163,6 +174,7 @@ def measure_here(onnx_path, settings: dict, vocab_size: int, measurement: dict |
                   baseline_rss_mb=base / MB, peak_rss_mb=peak / MB, peak_reset=peak_ok)
     if gpu_after is not None:
         result["gpu_memory_mb"] = (gpu_after - gpu_base) / MB
+    result["measured_on"] = device_fingerprint(sess.get_providers())  # where these figures come from
     return result
 
 

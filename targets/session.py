@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 
 OPT_LEVELS = ("disabled", "basic", "extended", "all")
@@ -184,23 +185,78 @@ def open_session(onnx_path, providers, optional_providers=(), threads="auto", gr
     return sess
 
 
-def machine_fingerprint(providers, optional_providers=(), threads="auto", precision="fp32", batch_size=1,
-                        sequence_length=128, target_name="") -> dict:
-    """What a latency measurement depends on: CPU model, cores, threads, onnxruntime version, provider, precision,
-    batch and sequence length."""
+ARCHITECTURES = {"x86_64": "x86_64", "amd64": "x86_64", "x64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def architecture(name: str | None = None) -> str:
+    """A CPU architecture under one name (``x86_64``, ``aarch64``, ...): ``name``, or this machine's."""
+    name = (name if name is not None else platform.machine()).lower()
+    return ARCHITECTURES.get(name, name)
+
+
+def gpu_name() -> str:
+    """The name of the (first visible) GPU: nvidia-ml-py where installed, else ``nvidia-smi``, else
+    ``"unknown GPU"``."""
+    visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+    index = int(visible) if visible.isdigit() else 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - not installed, no driver, no device
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", f"--id={index}"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown GPU"
+
+
+def device_fingerprint(providers, optional_providers=()) -> dict:
+    """Which device runs a session with these providers: CPU model, architecture, cores, onnxruntime version, the
+    provider, and the GPU's name when the provider is a GPU one. What every measured figure records as
+    ``measured_on``; two figures come from the same device when :func:`same_device` says so."""
     import onnxruntime as ort
 
     have = ort.get_available_providers()
     effective = [p for p in optional_providers if p in have] + list(providers)
-    return {
-        "target": target_name,
+    fp = {
         "cpu_model": cpu_model(),
         "machine": platform.machine(),
         "physical_cores": physical_cores(),
-        "threads": resolve_threads(threads),
         "onnxruntime": ort.__version__,
         "provider": effective[0] if effective else "",
         "providers": effective,
+    }
+    if fp["provider"] in GPU_PROVIDERS:
+        fp["gpu"] = gpu_name()
+    return fp
+
+
+#: the fields that say which device a fingerprint is of (not how it was set up)
+DEVICE_FIELDS = ("cpu_model", "machine", "physical_cores", "provider", "gpu")
+
+
+def same_device(a: dict, b: dict) -> bool:
+    """Whether fingerprints ``a`` and ``b`` are of the same device (:data:`DEVICE_FIELDS` both record agree)."""
+    return all(a.get(k) == b.get(k) for k in DEVICE_FIELDS if a.get(k) is not None and b.get(k) is not None)
+
+
+def machine_fingerprint(providers, optional_providers=(), threads="auto", precision="fp32", batch_size=1,
+                        sequence_length=128, target_name="") -> dict:
+    """What a latency measurement depends on: the device (:func:`device_fingerprint`: CPU model, cores, GPU,
+    onnxruntime version, provider), threads, precision, batch and sequence length."""
+    device = device_fingerprint(providers, optional_providers)
+    return {
+        "target": target_name,
+        **{k: device[k] for k in ("cpu_model", "machine", "physical_cores")},
+        "threads": resolve_threads(threads),
+        **{k: v for k, v in device.items() if k not in ("cpu_model", "machine", "physical_cores")},
         "precision": precision,
         "batch_size": int(batch_size),
         "sequence_length": int(sequence_length),
@@ -212,6 +268,9 @@ FINGERPRINT_KEY_FIELDS = ("cpu_model", "physical_cores", "threads", "onnxruntime
 
 
 def fingerprint_key(fp: dict) -> str:
-    """A short stable hash of the fields that decide whether a latency table applies."""
+    """A short stable hash of the fields that decide whether a latency table applies (and of the GPU, on a GPU
+    provider: a table keyed before GPUs were named keeps its key on a CPU)."""
     data = {k: fp.get(k) for k in FINGERPRINT_KEY_FIELDS}
+    if fp.get("gpu"):
+        data["gpu"] = fp["gpu"]
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]

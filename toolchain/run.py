@@ -6,10 +6,12 @@
     <run>/search_history.csv     every evaluated candidate (search stage)
     <run>/pareto.json            the search result
     <run>/points/<id>/           exported artifacts; manifest.json, pareto.png, report.html
+    <run>/.nasprune-run          the marker: nasprune made this folder (only such a folder is ever replaced)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,9 +19,10 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from toolchain.core.atomic import write_json_atomic
 from toolchain.core.data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
 from toolchain.core.modeling import ModelDims, check_max_length, load_config, load_model, set_label_names
-from toolchain.core.search_space import SearchSpace, fixed_parameters, make_space
+from toolchain.core.search_space import SPACE_NAMES, SearchSpace, fixed_parameters, make_space
 from toolchain.core.supernet import SuperNetwork
 from toolchain.training import TrainConfig, train
 
@@ -119,10 +122,100 @@ class Run:
         return weights.parent.parent / "evaluations" / f"{split}-{max_samples or 'all'}-seed{seed}-{stamp}.jsonl"
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+# ------------------------------------------------------------------------------------------------ run folders
+#: the file that says "nasprune made this folder": only a folder holding it is ever deleted or replaced
+RUN_MARKER = ".nasprune-run"
+RUN_MARKER_FORMAT = {"format": "nasprune-run", "version": 1}
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    return (Path(folder) / RUN_MARKER).is_file()
+
+
+def make_run_folder(folder: Path, kind: str) -> Path:
+    """Create ``folder`` (a ``kind`` run: ``compile``, ``train``) with its marker. A folder that exists already and
+    holds files but no marker is used as it is, unmarked: nasprune never deletes what it did not make."""
+    existed = folder.is_dir() and any(folder.iterdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    if not existed and not is_run_folder(folder):
+        write_json_atomic(folder / RUN_MARKER, {**RUN_MARKER_FORMAT, "kind": kind})
+    return folder
+
+
+def check_replaceable(folder: Path, option: str = "--overwrite") -> None:
+    """A :class:`RunError` unless ``folder`` is absent or a run folder nasprune made (its marker)."""
+    if folder.exists() and not is_run_folder(folder):
+        raise RunError(f"{folder} is not a folder nasprune made (no {RUN_MARKER} in it), so {option} leaves it and "
+                       "its files untouched; choose another output folder, or move it away yourself")
+
+
+def remove_run_folder(folder: Path, option: str = "--overwrite") -> None:
+    """Delete ``folder`` if nasprune made it; otherwise raise (:func:`check_replaceable`) and touch nothing."""
+    check_replaceable(folder, option)
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> Path:
+    """The ``<out>.partial`` folder a compile builds ``out`` in, after checking that it may start or resume there;
+    nothing is created or removed yet (:func:`start_output`). Only folders nasprune made (their marker) are ever
+    replaced; anything else is refused and left untouched."""
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():
+        if not overwrite:
+            raise RunError(f"{out} already holds a finished run; pass --overwrite to replace it, or --output")
+        check_replaceable(out)
+    if partial.exists() and resume:
+        if not (partial / "run.json").is_file():
+            raise RunError(f"{partial} holds no run to resume (no run.json); start again without --resume")
+    elif partial.exists():
+        if not overwrite:
+            raise RunError(f"{partial} holds an unfinished run; pass --resume to continue it, or --overwrite to "
+                           "start again")
+        check_replaceable(partial)
+    return partial
+
+
+def start_output(partial: Path, resume: bool) -> Path:
+    """The ``.partial`` folder to build the run in: kept (``resume``), or made anew with its marker."""
+    if not resume:
+        remove_run_folder(partial)
+    return make_run_folder(partial, "compile")
+
+
+def finish_output(partial: Path, out: Path) -> None:
+    """Rename the finished ``partial`` to ``out``; a previous run there (``--overwrite``) goes only once the new one
+    is in place."""
+    old = out.with_name(f".{out.name}.old")
+    remove_run_folder(old)
+    if out.exists():
+        check_replaceable(out)
+        out.rename(old)
+    partial.rename(out)
+    remove_run_folder(old)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str = "this folder"):
+    """Hold an exclusive lock on ``<folder>.lock`` (``fcntl.flock``, POSIX; elsewhere nothing is locked) while
+    the block runs: a second process waits, with a message, until the first one is done with ``what``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = folder.with_name(folder.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another nasprune process that works on %s (%s)", what, folder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 INITS = ("pretrained", "finetuned")
@@ -156,25 +249,32 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     if init == "finetuned" and cfg.strategy == "standard":
         raise RunError("init 'finetuned' starts a super-network from a fine-tuned model; the 'standard' strategy "
                        "only fine-tunes, so use init 'pretrained' with it")
-    spec = data.spec()
+    spec = data.spec()  # everything that can be refused is checked before the folder exists
     check_max_length(load_config(model, spec.num_labels, spec.is_regression)[1], data.max_length)
+    if space.lower() not in SPACE_NAMES:
+        raise RunError(f"unknown search space '{space}'; choose one of: {', '.join(SPACE_NAMES)}")
+    train_data = data.load("train")
     settings = {"model": model, "data": data.to_dict(), "space": space, "train": asdict(cfg), "reorder": reorder}
     if init != "pretrained":  # only then, so run folders made before the option keep matching
         settings["init"] = init
     run_json = folder / "run.json"
     if run_json.exists():
-        old = json.loads(run_json.read_text())
+        try:
+            old = json.loads(run_json.read_text())
+        except ValueError as e:
+            raise RunError(f"{run_json} is damaged ({e}); delete {folder} and run the same command again to train "
+                           "anew") from None
         same = {k: old.get(k) for k in settings} == settings and old.get("init", "pretrained") == init
         if not same and not overwrite:
             raise RunError(f"{folder} holds a run with other settings; pass --overwrite to replace it, "
                            "or choose another output folder")
         if not same:
-            shutil.rmtree(folder)
+            remove_run_folder(folder)
         elif old.get("status") == "trained" and (folder / "supernet" / "model.safetensors").exists():
             log.info("super-network already trained in %s", folder)
             return load_run(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(run_json, {**settings, "status": "training"})
+    make_run_folder(folder, "train")
+    write_json_atomic(run_json, {**settings, "status": "training"})
 
     source, finetune_s = model, None
     if init == "finetuned":
@@ -186,7 +286,6 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     supernet = SuperNetwork(net)
     dims = supernet.dims
     search_space = make_space(space, dims, fixed_parameters(net))
-    train_data = data.load("train")
     encoded = tokenize(train_data, tokenizer, data.max_length)
     importance = None
     if reorder and not (folder / "checkpoints" / "last").exists():
@@ -205,11 +304,11 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
     save_sliced(net, tmp, tokenizer)
     if importance is not None or (folder / "importance.json").exists():
         shutil.copy(folder / "importance.json", tmp / "importance.json")
-    _write_json(tmp / "train_stats.json", {**stats, "train_examples": len(train_data)})
+    write_json_atomic(tmp / "train_stats.json", {**stats, "train_examples": len(train_data)})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    _write_json(run_json, {**settings, "status": "trained", "dims": dims.to_dict(),
-                           "fixed_params": search_space.fixed_params, "train_stats": stats})
+    write_json_atomic(run_json, {**settings, "status": "trained", "dims": dims.to_dict(),
+                                 "fixed_params": search_space.fixed_params, "train_stats": stats})
     return load_run(folder)
 
 
@@ -222,7 +321,7 @@ def reorder_cached(supernet: SuperNetwork, encoded: dict, folder: Path, progress
         supernet.reorder_(imp["head_order"], imp["unit_order"])
     else:
         imp = reorder_by_importance(supernet, encoded, progress=progress)
-        _write_json(path, imp)
+        write_json_atomic(path, imp)
     return imp
 
 
@@ -236,18 +335,22 @@ def load_run(folder: str | Path) -> Run:
         raise RunError(f"{folder} is not a nasprune run folder (no run.json); create it with `nasprune train`")
     try:
         settings = json.loads(run_json.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{run_json} is corrupt: {e}") from None
+    except ValueError as e:
+        raise RunError(f"{run_json} is damaged ({e}); delete {folder} to train it anew") from None
     if settings.get("status") != "trained":
         raise RunError(f"the super-network in {folder} is not trained yet (status: {settings.get('status')}); "
                        "run `nasprune train` again with the same options to resume")
     from transformers import AutoTokenizer
 
     supernet_dir = Path(settings.get("supernet_dir") or folder / "supernet")  # compile runs share a cached one
+    if not supernet_dir.is_dir():
+        raise RunError(f"the super-network of {folder} ({supernet_dir}) is gone; run the command that trained it "
+                       "again (a compile trains it anew with the same options)")
     try:
         net = load_sliced(supernet_dir)
-    except Exception as e:  # noqa: BLE001
-        raise RunError(f"cannot load the super-network in {supernet_dir}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any damage is reported the same way
+        raise RunError(f"cannot load the super-network in {supernet_dir} ({type(e).__name__}: {e}); it is damaged: "
+                       f"delete {supernet_dir.parent} and run the command that trained it again") from None
     tokenizer = AutoTokenizer.from_pretrained(supernet_dir)
     data = DataSettings(**settings["data"])
     set_label_names(net.config, data.spec().label_names)  # also for super-networks saved before configs had them

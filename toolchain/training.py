@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from toolchain.core.atomic import write_json_atomic
 from toolchain.core.data import batches
 from toolchain.core.search_space import SearchSpace
 from toolchain.core.supernet import SuperNetwork
@@ -42,6 +43,10 @@ STRATEGIES = ("standard", "random", "sandwich", "kd", "full")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class TrainingError(ValueError):
+    """Training settings that cannot be used (unknown strategy, a count or rate that is not positive)."""
 
 
 @dataclass
@@ -61,9 +66,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}")
+            raise TrainingError(f"unknown strategy '{self.strategy}'; choose one of: {', '.join(STRATEGIES)}")
         if self.epochs <= 0 or self.batch_size < 1 or self.grad_accumulation < 1 or self.learning_rate <= 0:
-            raise ValueError("epochs, batch size, gradient accumulation and learning rate must be positive")
+            raise TrainingError("epochs, batch size, gradient accumulation and learning rate must be positive")
 
 
 def _distill(student: torch.Tensor, teacher: torch.Tensor, regression: bool, t: float) -> torch.Tensor:
@@ -118,7 +123,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> N
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    write_json_atomic(tmp / "state.json", state, indent=1)  # last: a .tmp with it is complete
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

@@ -1,4 +1,4 @@
-"""Parsing budgets with units: ``20``, ``20ms``, ``0.02s``; ``512MB``, ``1.5GiB``; ``10M``, ``500K``."""
+"""Parsing budgets with units: ``20``, ``20ms``, ``0.02s``; ``512MB``, ``1.5GiB``; ``10M``, ``500K``; ``1pt``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ LATENCY_UNITS = {"": 1.0, "ms": 1.0, "s": 1000.0, "us": 1e-3}  # -> milliseconds
 MEMORY_UNITS = {"": 1.0, "b": 1e-6, "kb": 1e-3, "mb": 1.0, "gb": 1e3, "kib": 1024 / 1e6, "mib": 1024**2 / 1e6,
                 "gib": 1024**3 / 1e6}  # -> megabytes (10^6 bytes)
 PARAM_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}  # -> parameters
+POINT_UNITS = {"": 1.0, "pt": 1.0, "pts": 1.0}  # -> points of a metric (x100: 1pt = 0.01 accuracy)
 
 
 class BudgetError(ValueError):
@@ -46,3 +47,8 @@ def parse_memory(text) -> float:
 def parse_params(text) -> float:
     """A parameter count from ``10000000``, ``10M``, ``500K``, ``0.1B``."""
     return _parse(text, PARAM_UNITS, "parameter budget", "M")
+
+
+def parse_points(text) -> float:
+    """Points of a metric (1pt = 0.01 accuracy, F1, ...) from ``1``, ``1pt``, ``0.5pt``."""
+    return _parse(text, POINT_UNITS, "accuracy drop", "pt")

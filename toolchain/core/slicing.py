@@ -12,7 +12,6 @@ per-layer widths as ``nasprune_heads`` / ``nasprune_units``.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import types
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from toolchain.core.atomic import write_json_atomic
 from toolchain.core.modeling import encoder_of, layers_of, model_from_config
 from toolchain.core.subnetwork import SubNetwork
 
@@ -189,7 +189,7 @@ def save_sliced(model: nn.Module, folder: str | Path, tokenizer=None, subnet: Su
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if subnet is not None:
-        (folder / "subnetwork.json").write_text(json.dumps(subnet.to_dict()) + "\n")
+        write_json_atomic(folder / "subnetwork.json", subnet.to_dict(), indent=None)
     return folder
 
 

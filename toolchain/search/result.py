@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from toolchain.core.atomic import write_json_atomic
 from toolchain.search.hypervolume import REFERENCE_POINT
 from toolchain.search.objectives import METRICS, UNITS
 
@@ -93,13 +94,11 @@ class SearchResult:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: Path | str) -> Path:
-        """Write :meth:`to_json` to ``path`` (a file, or a folder -> ``<folder>/pareto.json``)."""
+        """Write :meth:`to_dict` to ``path`` (a file, or a folder -> ``<folder>/pareto.json``), atomically."""
         path = Path(path)
         if path.is_dir():
             path = path / "pareto.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
-        return path
+        return write_json_atomic(path, self.to_dict())
 
 
 def closest_points(result: SearchResult, n: int = 3) -> list[dict]:

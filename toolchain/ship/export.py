@@ -174,6 +174,7 @@ def export_point(
     reps: int = 50,
     overwrite: bool = False,
     eval_batch_size: int = 32,
+    sliced_weights: torch.nn.Module | None = None,
     _fail_after: str | None = None,
 ) -> ExportResult:
     """Slice ``subnet``, build + verify + measure its ONNX model and write the export folder ``out_dir``.
@@ -184,7 +185,8 @@ def export_point(
     ``seq_len``. ``predicted`` = ``{"latency_ms": .., "memory_mb": ..}`` from the latency model. ``metric_data``
     (a :class:`~toolchain.ship.verify.MetricData` or a ``TextDataset``) gives the validation metric of the ONNX model.
     fp32 outputs must match the sliced model to 1e-4, 1e-3 on a GPU target (else
-    :class:`~toolchain.ship.verify.VerificationError` and no folder). ``_fail_after`` (tests only) raises after the named stage to check that nothing half-written remains.
+    :class:`~toolchain.ship.verify.VerificationError` and no folder). ``sliced_weights``: the sliced network to
+    export as it is (``subnet``'s slice with its own weights, e.g. a recovered point), then the only reference. ``_fail_after`` (tests only) raises after the named stage to check that nothing half-written remains.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})")
@@ -201,7 +203,10 @@ def export_point(
     point_id = point_id or out_dir.name
 
     model, supernet = _unpack_model(model_or_supernet)
-    sliced = supernet.slice(subnet) if supernet is not None else slice_model(model, subnet)
+    if sliced_weights is not None:  # e.g. a recovered point: the sliced network with its own weights
+        sliced, supernet = sliced_weights, None
+    else:
+        sliced = supernet.slice(subnet) if supernet is not None else slice_model(model, subnet)
     sliced = sliced.float().eval()
     metric_data = as_metric_data(metric_data, tokenizer, seq_len)
 

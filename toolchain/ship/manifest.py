@@ -43,8 +43,12 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         "measured_memory_mb": meas.get("memory_mb"),
         "metric": metric.get("score") if isinstance(metric, dict) else metric,
         "metric_name": metric.get("name") if isinstance(metric, dict) else None,
+        # the shared-weight score before recovery (toolchain.recover), on the same validation set
+        "metric_before_recovery": ((info.get("extra") or {}).get("recovery") or {}).get("score_before"),
         "feasible": bool(info.get("feasible", True) if feasible is None else feasible),
         "infeasible_reason": info.get("infeasible_reason"),
+        # false: measured on this machine, not on the target's device; shipped by the latency table's predictions
+        "measured_on_target": info.get("measured_on_target", True),
         "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
     }
 
@@ -78,4 +82,18 @@ def write_manifest(run_dir: str | Path, settings: dict, timings: dict, hypervolu
         "failed": failed,
         "versions": versions(),
     }
+    return write_json_atomic(run_dir / "manifest.json", manifest)
+
+
+def rewrite_points(run_dir: str | Path, shipped: list[ExportResult], rejected: list[tuple[ExportResult, str]],
+                   unpruned: dict | None = None) -> Path:
+    """``run_dir/manifest.json`` with its points made anew from ``shipped`` and ``rejected`` (after measurements on
+    the device, :mod:`toolchain.ship.measured`); ``unpruned`` updates the reference's figures."""
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    entries = [_point_entry(p, run_dir, True) for p in shipped] + [_point_entry(p, run_dir, False) for p, _ in rejected]
+    manifest.update(points=entries, num_points=len(entries), num_feasible=len(shipped),
+                    updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if unpruned:
+        manifest["settings"]["unpruned"] = {**(manifest["settings"].get("unpruned") or {}), **unpruned}
     return write_json_atomic(run_dir / "manifest.json", manifest)

@@ -69,7 +69,8 @@ def html_report(path: str | Path, *, title: str, png: Path, settings: dict, ship
                 rejected_rows: list[dict], notes: list[str]) -> Path:
     """A single self-contained HTML page (the plot is embedded)."""
     img = base64.b64encode(Path(png).read_bytes()).decode()
-    cols = ["point", "parameters", "predicted latency (ms)", "measured latency (ms)", "memory (MB)", "metric", "path"]
+    cols = ["point", "parameters", "predicted latency (ms)", "measured latency (ms)", "memory (MB)",
+            "metric before recovery", "metric", "path"]
 
     def table(rows):
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -110,10 +111,14 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         lat = res.measured_latency_ms
         score = (res.metric or {}).get("score")
         pred = (info.get("predicted") or {})
-        shipped_pts.append({x_axis: pred.get("latency_ms") if x_axis == "latency" else
-                            (pred.get("memory_mb") if x_axis == "memory" else res.parameters),
-                            "error": pred.get("error", 1 - (score or 0)),
-                            "label": f"{res.point_id[:2]}: {lat:.1f} ms measured" if lat else res.point_id[:2]})
+        # another precision than the table's has no prediction: placed at what it measured
+        shipped_pts.append({x_axis: (pred.get("latency_ms") or lat) if x_axis == "latency" else
+                            ((pred.get("memory_mb") or res.measured_memory_mb) if x_axis == "memory"
+                             else res.parameters),
+                            "error": 1 - score if score is not None else pred.get("error"),  # as shipped
+                            "label": (f"{res.point_id[:2]}: {lat:.1f} ms measured" if lat else res.point_id[:2])
+                            + ("" if info.get("precision") == settings.get("precision")
+                               else f" ({info.get('precision')})")})
         shipped_rows.append(_row(res, folder))
     rejected_rows = [_row(r, folder) for r, _ in selection.rejected]
     unpruned_pt = next((r for r in records if r["subnet"] == full), None)
@@ -131,7 +136,8 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         f"Search: {result.method}, {len(records)} candidates, hypervolume {result.hypervolume:.4f} "
         f"(normalised by the unpruned network; reference point {result.reference_point}).",
         f"Accuracy on the plot: validation subsample during search; shipped points: full validation set "
-        f"measured on the exported ONNX model.",
+        f"measured on the exported ONNX model (after recovery, where the 'metric before recovery' column is "
+        f"filled: the shared-weight metric of the same sub-network before it was distilled from the full network).",
         f"Unpruned model: {unpruned['parameters'] / 1e6:.2f}M parameters, {unpruned['measured_latency_ms']:.2f} ms "
         f"measured, metric {unpruned['metric']}.",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
@@ -147,6 +153,8 @@ def _row(res: ExportResult, folder: Path) -> dict:
             "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
             "measured latency (ms)": f"{res.measured_latency_ms:.2f}" if res.measured_latency_ms else "",
             "memory (MB)": f"{res.measured_memory_mb:.1f}" if res.measured_memory_mb else "",
+            "metric before recovery": f"{before:.4f}" if (before := ((res.info.get("extra") or {}).get("recovery")
+                                                                  or {}).get("score_before")) is not None else "",
             "metric": f"{score:.4f}" if score is not None else "",
             "path": str(Path(res.path).resolve().relative_to(folder.resolve())) if folder in Path(res.path).parents
             else str(res.path)}

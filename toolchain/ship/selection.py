@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from targets import same_device
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.ship.export import ExportResult, export_point
 from toolchain.ship.jsonfile import write_json_atomic
@@ -27,6 +28,7 @@ class Candidate:
     subnet: SubNetwork
     predicted: dict = field(default_factory=dict)  # latency_ms, memory_mb, error, ...
     extra: dict = field(default_factory=dict)
+    precision: str | None = None  # None: the export's default (the ``precision`` given to select_and_export)
 
 
 @dataclass
@@ -62,16 +64,32 @@ def export_order(front: list[dict], n: int) -> list[dict]:
     return order + [r for r in by_metric[1:] if r not in order]
 
 
+def measured_on_target(info: dict) -> bool:
+    """Whether a point's measured figures (``info``: its ``nasprune.json``) come from the device its target is:
+    false when the target stands for another device (a latency table measured there,
+    :meth:`targets.Target.on_device`) and this machine measured them."""
+    device = (info.get("target") or {}).get("fingerprint") or {}
+    measured = info.get("measured") or {}
+    where = [(measured.get(k) or {}).get("measured_on") for k in ("latency", "memory")]
+    return all(same_device(device, w) for w in where if w)
+
+
 def constraint_violation(result: ExportResult, max_latency_ms: float | None, max_memory_mb: float | None) -> str | None:
-    """Why a measured point breaks the constraints (``None`` if it meets them)."""
+    """Why a point breaks the constraints (``None`` if it meets them): by its figures measured on the target, or,
+    when it was not measured on the target (:func:`measured_on_target`, recorded in ``info``), by the latency
+    table's predictions."""
+    on_target = result.info["measured_on_target"] = measured_on_target(result.info)
+    predicted = result.info.get("predicted") or {}
+    figures = (result.info.get("measured") or {}) if on_target else predicted
+    word = "measured" if on_target else "predicted (not measured on the target)"
     why = []
-    lat, mem = result.measured_latency_ms, result.measured_memory_mb
+    lat, mem = figures.get("latency_ms"), figures.get("memory_mb")
     if max_latency_ms is not None and lat is not None and lat > max_latency_ms:
-        pred = (result.info.get("predicted") or {}).get("latency_ms")
-        why.append(f"measured latency {lat:.2f} ms > max {max_latency_ms:g} ms"
+        pred = predicted.get("latency_ms") if on_target else None
+        why.append(f"{word} latency {lat:.2f} ms > max {max_latency_ms:g} ms"
                    + (f" (predicted {pred:.2f} ms)" if pred is not None else ""))
     if max_memory_mb is not None and mem is not None and mem > max_memory_mb:
-        why.append(f"measured memory {mem:.1f} MB > max {max_memory_mb:g} MB")
+        why.append(f"{word} memory {mem:.1f} MB > max {max_memory_mb:g} MB")
     return "; ".join(why) or None
 
 
@@ -84,6 +102,7 @@ def select_and_export(
     tokenizer,
     run_dir: str | Path,
     max_memory_mb: float | None = None,
+    min_metric: float | None = None,
     keep_rejected: bool = True,
     export_fn: Callable[..., ExportResult] = export_point,
     **export_kwargs,
@@ -93,7 +112,8 @@ def select_and_export(
     Shipped points go to ``run_dir/points/<id>``. A point whose MEASURED latency exceeds ``max_latency_ms`` (or
     measured memory ``max_memory_mb``) is not shipped as feasible: it is logged, moved to ``run_dir/rejected/<id>``
     (``keep_rejected``; else deleted), ``nasprune.json["feasible"]`` says false, and the next candidate is tried.
-    A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
+    A point whose metric on the exported model is below ``min_metric`` (an accuracy limit) is rejected the same
+    way. A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
     ``export_fn`` (default :func:`~toolchain.ship.export.export_point`).
     """
     run_dir = Path(run_dir)
@@ -104,16 +124,21 @@ def select_and_export(
     for rank, cand in enumerate(candidates):
         if len(shipped) >= n_points:
             break
-        pid = f"{rank:02d}-{cand.subnet.key()}"
+        pid = f"{rank:02d}-{cand.subnet.key()}" + (f"-{cand.precision}" if cand.precision else "")
+        kwargs = {**export_kwargs, **({"precision": cand.precision} if cand.precision else {})}
         try:
             res = export_fn(model_or_supernet, cand.subnet, tokenizer, points_dir / pid,
                             predicted=cand.predicted, extra=cand.extra or None, point_id=pid, overwrite=True,
-                            **export_kwargs)
+                            **kwargs)
         except Exception as e:  # noqa: BLE001 - report, try the next one
             log.error("candidate %s (%s) could not be exported: %s", pid, cand.subnet, e)
             failed.append((cand, f"{type(e).__name__}: {e}"))
             continue
         why = constraint_violation(res, max_latency_ms, max_memory_mb)
+        score = (res.metric or {}).get("score")
+        if min_metric is not None and (score is None or score < min_metric):
+            low = f"metric {score:.4f}" if score is not None else "no metric"
+            why = "; ".join(w for w in (why, f"{low} below the accuracy limit {min_metric:.4f}") if w)
         res.info["feasible"] = why is None
         res.info["infeasible_reason"] = why
         if why is None:
@@ -122,21 +147,55 @@ def select_and_export(
             log.info("shipped %s: %s", pid, _summary(res))
             continue
         log.warning("not shipping %s: %s; selecting the next candidate", pid, why)
-        if keep_rejected:
-            rejected_dir.mkdir(parents=True, exist_ok=True)
-            dest = rejected_dir / pid
-            if dest.exists():
-                shutil.rmtree(dest)
-            write_json_atomic(res.path / "nasprune.json", res.info)
-            os.replace(res.path, dest)
-            res.path = dest
-        else:
-            shutil.rmtree(res.path, ignore_errors=True)
+        _reject(res, why, rejected_dir, keep_rejected)
         rejected.append((res, why))
     exhausted = len(shipped) < n_points
     if exhausted:
         log.warning("only %d of %d requested points meet the constraints when measured", len(shipped), n_points)
     return Selection(shipped, rejected, failed, exhausted)
+
+
+def _reject(res: ExportResult, why: str, rejected_dir: Path, keep: bool = True) -> None:
+    """Move an exported point out of ``points/``: to ``rejected/<id>`` with its reason (``keep``), or delete it."""
+    res.info["feasible"], res.info["infeasible_reason"] = False, why
+    if not keep:
+        shutil.rmtree(res.path, ignore_errors=True)
+        return
+    rejected_dir.mkdir(parents=True, exist_ok=True)
+    dest = rejected_dir / res.path.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    write_json_atomic(res.path / "nasprune.json", res.info)
+    os.replace(res.path, dest)
+    res.path = dest
+
+
+def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path) -> Selection:
+    """Across precisions, ship the Pareto set of (metric on the exported model, measured latency): a shipped point
+    that another one beats on both (at least as accurate and at least as fast, better on one) is moved to
+    ``rejected/``; of the rest at most ``n_points`` stay: the most accurate, the fastest, and points spread between."""
+    def key(r):
+        return (r.metric or {}).get("score") or float("-inf"), r.measured_latency_ms or float("inf")
+
+    kept, dropped = [], []
+    for r in selection.shipped:
+        m, lat = key(r)
+        better = next((o for o in selection.shipped if o is not r and key(o)[0] >= m and key(o)[1] <= lat
+                       and key(o) != (m, lat)), None)
+        (dropped.append((r, f"dominated by {better.point_id} (metric {key(better)[0]:.4f} at "
+                            f"{key(better)[1]:.2f} ms)")) if better is not None else kept.append(r))
+    kept.sort(key=lambda r: key(r)[1])  # fastest first
+    if len(kept) > n_points:
+        last = len(kept) - 1  # on a front sorted by speed the slowest point is the most accurate
+        picks = {round(i * last / (n_points - 1)) for i in range(n_points)} if n_points > 1 else {last}
+        dropped += [(r, "another point was shipped in its place (too many points on the front)")
+                    for i, r in enumerate(kept) if i not in picks]
+        kept = [r for i, r in enumerate(kept) if i in picks]
+    for r, why in dropped:
+        log.info("not shipping %s: %s", r.point_id, why)
+        _reject(r, why, Path(run_dir) / "rejected")
+    kept.sort(key=lambda r: -key(r)[0])  # the most accurate first
+    return Selection(kept, selection.rejected + dropped, selection.failed, selection.exhausted)
 
 
 def _summary(res: ExportResult) -> str:

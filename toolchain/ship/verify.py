@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from targets.meter import MEMORY_METHOD, measure_isolated, time_session
-from targets.session import open_session as open_target_session, physical_cores
+from targets.session import device_fingerprint, open_session as open_target_session, physical_cores
 
 FP32_TOLERANCE = 1e-4
 # fp32 on a GPU execution provider: its kernels (fused attention, reductions in another order, TF32 matrix
@@ -228,11 +228,14 @@ def evaluate_torch(model, metric_data: MetricData, batch_size: int = 32) -> dict
 def measure_latency(session, inputs: dict[str, Any], warmup: int = 10, reps: int = 50) -> dict:
     """Wall-clock latency of ``session.run`` on ``inputs`` (:func:`targets.meter.time_session`): ``latency_ms`` (the
     median), ``min_ms``, ``q25_ms``, ``q75_ms``, ``p90_ms``, ``max_ms`` over ``reps`` runs after ``warmup`` untimed
-    runs."""
+    runs, and ``measured_on``: the device that ran them (:func:`targets.session.device_fingerprint`)."""
     if reps < 1:
         raise ValueError("reps must be >= 1")
-    return time_session(session, feed_for(session, inputs), warmup=warmup, min_reps=reps, min_time_s=0.0,
-                        max_reps=reps)
+    result = time_session(session, feed_for(session, inputs), warmup=warmup, min_reps=reps, min_time_s=0.0,
+                          max_reps=reps)
+    if hasattr(session, "get_providers"):
+        result["measured_on"] = device_fingerprint(session.get_providers())  # where the figure comes from
+    return result
 
 
 def latency_inputs(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -259,7 +262,7 @@ def measure_memory(onnx_path: str | Path, *, batch: int = 1, seq_len: int = 128,
                 "graph_optimization_level": graph_optimization_level, "batch_size": int(batch),
                 "sequence_length": int(seq_len)}
     r = measure_isolated(onnx_path, settings, vocab_size, timeout=timeout)
-    keys = ("memory_mb", "loaded_mb", "baseline_rss_mb", "peak_rss_mb", "peak_reset", "gpu_memory_mb")
+    keys = ("memory_mb", "loaded_mb", "baseline_rss_mb", "peak_rss_mb", "peak_reset", "gpu_memory_mb", "measured_on")
     return {**{k: r[k] for k in keys if k in r}, "method": MEMORY_METHOD}
 
 
