@@ -41,10 +41,15 @@ def compile_once(args: list[str], cache: Path, cwd: Path) -> tuple[float, dict, 
 
 
 def check(manifest: dict, budget_ms: float) -> str:
+    """Shipped points against the budget, and each one's measured speed-up and metric change (points) against the
+    unpruned fp32 model exported the same way in the same run."""
     shipped = [p for p in manifest["points"] if p["feasible"]]
     ok = all(p["measured_latency_ms"] <= budget_ms for p in shipped)
-    lat = ", ".join(f"{p['measured_latency_ms']:.1f}" for p in shipped)
-    return f"{len(shipped)} shipped, measured {lat} ms: {'all under' if ok else 'NOT all under'} {budget_ms:g} ms"
+    ref = manifest["settings"]["unpruned"]
+    each = ", ".join(f"{p['measured_latency_ms']:.1f} ms {p['precision']} "
+                     f"({ref['measured_latency_ms'] / p['measured_latency_ms']:.2f}x, "
+                     f"{100 * (p['metric'] - ref['metric']):+.1f} pt)" for p in shipped)
+    return f"{len(shipped)} shipped: {each}; {'all under' if ok else 'NOT all under'} {budget_ms:g} ms"
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_section  # noqa: E402
+from common import machine, publish  # noqa: E402
 
 
 def main() -> None:
@@ -76,10 +76,7 @@ def main() -> None:
     for ratio, share, n, before, after, steps, secs, teacher_s in rows:
         md.append(f"| uniform {ratio:.2f} | {share:.0%} | {n} | {before:.4f} | {after:.4f} | "
                   f"{100 * (after - before):+.1f} | {steps} | {secs:.0f} | {teacher_s:.0f} |")
-    text = "\n".join(md)
-    print(text)
-    if not args.no_docs:
-        write_section("bench_recovery", text)
+    publish("bench_recovery", md, write=not args.no_docs)
 
 
 if __name__ == "__main__":

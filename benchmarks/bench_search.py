@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from common import machine, stats, write_section
+from common import machine, publish, stats
 from toolchain.evaluation import Evaluator
 from toolchain.run import load_run
 from toolchain.search import run_search, summarize
@@ -178,10 +178,7 @@ def main() -> None:
               f"(largest share where it was faster: {max(faster):.0%}; smallest share where masking was faster: "
               f"{min(slower):.0%})." if faster and slower else
               f"Slicing was faster for {len(faster)} of {len(cross)} sub-networks.")
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        write_section("bench_search", text)
+    publish("bench_search", md, write=not args.no_write)
 
 
 if __name__ == "__main__":

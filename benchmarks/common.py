@@ -49,3 +49,12 @@ def write_section(name: str, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOCS.write_text(text)
+
+
+def publish(name: str, lines: list[str], write: bool = True) -> str:
+    """Print a benchmark's markdown and (``write``) make it the ``name`` section of docs/benchmarks.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(name, text)
+    return text
