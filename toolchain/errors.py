@@ -13,6 +13,7 @@ from targets import ProviderUnavailableError, TargetError
 from toolchain.core.data import DataError
 from toolchain.core.modeling import ModelLoadError
 from toolchain.options import CompileError
+from toolchain.recover import RecoverError
 from toolchain.run import RunError
 from toolchain.search.executors import ExecutorError
 from toolchain.search.objectives import SearchError
@@ -29,7 +30,7 @@ class UsageError(ValueError):
 #: the errors that are the user's to act on (input, files, the machine); every error class of ours is one of them
 USER_ERRORS = (CompileError, RunError, SearchError, DataError, ModelLoadError, TableError, TargetError,
                ProviderUnavailableError, VerificationError, ExecutorError, CheckpointError, TrainingError, BudgetError,
-               MeasuredError, UsageError, OSError)
+               MeasuredError, RecoverError, UsageError, OSError)
 
 
 def report_error(error: BaseException, verbose: bool) -> int:

@@ -11,6 +11,7 @@ from latency_models.lookup_table import LatencyTable
 from targets import Target, load_target
 from toolchain.core.modeling import ModelDims, check_max_length, load_config
 from toolchain.core.search_space import SPACE_NAMES
+from toolchain.recover import RecoverSettings
 from toolchain.run import DataSettings, Run, default_init
 from toolchain.search.executors import check_executor
 from toolchain.search.objectives import METHODS, check_constraints, check_objectives
@@ -138,7 +139,12 @@ class CompileOptions:
         if self.space.lower() not in SPACE_NAMES:
             raise CompileError(f"unknown search space '{self.space}'; choose one of: {', '.join(SPACE_NAMES)}")
         TrainConfig(strategy=self.strategy, epochs=self.budget("epochs"), seed=self.seed)
+        self.recover_settings()
         return target, precision
+
+    def recover_settings(self) -> RecoverSettings:
+        """How each exported point is recovered (:mod:`toolchain.recover`): the preset's number of texts."""
+        return RecoverSettings(samples=self.budget("recover_samples"), seed=self.seed)
 
     def default_output(self) -> Path:
         task = "custom" if self.data.train_file else self.data.task

@@ -35,7 +35,7 @@ from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, SearchObjective
 from toolchain.options import CompileError, CompileOptions, InfeasibleError
-from toolchain.recover import RecoverSettings, recover_point, recovery_summary
+from toolchain.recover import recover_point, recovery_summary
 from toolchain.rfp_stage import point_supernet, rfp_scales, rfp_stage
 from toolchain.run import (DataSettings, Run, RunError, check_output, finish_output, folder_lock, load_run,
                            start_output, train_run)
@@ -268,7 +268,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     folded into the weights. Returns the selection and the unpruned model's figures (exported the same way)."""
     scales = scales or {}
     recover = opts.recover and not scales  # an rfp point keeps its own rescaling, no distillation
-    settings = RecoverSettings(samples=opts.budget("recover_samples"), seed=opts.seed)
+    settings = opts.recover_settings()
 
     def export_fn(supernet, subnet, *args, extra=None, **kwargs):
         if not recover:  # an rfp point runs on its own rescaled copy

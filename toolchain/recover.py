@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 _NOT_IN_KEY = ("checkpoint_every",)
 
 
+class RecoverError(ValueError):
+    """Recovery settings that cannot work (the user's to fix)."""
+
+
 @dataclass
 class RecoverSettings:
     samples: int | None = 6000  # training texts used (seeded subset of the full training split; None: all)
@@ -67,13 +71,13 @@ class RecoverSettings:
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
-            raise ValueError(f"samples must be positive (or None for all), got {self.samples}")
+            raise RecoverError(f"--recover-samples must be positive, got {self.samples}")
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
-            raise ValueError("epochs, lr, batch_size and temperature must be positive")
+            raise RecoverError("recovery epochs, lr, batch_size and temperature must be positive")
         if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError("alpha must be in [0, 1] and warmup_ratio in [0, 1)")
+            raise RecoverError("recovery alpha must be in [0, 1] and warmup_ratio in [0, 1)")
         if self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
+            raise RecoverError("recovery checkpoint_every must be >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
