@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from latency_models.grid import Worker, as_target, export_graph, onnx_weight_bytes
-from latency_models.lookup_table import LatencyTable, error_stats
+from latency_models.lookup_table import LatencyTable, error_stats, residuals_of
+from targets.meter import E2E_ROUNDS, drift_corrected, measure_beside
 
 
 def measure_subnet(model, subnet, target, precision: str, worker: Worker | None = None, workdir=None) -> dict:
@@ -56,16 +57,12 @@ def _samples(space, n: int, seed: int) -> list:
     return [out[i] for i in rng.permutation(n)]  # sizes in no particular order
 
 
-#: end-to-end measurements of each calibration / validation sample, alternating with the unpruned reference; the
-#: sample's latency is the median of the rounds (one window of ``min_time_s`` is at the mercy of a shared machine)
-E2E_ROUNDS = 3
-
-
 def _measure_samples(table, model, space, n, seed, target, worker, progress, desc):
-    """Measure ``n`` random sub-networks end to end, alternating :data:`E2E_ROUNDS` times with the unpruned network
-    (the *reference*): ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine
-    over the minutes of calibration and validation can be told apart from prediction error (see
-    :func:`drift_corrected`). ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``)."""
+    """Measure ``n`` random sub-networks end to end, alternating :data:`~targets.meter.E2E_ROUNDS` times with the
+    unpruned network (the *reference*; :func:`targets.meter.measure_beside`, the export's rounds too):
+    ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine over the minutes of
+    calibration and validation can be told apart from prediction error (see :func:`drift_corrected`).
+    ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``)."""
     from toolchain.core.slicing import slice_model
 
     target = as_target(target if target is not None else table.fingerprint.get("target") or "cpu")
@@ -81,19 +78,17 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     rows = []
     own = worker is None
     worker = worker or Worker()
+
+    def measure(path):
+        return worker.measure(path, target, model.config.vocab_size, None)
+
     try:
         with tempfile.TemporaryDirectory(prefix="nasprune-ref-") as tmp:
             ref = export_graph(model, Path(tmp) / "reference.onnx", table.precision, target)
             for s in subnets:
                 dst = export_graph(slice_model(model, s), Path(tmp) / "sample.onnx", table.precision, target)
-                refs, runs = [], []
-                for _ in range(E2E_ROUNDS):  # reference and sample alternate: both see the same machine speed
-                    refs.append(worker.measure(ref, target, model.config.vocab_size, None)["latency_ms"])
-                    runs.append(worker.measure(dst, target, model.config.vocab_size, None))
-                r = dict(runs[0])
-                r["latency_ms"] = float(np.median([x["latency_ms"] for x in runs]))
-                r["rounds_ms"] = [x["latency_ms"] for x in runs]
-                r["reference_ms"] = float(np.median(refs))
+                # reference and sample alternate: both see the same machine speed
+                r = measure_beside(measure, dst, ref, E2E_ROUNDS)
                 r["weight_bytes"] = onnx_weight_bytes(dst)
                 rows.append((s, r))
                 if bar:
@@ -111,12 +106,6 @@ def _unpruned(space):
 
     d = space.dims
     return SubNetwork.full(d.num_layers, d.num_heads, d.intermediate_size)
-
-
-def drift_corrected(measured: list[float], reference: list[float], speed_ms: float) -> list[float]:
-    """Latencies rescaled to the machine speed at which the unpruned network takes ``speed_ms``: each measurement
-    times ``speed_ms / reference`` (its own side-by-side measurement of the unpruned network)."""
-    return [m * speed_ms / r for m, r in zip(measured, reference)]
 
 
 def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, target=None, worker=None,
@@ -162,6 +151,8 @@ def validate(table: LatencyTable, model, space, n: int = 10, seed: int = 1, targ
                 stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
                 stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
                                                       "latency measured just before this sample)")
+            # relative errors per sample, drift-corrected: what an upper bound of a prediction is taken from
+            stats["residuals"], stats["residuals_method"] = residuals_of(stats["samples"], speed)
             # the unpruned network itself: measured beside every sample, compared with its prediction
             stats["unpruned"] = {"predicted": float(pred(_unpruned(space))), "measured": float(np.median(refs)),
                                  "n": len(refs)}

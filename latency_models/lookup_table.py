@@ -16,6 +16,8 @@ where the head grid is not complete; scipy's ``RegularGridInterpolator``); a dro
 nothing. Weights add up over layers; ONNX Runtime's arena reuses activation buffers between layers, so working
 memory is the largest layer's. The latency calibration is quadratic (``c_lat`` > 0) only where the fitted curve
 rises over the whole measured range, else a straight line (``c_lat`` = 0); see :meth:`LatencyTable.set_calibration`.
+``predict_latency(subnet, quantile)`` is an upper bound instead: the prediction times the conformal quantile of
+``measured / predicted`` over the validation residuals (:meth:`LatencyTable.latency_bound`).
 Memory is what :func:`targets.meter.measure` measures: peak RSS while serving minus RSS before the session.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -30,6 +33,7 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
+from targets.meter import drift_corrected
 from targets.session import same_device
 
 log = logging.getLogger(__name__)
@@ -200,9 +204,52 @@ class LatencyTable:
         c = self.calibration.get(kind) or {}
         return float(c.get("c", 0.0) * raw * raw + c.get("a", 1.0) * raw + c.get("b", 0.0))
 
-    def predict_latency(self, subnet) -> float:
-        """Predicted end-to-end latency (ms) of the sliced, exported ``subnet`` on this table's target."""
-        return self._calibrated("latency", self.raw_latency(subnet))
+    def predict_latency(self, subnet, quantile: float | None = None) -> float:
+        """Predicted end-to-end latency (ms) of the sliced, exported ``subnet`` on this table's target. With
+        ``quantile`` (e.g. 0.95): an upper bound that a measurement stays under with that probability, the prediction
+        times :meth:`latency_bound`'s factor (the point prediction where the table has no validation residuals)."""
+        point = self._calibrated("latency", self.raw_latency(subnet))
+        return point if quantile is None else point * self.latency_bound(quantile)["factor"]
+
+    def latency_residuals(self) -> tuple[list[float], str]:
+        """The validation's relative errors ``measured / predicted - 1``, one per held-out sub-network, and how they
+        were taken (:func:`residuals_of`): stored by :func:`latency_models.calibration.validate`, else (a table
+        written before they were stored) derived from its validation samples; ``([], ...)`` without samples."""
+        v = self.validation.get("latency") or {}
+        if "residuals" in v:
+            return [float(r) for r in v["residuals"]], v.get("residuals_method", RESIDUALS_DRIFT_CORRECTED)
+        samples = v.get("samples") or []
+        return residuals_of(samples, (self.calibration.get("latency") or {}).get("reference_ms")) if samples else \
+            ([], "the table has no latency validation samples")
+
+    def latency_bound(self, quantile: float) -> dict:
+        """How :meth:`predict_latency` bounds latency at ``quantile``: ``factor``, the upper empirical quantile of
+        ``measured / predicted`` over the validation residuals at level ``ceil((n + 1) * quantile) / n`` (split
+        conformal prediction; the largest ratio where ``n`` is too small for that level, said in ``note``), with
+        ``n``, ``level`` and ``residuals`` (how they were taken). Without residuals the factor is 1 (the point
+        prediction) and a warning says so, once per table."""
+        if not 0 < quantile < 1:
+            raise ValueError(f"a latency confidence is between 0 and 1 (e.g. 0.95), got {quantile}")
+        res, method = self.latency_residuals()
+        info = {"quantile": float(quantile), "n": len(res), "residuals": method}
+        if not res:
+            info.update(factor=1.0, note="no validation residuals: the bound is the point prediction")
+            if not self.__dict__.get("_said_no_residuals"):
+                self._said_no_residuals = True
+                log.warning("latency table %s has no validation residuals (%s): the %g latency bound is the "
+                            "point prediction; re-profile with validation samples for a bound", self.path or "",
+                            method, quantile)
+        else:
+            n = len(res)
+            need = math.ceil((n + 1) * quantile - 1e-9)  # rank of the conformal quantile among the n ratios
+            k = min(need, n)
+            # the k-th smallest ratio: inverted CDF, half a step below k / n so that rounding cannot move it
+            info.update(level=k / n, factor=float(np.quantile(1.0 + np.asarray(res), (k - 0.5) / n,
+                                                              method="inverted_cdf")))
+            if need > n:
+                info["note"] = (f"{n} validation residuals are too few for a {quantile:g} bound with a guarantee "
+                                f"(it needs {math.ceil(quantile / (1 - quantile) - 1e-9)}): the largest ratio is used")
+        return info
 
     def predict_memory(self, subnet) -> float:
         """Predicted memory (MB = 10^6 bytes) of the sliced, exported ``subnet``: what :func:`targets.meter.measure`
@@ -248,6 +295,23 @@ class LatencyTable:
                     lines.append(f"  {name}: MAPE {w['mape']:.1f}%, within 5% {100 * w['within_5']:.0f}%, within 10% "
                                  f"{100 * w['within_10']:.0f}% (n={w['n']})")
         return "\n".join(lines)
+
+
+RESIDUALS_DRIFT_CORRECTED = ("measured x (unpruned latency at calibration / unpruned latency measured beside it) "
+                             "/ predicted - 1")
+RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
+
+
+def residuals_of(samples: list[dict], speed_ms: float | None) -> tuple[list[float], str]:
+    """Relative errors ``measured / predicted - 1`` of validation ``samples`` (``predicted``, ``measured``,
+    ``reference_ms``), each measurement drift-corrected to the machine speed at which the unpruned network takes
+    ``speed_ms`` (the calibration's) where the samples and ``speed_ms`` allow; and which of the two they are."""
+    corrected = bool(speed_ms) and all(s.get("reference_ms") for s in samples)
+    measured = [s["measured"] for s in samples]
+    if corrected:
+        measured = drift_corrected(measured, [s["reference_ms"] for s in samples], speed_ms)
+    return ([float(m / s["predicted"] - 1.0) for m, s in zip(measured, samples)],
+            RESIDUALS_DRIFT_CORRECTED if corrected else RESIDUALS_RAW)
 
 
 def error_stats(predicted, measured) -> dict:

@@ -17,6 +17,9 @@ Standalone like :mod:`targets.session` (standard library, ``numpy``, ``onnxrunti
   threads. Without /proc, the resident size after the runs is used (psutil). On a GPU provider,
   ``gpu_memory_mb`` is the GPU memory in use after the runs minus before the session (the whole device's, read
   with nvidia-ml-py where installed).
+* **beside the reference** (:func:`measure_beside`, :func:`measure_point`): an end-to-end figure (calibration,
+  validation, export) is the median of :data:`E2E_ROUNDS` rounds, each right after a measurement of the unpruned
+  network, so that the drift of a shared machine can be taken out (:func:`drift_corrected`).
 * **where** (``measured_on``): the device that ran the graph (:func:`targets.session.device_fingerprint`: CPU,
   cores, GPU, onnxruntime, provider), so every figure says where it was measured.
 """
@@ -77,8 +80,7 @@ def time_session(session, feed: dict, warmup: int = DEFAULT_MEASUREMENT["warmup"
             break
     times.sort()
     n = len(times)
-    median = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-    return {"latency_ms": median, "min_ms": times[0], "q25_ms": times[n // 4], "q75_ms": times[(3 * n) // 4],
+    return {"latency_ms": _median(times), "min_ms": times[0], "q25_ms": times[n // 4], "q75_ms": times[(3 * n) // 4],
             "p90_ms": times[max(0, -(-9 * n // 10) - 1)], "max_ms": times[-1], "reps": n, "warmup": int(warmup)}
 
 
@@ -214,14 +216,76 @@ def measure(onnx_path, settings: dict, vocab_size: int, measurement: dict | None
     return result
 
 
+# ------------------------------------------------------------------------------- beside the unpruned reference
+#: rounds of an end-to-end measurement that alternates with the unpruned reference (calibration, validation, export);
+#: the figure is the median of the rounds: one window of ``min_time_s`` is at the mercy of a shared machine
+E2E_ROUNDS = 3
+
+
+def _median(values) -> float:
+    v = sorted(values)
+    n = len(v)
+    return float(v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]))
+
+
+def measure_beside(measure_one, path, reference=None, rounds: int = E2E_ROUNDS) -> dict:
+    """``measure_one(path)`` (a meter result) in ``rounds`` rounds, each right after ``measure_one(reference)``, the
+    unpruned network: both see the same machine speed, so drift of a shared machine can be told apart from the
+    difference between the two (:func:`drift_corrected`). The result is the first round's, with ``latency_ms`` the
+    median of the rounds (all in ``rounds_ms``), ``reference_ms`` the median of the reference's rounds (all in
+    ``reference_rounds_ms``). ``reference=None``: ``path`` is the reference itself (its rounds are both)."""
+    refs, runs = [], []
+    for _ in range(max(1, int(rounds))):
+        if reference is not None:
+            refs.append(measure_one(reference)["latency_ms"])
+        runs.append(measure_one(path))
+    out = dict(runs[0])
+    lat = [r["latency_ms"] for r in runs]
+    refs = refs or lat
+    out.update(latency_ms=_median(lat), rounds_ms=lat, reference_ms=_median(refs), reference_rounds_ms=refs)
+    return out
+
+
+def drift_corrected(measured, reference, speed_ms: float) -> list:
+    """Latencies rescaled to the machine speed at which the unpruned network takes ``speed_ms``: each measurement
+    times ``speed_ms / reference`` (its own side-by-side measurement of the unpruned network)."""
+    return [m * speed_ms / r for m, r in zip(measured, reference)]
+
+
+def measure_point(onnx_path, settings: dict, vocab_size: int, measurement: dict | None = None, reference=None,
+                  rounds: int = E2E_ROUNDS, lengths=()) -> dict:
+    """An exported model as the export measures it: :func:`measure_beside` the ``reference`` ONNX (the unpruned
+    model; ``None``: this model is the reference) at the settings' sequence length, then one round at each of
+    ``lengths`` (model and reference alternating), in ``by_length``: ``{length: {"latency_ms", "reference_ms"}}``.
+    Every graph is measured by :func:`measure` (a child forked for it)."""
+    def at(length):
+        s = dict(settings) if length is None else {**settings, "sequence_length": int(length)}
+        return lambda p: measure(p, s, vocab_size, measurement)
+
+    out = measure_beside(at(None), onnx_path, reference, rounds)
+    by_length = {}
+    for length in lengths:
+        r = measure_beside(at(length), onnx_path, reference, 1)
+        by_length[str(int(length))] = {"latency_ms": r["latency_ms"], "reference_ms": r["reference_ms"]}
+    if by_length:
+        out["by_length"] = by_length
+    return out
+
+
 def measure_isolated(onnx_path, settings: dict, vocab_size: int, measurement: dict | None = None,
-                     timeout: float = 600) -> dict:
+                     timeout: float = 600, **point) -> dict:
     """:func:`measure` in a fresh interpreter (``python -I targets/meter.py``): for a caller that has torch, CUDA or
-    large buffers loaded (the export), whose own process would not give a clean baseline."""
+    large buffers loaded (the export), whose own process would not give a clean baseline. With ``point`` (the
+    keywords ``reference``, ``rounds``, ``lengths`` of :func:`measure_point`): :func:`measure_point` there."""
     req = {"path": str(Path(onnx_path).resolve()), "settings": settings, "vocab_size": int(vocab_size),
            "measurement": measurement}
+    graphs = 1  # ``timeout`` is per graph measured
+    if point:
+        ref, lengths = point.get("reference"), [int(n) for n in point.get("lengths") or ()]
+        req["point"] = {**point, "reference": str(Path(ref).resolve()) if ref is not None else None, "lengths": lengths}
+        graphs = 2 * (int(point.get("rounds") or E2E_ROUNDS) + len(lengths))
     proc = subprocess.run([sys.executable, "-I", str(Path(__file__).resolve()), json.dumps(req)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout * graphs)
     if proc.returncode != 0:
         raise RuntimeError(f"measuring {onnx_path} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -229,7 +293,8 @@ def measure_isolated(onnx_path, settings: dict, vocab_size: int, measurement: di
 
 def main(argv=None) -> int:
     req = json.loads((argv or sys.argv[1:])[0])
-    print(json.dumps(measure(req["path"], req["settings"], req["vocab_size"], req.get("measurement"))))
+    args = (req["path"], req["settings"], req["vocab_size"], req.get("measurement"))
+    print(json.dumps(measure_point(*args, **req["point"]) if req.get("point") else measure(*args)))
     return 0
 
 

@@ -192,7 +192,7 @@ def test_a_compile_that_ships_nothing_exits_non_zero_with_the_closest_points(com
     out, err = capsys.readouterr()
     assert rc == 3, err
     assert "no exported point meets the budget" in err and "measured memory" in err and "> max 0.001 MB" in err
-    assert "(over budget, not shipped)" in out  # the closest points, in the table
+    assert "(not shipped: measured memory" in out  # the closest points, in the table, with the reason
     manifest = json.loads((env / "none" / "manifest.json").read_text())
     assert manifest["num_feasible"] == 0 and all(p["measured_on_target"] for p in manifest["points"])
 

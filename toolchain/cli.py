@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from latency_models.cache import run_profile
+from toolchain.cli_latency import add_latency_options, latency_options, targets_at_length
 from toolchain.core.search_space import SPACE_NAMES
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.errors import UsageError, nothing_shipped, report_error
@@ -210,7 +211,7 @@ def _budget_options(args) -> dict:
         max_params=parse_params(args.max_params) if args.max_params is not None else None,
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()), method=args.method,
         preset=args.preset, n_evals=args.n_evals, max_search_seconds=args.max_search_time,
-        search_eval_samples=args.search_eval_samples, seed=args.seed)
+        search_eval_samples=args.search_eval_samples, seed=args.seed, **latency_options(args))
 
 
 def _search_options(args) -> CompileOptions:
@@ -266,7 +267,7 @@ def _targets(values) -> list[str]:
 
 
 def cmd_profile(args) -> int:
-    targets = _targets(args.target)
+    targets = targets_at_length(_targets(args.target), args)
     common = dict(model=args.model, precision=args.precision, unit_step=args.unit_step,
                   calibrate_samples=args.calibrate_samples, validate_samples=args.validate_samples,
                   resume=not args.restart, progress=True)
@@ -331,6 +332,7 @@ def _register_stages(sub) -> None:
     p.add_argument("run_dir", help="run folder written by `nasprune train` or `nasprune-compile`")
     add_target_options(p)
     add_search_options(p)
+    add_latency_options(p)
     add_executor_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_search)
@@ -341,6 +343,7 @@ def _register_stages(sub) -> None:
     p.add_argument("run_dir")
     add_target_options(p)
     add_search_options(p)
+    add_latency_options(p, confidence=False)
     p.add_argument("--export", type=int, default=None, help="number of points to ship (default: preset)")
     p.add_argument("--measured", default=None, metavar="MEASURED_JSON",
                    help="instead of exporting again: gate the exported points on their figures measured on the "
@@ -374,6 +377,7 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-samples", type=int, default=16, help="random sub-networks measured for calibration")
     p.add_argument("--validate-samples", type=int, default=16, help="held-out sub-networks measured for validation")
     p.add_argument("--restart", action="store_true", help="ignore a partial profile instead of resuming it")
+    add_latency_options(p, confidence=False, task=True)
     add_executor_options(p, search=False)
 
 
@@ -396,6 +400,7 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     add_model_data_options(p)
     add_target_options(p)
     add_search_options(p)
+    add_latency_options(p)
     add_executor_options(p)
     g = p.add_argument_group("super-network")
     g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")

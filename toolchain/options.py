@@ -11,6 +11,7 @@ from latency_models.lookup_table import LatencyTable
 from targets import Target, load_target
 from toolchain.core.modeling import ModelDims, check_max_length, load_config
 from toolchain.core.search_space import SPACE_NAMES
+from toolchain.latency_settings import at_length, parse_sequence_length, sequence_length_for
 from toolchain.recover import RecoverSettings
 from toolchain.run import DataSettings, Run, default_init
 from toolchain.search.executors import check_executor
@@ -77,10 +78,21 @@ class CompileOptions:
     min_metric: float | None = None  # the task metric every shipped point must reach (e.g. 0.85 accuracy)
     recover: bool = True  # distil every exported point from the full network first (toolchain.recover)
     recover_samples: int | None = None  # training texts for recovery (preset; the preset "paper": all of them)
+    # the length latency is predicted and measured at: N tokens, or "data" (a quantile of the training lengths);
+    # None: the target's (toolchain.latency_settings)
+    sequence_length: int | str | None = None
+    sequence_length_quantile: float | None = None  # with "data": this quantile (default 0.95)
+    # the search's latency limit holds for the table's upper bound at this confidence (LatencyTable.latency_bound);
+    # None: for its point prediction
+    latency_confidence: float | None = None
 
     def __post_init__(self):
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 100:
             raise CompileError(f"--max-accuracy-drop must be between 0 and 100 points, got {self.max_accuracy_drop:g}")
+        if self.latency_confidence is not None and not 0 < self.latency_confidence < 1:
+            raise CompileError(f"--latency-confidence must be between 0 and 1 (e.g. 0.95), got "
+                               f"{self.latency_confidence:g}")
+        self.sequence_length = parse_sequence_length(self.sequence_length)
         if self.strategy is None:
             self.strategy = "standard" if self.method == "rfp" else "kd"
 
@@ -105,10 +117,29 @@ class CompileOptions:
         """Where the super-network starts: ``init``, else :func:`toolchain.run.default_init` of the strategy."""
         return self.init or default_init(self.strategy)
 
-    def constraints(self) -> dict[str, float]:
-        """The search's constraints: ``{"latency": ms, "memory": MB, "params": n}``, those that are set."""
-        return {k: v for k, v in (("latency", self.max_latency), ("memory", self.max_memory),
+    def constraints(self, table=None) -> dict[str, float]:
+        """The search's constraints: ``{"latency": ms, "memory": MB, "params": n}``, those that are set. With
+        ``latency_confidence`` and the latency ``table``, the latency limit holds for the table's upper bound at that
+        confidence, a candidate's prediction times one factor (:meth:`LatencyTable.latency_bound`): the limit on
+        the prediction is then ``max_latency / factor``."""
+        latency = self.max_latency
+        if latency is not None and self.latency_confidence is not None and table is not None:
+            latency = latency / table.latency_bound(self.latency_confidence)["factor"]
+        return {k: v for k, v in (("latency", latency), ("memory", self.max_memory),
                                   ("params", self.max_params)) if v is not None}
+
+    def sequence_length_choice(self) -> tuple[int | None, str | None]:
+        """``(length, why)`` of ``--sequence-length`` (``data``: of the training texts the run trains on)."""
+        data = replace(self.data, max_train_samples=self.data.max_train_samples or self.budget("max_train_samples"),
+                       seed=self.seed)
+        return sequence_length_for(self.sequence_length, data, self.model, self.sequence_length_quantile)
+
+    def resolved_target(self, target: Target | str | None = None) -> Target:
+        """``target`` (default: ``self.target``) at the sequence length asked for; ``data``'s choice is printed."""
+        n, why = self.sequence_length_choice()
+        if self.sequence_length == "data" and self.progress:
+            print(f"sequence length {n}: {why}", flush=True)
+        return at_length(load_target(target or self.target), n)
 
     def check(self) -> tuple[Target, str]:
         """Everything a compile can be refused for, checked before any folder exists (so the corrected command
@@ -133,6 +164,7 @@ class CompileOptions:
         self.data.load("train")
         config = load_config(self.model, spec.num_labels, spec.is_regression)[1]  # the model exists and loads
         check_max_length(config, self.data.max_length)
+        target = self.resolved_target(target)  # --sequence-length (data: once the data and the model are checked)
         check_sequence_length(config, target)
         if table is not None:
             table.check_model(ModelDims.from_config(config))
@@ -154,8 +186,10 @@ class CompileOptions:
 
     def for_run(self, run: Run) -> CompileOptions:
         """These options over a trained run folder (``nasprune search`` / ``export``): model, data, search space and
-        training as the run was made."""
-        s = run.settings
+        training as the run was made, and the sequence length it was compiled at (unless given)."""
+        s, compiled = run.settings, run.settings.get("compile") or {}
+        length = compiled.get("sequence_length") if compiled.get("sequence_length_from") else None  # else the target's
         return replace(self, model=self.model or s.get("model"), data=run.data, space=s.get("space", self.space),
                        strategy=(s.get("train") or {}).get("strategy", self.strategy),
-                       init=s.get("init", "pretrained"), reorder=s.get("reorder", self.reorder))
+                       init=s.get("init", "pretrained"), reorder=s.get("reorder", self.reorder),
+                       sequence_length=self.sequence_length or length)

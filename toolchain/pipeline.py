@@ -34,10 +34,11 @@ from targets import Target, load_target
 from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, SearchObjective
+from toolchain.latency_settings import REPORT_LENGTHS, confidence_note, export_reference
 from toolchain.options import CompileError, CompileOptions, InfeasibleError
 from toolchain.recover import recover_point, recovery_summary
 from toolchain.rfp_stage import point_supernet, rfp_scales, rfp_stage
-from toolchain.run import (DataSettings, Run, RunError, check_output, finish_output, folder_lock, load_run,
+from toolchain.run import (DataSettings, Run, RunError, check_output, finish_output, folder_lock, load_run, read_json,
                            start_output, train_run)
 from toolchain.search import (HISTORY_FILE, SearchHistory, SearchResult, infeasible_message, non_dominated,
                               run_search)
@@ -47,6 +48,7 @@ from toolchain.ship.manifest import write_manifest
 from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
 from toolchain.ship.selection import Candidate, Selection, export_order, keep_non_dominated, select_and_export
+from toolchain.ship.verify import MetricData
 from toolchain.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
             log.info("profiling %s (%s) for this model family; cached in %s", target.name, precision, path)
             path.parent.mkdir(parents=True, exist_ok=True)
             table = LatencyTable.load(run_profile(
-                target=opts.target, model=opts.model, precision=precision, out=str(path), bundle=None,
+                target=target, model=opts.model, precision=precision, out=str(path), bundle=None,
                 unit_step=opts.budget("unit_step"), calibrate_samples=opts.budget("calibration_samples"),
                 validate_samples=opts.budget("validation_samples"), resume=True, progress=opts.progress))
     table.check_model(dims)
@@ -93,7 +95,7 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
 
 def table_for_run(run: Run, opts: CompileOptions) -> tuple[Target, str, LatencyTable]:
     """``(target, precision, table)`` for the super-network of a run folder (a table to profile is of its family)."""
-    target = load_target(opts.target)
+    target = opts.resolved_target()  # at the length asked for, else the one the run was compiled at
     precision = target.check_precision(opts.precision)
     table = latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
     return table.device_target(target, precision), precision, table
@@ -148,25 +150,29 @@ def evaluate_subnet(folder: str | Path, subnet: SubNetwork | None, max_samples: 
 
 
 # --------------------------------------------------------------------------------------------- stage 3: search
-def cost_metrics(table, space, subnet) -> dict[str, float]:
-    """The hardware-side metrics of a candidate: predicted latency and memory on the target, exact parameters."""
-    return {"latency": table.predict_latency(subnet), "memory": table.predict_memory(subnet),
-            "params": float(space.num_parameters(subnet))}
+def cost_metrics(table, space, subnet, confidence: float | None = None) -> dict[str, float]:
+    """The hardware-side metrics of a candidate: predicted latency and memory on the target, exact parameters; with
+    ``confidence``, ``latency_bound`` too, the latency's upper bound the constraint holds for (opts.constraints)."""
+    costs = {"latency": table.predict_latency(subnet), "memory": table.predict_memory(subnet),
+             "params": float(space.num_parameters(subnet))}
+    if confidence is not None:
+        costs["latency_bound"] = table.predict_latency(subnet, confidence)
+    return costs
 
 
 def search_stage(run: Run, table, opts: CompileOptions, folder: Path) -> SearchResult:
     space = run.space
-    costs = partial(cost_metrics, table, space)  # picklable: Ray workers get a copy
+    costs = partial(cost_metrics, table, space, confidence=opts.latency_confidence)  # picklable: Ray workers copy it
     if opts.method == "rfp":
         return rfp_stage(run, table, costs, opts, folder)
     objective = SearchObjective(search_evaluator(run, opts), costs)
     with make_executor(opts.executor, opts.workers, opts.ray_address) as executor:
-        result = run_search(space, objective, objectives=opts.objectives, constraints=opts.constraints(),
+        result = run_search(space, objective, objectives=opts.objectives, constraints=opts.constraints(table),
                             method=opts.method,
                             n_evals=opts.budget("n_evals"), max_seconds=opts.max_search_seconds,
                             pop_size=opts.budget("pop_size"), seed=opts.seed,
                             history_path=folder / HISTORY_FILE,
-                            normalizers=costs(space.largest()), progress=opts.progress,
+                            normalizers=cost_metrics(table, space, space.largest()), progress=opts.progress,
                             executor=executor, batch_size=opts.search_batch_size, on_evaluated=objective.remember)
     result.save(folder / "pareto.json")
     return result
@@ -210,7 +216,8 @@ def search_run(folder: str | Path, opts: CompileOptions) -> SearchResult:
     _, _, table = table_for_run(run, opts)
     result = search_stage(run, table, opts, Path(folder))
     if not result.feasible:
-        raise InfeasibleError(infeasible_message(result))
+        raise InfeasibleError(infeasible_message(result) + confidence_note(opts.latency_confidence, opts.max_latency,
+                                                                           table))
     return result
 
 
@@ -218,12 +225,8 @@ def load_search(folder: Path) -> SearchResult:
     """The search a run folder holds, as :func:`search_stage` returned it: ``pareto.json`` and, for the records,
     ``search_history.csv``."""
     path = folder / "pareto.json"
-    if not path.exists():
-        raise RunError(f"{path} not found: run `nasprune search {folder}` first")
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as e:
-        raise RunError(f"{path} is damaged ({e}); run `nasprune search {folder}` again to write it anew") from None
+    saved = read_json(path, f"{path} not found: run `nasprune search {folder}` first",
+                      f"run `nasprune search {folder}` again to write it anew")
 
     def record(r: dict) -> dict:
         return {**r, "subnet": SubNetwork.from_dict(r["subnet"])}
@@ -280,15 +283,20 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         return export_point(supernet, subnet, *args, extra={**(extra or {}), "recovery": recovery_summary(point)},
                             sliced_weights=point.model, **kwargs)
 
-    validation = run.data.load("validation")
+    # scored at the run's max_length, whatever length latency is measured at (the target's)
+    validation = MetricData.from_dataset(run.data.load("validation"), run.tokenizer, run.data.max_length)
     n = opts.budget("n_export")
-    common = dict(precision=precision, target=target, metric_data=validation)
-    # the unpruned model first, exported and measured the same way: the reference for speed-ups and accuracy limits
+    common = dict(precision=precision, target=target, metric_data=validation, lengths=REPORT_LENGTHS)
+    # the unpruned model first, exported and measured the same way: the reference for speed-ups and accuracy limits,
+    # then measured beside every point (drift correction)
     full = run.supernet.full()
+    beside = export_reference(table, target)
     ref = export_point(run.supernet, full, run.tokenizer, folder / "reference" / "unpruned",
                        predicted={"latency_ms": table.predict_latency(full), "memory_mb": table.predict_memory(full)},
-                       point_id="unpruned", overwrite=True, **common)
+                       point_id="unpruned", overwrite=True, reference=beside, **common)
+    common["reference"] = replace(beside, onnx=ref.path / "model.onnx")
     unpruned = {"parameters": ref.parameters, "measured_latency_ms": ref.measured_latency_ms,
+                "measured_latency_drift_corrected_ms": ref.info["measured"].get("latency_drift_corrected_ms"),
                 "predicted_latency_ms": table.predict_latency(full), "measured_memory_mb": ref.measured_memory_mb,
                 "metric": (ref.metric or {}).get("score"), "path": str(ref.path.relative_to(folder))}
     floor = opts.metric_floor(unpruned["metric"])
@@ -303,8 +311,8 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     others = [] if opts.precision else [p for p in target.precisions if p != precision]
     if others and not any(r["subnet"] == full for r in order):
         score = unpruned["metric"] or 0.0
-        order = order + [{"subnet": full, "latency": unpruned["predicted_latency_ms"], "error": 1 - score,
-                          "score": score, "search_error": None, "only_others": True}]
+        order = [{"subnet": full, "latency": unpruned["predicted_latency_ms"], "error": 1 - score,  # no recovery:
+                  "score": score, "search_error": None, "only_others": True}] + order  # cheap, tried first
 
     def candidate(r, p):
         predicted = {"latency_ms": r.get("latency", table.predict_latency(r["subnet"])),
@@ -405,6 +413,8 @@ def run_settings(opts: CompileOptions, run: Run, table, target: Target, precisio
         "init": opts.resolved_init(), "method": opts.method, "preset": opts.preset, "n_evals": opts.budget("n_evals"),
         "search_eval_samples": opts.budget("search_eval_samples"),
         "seed": opts.seed, "supernet": str(supernet), "latency_table": str(table.path),
+        "sequence_length_from": opts.sequence_length_choice()[1], "latency_confidence": opts.latency_confidence,
+        "latency_bound": table.latency_bound(opts.latency_confidence) if opts.latency_confidence else None,
         "measured_on_target": target.is_this_machine,  # False: the table is another device's (device_target)
     }
 
@@ -436,7 +446,8 @@ def compile_model(opts: CompileOptions) -> dict:
     result = search_stage(run, table, opts, partial)
     timings["search_s"] = round(time.time() - t, 1)
     if not result.feasible:
-        raise InfeasibleError(infeasible_message(result))
+        raise InfeasibleError(infeasible_message(result) + confidence_note(opts.latency_confidence, opts.max_latency,
+                                                                           table))
 
     ship_run(run, table, target, precision, result, opts, partial, settings, timings, t_start)
     finish_output(partial, out)

@@ -20,7 +20,8 @@ from toolchain.evaluation import Evaluator
 from toolchain.options import CompileError, CompileOptions
 from toolchain.rfp import Scales, fold_scales, prune
 from toolchain.run import Run
-from toolchain.search import HISTORY_FILE, CandidateStore, SearchError, SearchHistory, SearchResult, summarize
+from toolchain.search import (HISTORY_FILE, METRICS, CandidateStore, SearchError, SearchHistory, SearchResult,
+                              summarize)
 
 RFP_FILE = "rfp.json"
 RFP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)
@@ -50,7 +51,8 @@ def rfp_stage(run: Run, table, costs: Callable[[SubNetwork], dict], opts: Compil
     enc = run.encoded("validation", max_samples=n, seed=opts.seed)
     path = folder / RFP_FILE
     saved = _load_rfp(path)
-    budgets = rfp_budgets(table, run.supernet.dims, opts.max_latency)
+    constraints = opts.constraints(table)  # with a latency confidence: the limit on the predicted latency
+    budgets = rfp_budgets(table, run.supernet.dims, constraints.get("latency"))
     if not budgets:
         raise SearchError("no latency budget is reachable: even the network without encoder layers is predicted "
                           f"at {table.predict_latency(space.smallest()):.2f} ms")
@@ -70,8 +72,7 @@ def rfp_stage(run: Run, table, costs: Callable[[SubNetwork], dict], opts: Compil
                        param_count=space.num_parameters)
         return {"error": ev(subnet)["error"], **costs(subnet), "budget_ms": float(entry["budget"])}
 
-    constraints = opts.constraints()
-    normalizers = costs(space.largest())
+    normalizers = {k: v for k, v in costs(space.largest()).items() if k in METRICS}
     with SearchHistory(folder / HISTORY_FILE) as history:  # no space: a point's kept heads need not be the first
         store = CandidateStore(evaluate, objectives=opts.objectives, constraints=constraints, history=history)
         try:

@@ -325,18 +325,24 @@ def reorder_cached(supernet: SuperNetwork, encoded: dict, folder: Path, progress
     return imp
 
 
+def read_json(path: Path, missing: str, remedy: str):
+    """A run file's content; a :class:`RunError` saying ``missing`` when it is not there, or that it is damaged and
+    ``remedy`` when it cannot be read."""
+    if not path.exists():
+        raise RunError(missing)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RunError(f"{path} is damaged ({e}); {remedy}") from None
+
+
 def load_run(folder: str | Path) -> Run:
     """Open a trained run folder (the super-network is loaded from safetensors)."""
     from toolchain.core.slicing import load_sliced
 
     folder = Path(folder)
-    run_json = folder / "run.json"
-    if not run_json.exists():
-        raise RunError(f"{folder} is not a nasprune run folder (no run.json); create it with `nasprune train`")
-    try:
-        settings = json.loads(run_json.read_text())
-    except ValueError as e:
-        raise RunError(f"{run_json} is damaged ({e}); delete {folder} to train it anew") from None
+    settings = read_json(folder / "run.json", f"{folder} is not a nasprune run folder (no run.json); create it "
+                         "with `nasprune train`", f"delete {folder} to train it anew")
     if settings.get("status") != "trained":
         raise RunError(f"the super-network in {folder} is not trained yet (status: {settings.get('status')}); "
                        "run `nasprune train` again with the same options to resume")

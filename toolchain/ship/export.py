@@ -21,12 +21,13 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from toolchain.onnx.build import build_onnx, count_ops, input_names_for
+from toolchain.core.modeling import max_sequence_length
 from toolchain.core.slicing import slice_model
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.ship.jsonfile import versions, write_json_atomic
@@ -34,10 +35,10 @@ from toolchain.ship.verify import (
     FP32_GPU_TOLERANCE,
     FP32_TOLERANCE,
     MetricData,
+    Reference,
     as_metric_data,
-    latency_inputs,
-    measure_latency,
-    measure_memory,
+    measure_exported,
+    meter_settings,
     open_session,
     target_providers,
     target_threads,
@@ -170,8 +171,10 @@ def export_point(
     point_id: str | None = None,
     measure: bool = True,
     memory: bool = True,
-    warmup: int = 10,
-    reps: int = 50,
+    warmup: int | None = None,
+    reps: int | None = None,
+    reference: Reference | None = None,
+    lengths: Sequence[int] = (),
     overwrite: bool = False,
     eval_batch_size: int = 32,
     sliced_weights: torch.nn.Module | None = None,
@@ -186,7 +189,14 @@ def export_point(
     (a :class:`~toolchain.ship.verify.MetricData` or a ``TextDataset``) gives the validation metric of the ONNX model.
     fp32 outputs must match the sliced model to 1e-4, 1e-3 on a GPU target (else
     :class:`~toolchain.ship.verify.VerificationError` and no folder). ``sliced_weights``: the sliced network to
-    export as it is (``subnet``'s slice with its own weights, e.g. a recovered point), then the only reference. ``_fail_after`` (tests only) raises after the named stage to check that nothing half-written remains.
+    export as it is (``subnet``'s slice with its own weights, e.g. a recovered point), then the only reference.
+
+    Latency and memory are measured by :func:`~toolchain.ship.verify.measure_exported` (the latency tables' meter,
+    in a fresh process, with the target's settings; ``session_factory`` is for verification only): ``warmup`` /
+    ``reps`` fix the runs (default: the meter's, as profiling), ``reference`` (the unpruned model's ONNX) is measured
+    beside the point in rounds for a drift-corrected figure, ``lengths`` adds latency at those sequence lengths (up
+    to the model's positions). ``_fail_after`` (tests only) raises after the named stage to check that nothing
+    half-written remains.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}' (one of {', '.join(PRECISIONS)})")
@@ -231,30 +241,31 @@ def export_point(
         tokenizer.save_pretrained(tmp)
 
         session = open_session(onnx_path, target, session_factory)
-        reference = None
+        masked = None
         if supernet is not None:
-            def reference(**kw):
+            def masked(**kw):
                 with supernet.use(subnet) as m:
                     return m(**kw)
         tolerance = FP32_GPU_TOLERANCE if _uses_gpu(target) else FP32_TOLERANCE
         verification = verify_onnx(session, sliced, tokenizer, precision=precision, seq_len=seq_len,
-                                   metric_data=metric_data, reference_model=reference, eval_batch_size=eval_batch_size,
+                                   metric_data=metric_data, reference_model=masked, eval_batch_size=eval_batch_size,
                                    tolerance=tolerance)
         metric = verification.pop("metric", None)
         if _fail_after == "verify":
             raise RuntimeError("simulated failure after verification")
 
         measured: dict[str, Any] = {"latency_ms": None, "memory_mb": None}
+        if measure or memory:
+            runs = {k: v for k, v in (("warmup", warmup), ("min_reps", reps), ("max_reps", reps)) if v is not None}
+            if reps is not None:
+                runs["min_time_s"] = 0.0  # exactly ``reps`` runs
+            top = max_sequence_length(sliced.config)
+            measured = measure_exported(onnx_path, meter_settings(target, session, batch, seq_len),
+                                        sliced.config.vocab_size, latency=measure, memory=memory,
+                                        measurement=runs or None, reference=reference,
+                                        lengths=[n for n in lengths if n <= top and n != seq_len])
         if measure:
-            lat = measure_latency(session, latency_inputs(sliced.config, batch, seq_len), warmup=warmup, reps=reps)
-            measured.update(latency_ms=lat["latency_ms"], latency=lat,
-                            intra_op_threads=target_threads(target), providers=target_providers(target, session))
-        if memory:
-            mem = measure_memory(onnx_path, batch=batch, seq_len=seq_len, threads=target_threads(target),
-                                 providers=[p for p in target_providers(target, session)],
-                                 graph_optimization_level=getattr(target, "graph_optimization_level", "all"),
-                                 vocab_size=sliced.config.vocab_size)
-            measured.update(memory_mb=mem.pop("memory_mb"), memory=mem)
+            measured.update(intra_op_threads=target_threads(target), providers=target_providers(target, session))
         del session
 
         predicted = dict(predicted or {})

@@ -7,6 +7,8 @@
 * :func:`evaluate_onnx` -- the task metric of the ONNX model itself on validation data (batched, padded).
 * :func:`measure_latency` -- median (and min / quartiles / p90 / max) of repeated runs after warm-up.
 * :func:`measure_memory` -- memory (MB = 10^6 bytes) the model adds while it serves, in a fresh Python process.
+* :func:`measure_exported` -- what the export measures: latency in rounds alternating with the unpruned model
+  (:class:`Reference`) and drift-corrected, latency at other sequence lengths, memory; one fresh Python process.
 
 Both are :mod:`targets.meter`, the meter that profiles the latency tables, so measured and predicted figures are
 the same quantities. Sessions come from a target (``target.session(path)``), a plain ``session_factory(path)``, or
@@ -23,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from targets.meter import MEMORY_METHOD, measure_isolated, time_session
+from targets.meter import E2E_ROUNDS, MEMORY_METHOD, drift_corrected, measure_isolated, time_session
 from targets.session import device_fingerprint, open_session as open_target_session, physical_cores
 
 FP32_TOLERANCE = 1e-4
@@ -246,6 +248,11 @@ def latency_inputs(config, batch: int, seq_len: int) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------------- memory
+#: what ``nasprune.json`` keeps of a meter result (:func:`measure_exported`)
+LATENCY_KEYS = ("latency_ms", "min_ms", "q25_ms", "q75_ms", "p90_ms", "max_ms", "reps", "warmup", "rounds_ms",
+                "measured_on")
+MEMORY_KEYS = ("loaded_mb", "baseline_rss_mb", "peak_rss_mb", "peak_reset", "gpu_memory_mb", "measured_on")
+
 
 def measure_memory(onnx_path: str | Path, *, batch: int = 1, seq_len: int = 128, threads: int | None = None,
                    providers: list[str] | None = None, vocab_size: int = 30522, graph_optimization_level: str = "all",
@@ -262,8 +269,62 @@ def measure_memory(onnx_path: str | Path, *, batch: int = 1, seq_len: int = 128,
                 "graph_optimization_level": graph_optimization_level, "batch_size": int(batch),
                 "sequence_length": int(seq_len)}
     r = measure_isolated(onnx_path, settings, vocab_size, timeout=timeout)
-    keys = ("memory_mb", "loaded_mb", "baseline_rss_mb", "peak_rss_mb", "peak_reset", "gpu_memory_mb", "measured_on")
-    return {**{k: r[k] for k in keys if k in r}, "method": MEMORY_METHOD}
+    return {**{k: r[k] for k in ("memory_mb", *MEMORY_KEYS) if k in r}, "method": MEMORY_METHOD}
+
+
+# ------------------------------------------------------------------------------------- an exported point, whole
+@dataclass(frozen=True)
+class Reference:
+    """The unpruned model an exported point is measured beside, round after round (:func:`measure_exported`)."""
+
+    onnx: Path | None  # its ONNX file; None: the exported model is the unpruned one (its own reference)
+    speed_ms: float | None = None  # the unpruned network's latency when the latency table was calibrated
+    rounds: int = E2E_ROUNDS
+    name: str = "unpruned"  # what nasprune.json calls it
+
+
+def meter_settings(target=None, session=None, batch: int = 1, seq_len: int = 128) -> dict:
+    """The session settings :mod:`targets.meter` measures with: the target's (providers, threads, optimization
+    level), else the session's providers with one thread per physical core; at ``batch`` x ``seq_len``."""
+    if target is not None and hasattr(target, "settings"):
+        return {**target.settings(), "batch_size": int(batch), "sequence_length": int(seq_len)}
+    return {"providers": target_providers(target, session), "intra_op_threads": target_threads(target),
+            "graph_optimization_level": getattr(target, "graph_optimization_level", "all"), "batch_size": int(batch),
+            "sequence_length": int(seq_len)}
+
+
+def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, latency: bool = True,
+                     memory: bool = True, measurement: dict | None = None, reference: Reference | None = None,
+                     lengths=(), timeout: float = 600) -> dict:
+    """An exported model's figures for ``nasprune.json["measured"]``, all from one fresh interpreter running
+    :func:`targets.meter.measure_point` (the meter of the latency tables): latency at the settings' length, in
+    ``reference.rounds`` rounds alternating with the unpruned ``reference`` (one round without it), and its
+    drift-corrected figure (``latency_ms x speed_ms / the reference's median``, where ``speed_ms`` is known);
+    latency at each of ``lengths`` (one round, beside the reference); memory (the first round's)."""
+    rounds = reference.rounds if latency and reference is not None else 1
+    r = measure_isolated(onnx_path, settings, vocab_size, measurement, timeout, rounds=rounds,
+                         reference=reference.onnx if latency and reference is not None else None,
+                         lengths=list(lengths) if latency else [])
+    out: dict[str, Any] = {"latency_ms": None, "memory_mb": None}
+    if latency:
+        out.update(latency_ms=r["latency_ms"], latency={k: r[k] for k in LATENCY_KEYS if k in r})
+        if reference is not None:
+            speed = reference.speed_ms
+            out["latency_drift_corrected_ms"] = (drift_corrected([r["latency_ms"]], [r["reference_ms"]], speed)[0]
+                                                 if speed else None)
+            out["reference"] = {"model": reference.name if reference.onnx else "itself",
+                                "latency_ms": r["reference_ms"], "rounds_ms": r["reference_rounds_ms"],
+                                "speed_ms": speed}
+        if r.get("by_length"):
+            by_length = {**r["by_length"], str(settings["sequence_length"]): r}
+            order = sorted(by_length, key=int)
+            out["latency_by_length_ms"] = {n: by_length[n]["latency_ms"] for n in order}
+            if reference is not None and reference.onnx is not None:  # (the unpruned model's own: the same)
+                out["reference"]["latency_by_length_ms"] = {n: by_length[n]["reference_ms"] for n in order}
+    if memory:
+        out.update(memory_mb=r["memory_mb"], memory={**{k: r[k] for k in MEMORY_KEYS if k in r},
+                                                     "method": MEMORY_METHOD})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- verification

@@ -1,0 +1,305 @@
+"""Issue 20, "latency you can count on": the export measures each point in rounds beside the unpruned model (one
+meter, the calibration's rounds) and reports the drift-corrected figure and latency at other lengths; the latency
+table's validation residuals give an upper bound (``--latency-confidence``) the search's constraint holds for;
+``--sequence-length N | data`` sets the length latency is profiled, searched and measured at. Real targets from
+TOML, tiny random-weight BERTs, real ONNX exports; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latency_models import LatencyTable
+from latency_models.cache import default_table_path
+from targets import TargetError, load_target, meter
+from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
+from toolchain.core.search_space import make_space
+from toolchain.core.subnetwork import SubNetwork
+from toolchain.latency_settings import (at_length, confidence_note, data_sequence_length, export_reference,
+                                        parse_sequence_length)
+from toolchain.options import CompileError, CompileOptions
+from toolchain.run import DataSettings
+
+from test_latency import TARGET_TOML, _table_of  # a target at sequence length 32; a table of chosen block costs
+
+RUNS = dict(reps=3, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("target") / "tiny.toml"
+    path.write_text(TARGET_TOML)
+    return load_target(path)
+
+
+# ------------------------------------------------------------------------------------------ one meter, in rounds
+def test_rounds_alternate_with_the_reference_and_take_medians():
+    """meter.measure_beside: reference, point, reference, point, ...; medians of each; a reference of None is the
+    point itself. The calibration measures with this very function."""
+    from latency_models import calibration
+
+    calls, times = [], {"ref": iter([10.0, 12.0, 11.0]), "pt": iter([5.0, 7.0, 4.0])}
+
+    def measure_one(path):
+        calls.append(path)
+        return {"latency_ms": next(times[path]), "memory_mb": 1.0 + len(calls)}
+
+    r = meter.measure_beside(measure_one, "pt", "ref", rounds=3)
+    assert calls == ["ref", "pt"] * 3
+    assert r["latency_ms"] == 5.0 and r["rounds_ms"] == [5.0, 7.0, 4.0]
+    assert r["reference_ms"] == 11.0 and r["reference_rounds_ms"] == [10.0, 12.0, 11.0]
+    assert r["memory_mb"] == 3.0  # the first round's
+    alone = meter.measure_beside(lambda p: {"latency_ms": 2.0}, "pt", None, rounds=2)
+    assert alone["reference_rounds_ms"] == alone["rounds_ms"] == [2.0, 2.0]
+    assert meter.drift_corrected([5.0, 8.0], [10.0, 16.0], 12.0) == [6.0, 6.0]
+    assert calibration.measure_beside is meter.measure_beside and calibration.drift_corrected is meter.drift_corrected
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_config("bert", vocab_size=tokenizer.vocab_size, num_hidden_layers=2, max_position_embeddings=100)
+    return model_from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny, tokenizer, target):
+    """The unpruned model and a point, exported as a compile does: the point measured beside the unpruned one."""
+    from toolchain.ship.export import export_point
+    from toolchain.ship.verify import Reference
+
+    out = tmp_path_factory.mktemp("export")
+    full = SubNetwork.full(2, tiny.config.num_attention_heads, tiny.config.intermediate_size)
+    speed = 0.5  # "the unpruned network took 0.5 ms when the table was calibrated"
+    ref = export_point(tiny, full, tokenizer, out / "unpruned", target=target, reference=Reference(None, speed),
+                       lengths=(16, 64, 128), **RUNS)
+    point = export_point(tiny, SubNetwork((1, 0), (8, 0)), tokenizer, out / "p0", target=target,
+                         reference=Reference(ref.path / "model.onnx", speed), lengths=(16, 64, 128), **RUNS)
+    return ref, point, speed
+
+
+def test_export_measures_beside_the_unpruned_model(exported):
+    ref, point, speed = exported
+    m = json.loads((point.path / "nasprune.json").read_text())["measured"]
+    rounds, refs = m["latency"]["rounds_ms"], m["reference"]["rounds_ms"]
+    assert len(rounds) == len(refs) == meter.E2E_ROUNDS and m["latency"]["reps"] == 3
+    assert m["latency_ms"] == pytest.approx(float(np.median(rounds)))  # the raw figure stays the headline
+    assert m["reference"]["latency_ms"] == pytest.approx(float(np.median(refs)))
+    assert m["latency_drift_corrected_ms"] == pytest.approx(m["latency_ms"] * speed / m["reference"]["latency_ms"])
+    assert m["reference"]["model"] == "unpruned" and m["reference"]["speed_ms"] == speed
+    assert m["memory_mb"] > 0 and m["memory"]["peak_reset"] is True
+    assert m["latency"]["measured_on"]["provider"] == "CPUExecutionProvider"
+    # the unpruned model is its own reference: its drift-corrected figure is the calibration's speed
+    r = ref.info["measured"]
+    assert r["reference"]["model"] == "itself" and r["latency_drift_corrected_ms"] == pytest.approx(speed)
+
+
+def test_export_reports_latency_at_other_lengths(exported):
+    """At the target's length (32) and at each asked length up to the model's positions (100: not 128)."""
+    ref, point, _ = exported
+    m = point.info["measured"]
+    assert list(m["latency_by_length_ms"]) == ["16", "32", "64"]
+    assert m["latency_by_length_ms"]["32"] == m["latency_ms"] and all(v > 0 for v in m["latency_by_length_ms"].values())
+    assert list(m["reference"]["latency_by_length_ms"]) == ["16", "32", "64"]
+    assert point.info["sequence_length"] == 32
+
+
+def test_the_manifest_carries_the_drift_corrected_figure(exported, tmp_path):
+    from toolchain.ship.manifest import write_manifest
+
+    _, point, _ = exported
+    entry = json.loads(write_manifest(tmp_path, {}, {}, None, [point]).read_text())["points"][0]
+    assert entry["measured_latency_drift_corrected_ms"] == point.info["measured"]["latency_drift_corrected_ms"]
+
+
+# --------------------------------------------------------------------------------------- prediction intervals
+def _table(residuals=None, samples=None, speed=None) -> LatencyTable:
+    t = _table_of(lambda h, u: 1.0 + h + u / 8, [0, 1], [0, 8],
+                  {"latency": {"a": 1.0, "b": 0.0, "reference_ms": speed}} if speed else None)
+    t.validation["latency"] = {k: v for k, v in (("residuals", residuals), ("samples", samples)) if v is not None}
+    return t
+
+
+def test_the_bound_is_the_conformal_quantile_of_measured_over_predicted():
+    sub = SubNetwork((1, 1), (8, 0))
+    res = list(np.linspace(-0.05, 0.14, 20))  # 20 ratios 0.95 .. 1.14
+    t = _table(residuals=res)
+    point = t.predict_latency(sub)
+    for q in (0.5, 0.8, 0.9, 0.95):
+        k = math.ceil((len(res) + 1) * q)
+        b = t.latency_bound(q)
+        assert b["n"] == 20 and b["level"] == pytest.approx(k / 20) and "note" not in b
+        assert b["factor"] == pytest.approx(sorted(1 + r for r in res)[k - 1])
+        assert t.predict_latency(sub, q) == pytest.approx(point * b["factor"])
+    assert t.predict_latency(sub, 0.5) < t.predict_latency(sub, 0.95)
+    small = _table(residuals=[0.01, 0.03, -0.02])  # too few for 0.95: the largest ratio, and it says so
+    assert small.latency_bound(0.95)["factor"] == pytest.approx(1.03) and "too few" in small.latency_bound(0.95)["note"]
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        t.latency_bound(1.5)
+
+
+def test_tables_without_residuals_still_load_and_bound(caplog):
+    """A table written before residuals were stored derives them from its validation samples (drift-corrected
+    where they have their reference measurement); without samples the bound is the point prediction, said once."""
+    sub = SubNetwork((1, 0), (8, 0))
+    samples = [{"predicted": 10.0, "measured": 11.0, "reference_ms": 22.0},
+               {"predicted": 10.0, "measured": 9.0, "reference_ms": 18.0}]
+    derived = _table(samples=samples, speed=20.0)
+    res, method = derived.latency_residuals()
+    assert res == pytest.approx([0.0, 0.0]) and "unpruned latency" in method  # both at the calibration's speed
+    raw = _table(samples=[{"predicted": 10.0, "measured": 11.0}])
+    assert raw.latency_residuals()[0] == pytest.approx([0.1]) and "not drift-corrected" in raw.latency_residuals()[1]
+    bare = _table()
+    with caplog.at_level(logging.WARNING):
+        assert bare.predict_latency(sub, 0.95) == bare.predict_latency(sub)
+        bare.predict_latency(sub, 0.9)
+    assert len([r for r in caplog.records if "no validation residuals" in r.getMessage()]) == 1
+    assert bare.latency_bound(0.9)["factor"] == 1.0 and bare.latency_bound(0.9)["n"] == 0
+
+
+def test_validation_stores_drift_corrected_residuals(tmp_path, target):
+    """latency_models.calibration.validate: one residual per held-out sub-network, from its drift-corrected
+    measurement; the saved table loads with them."""
+    from latency_models.profile import profile
+
+    cfg = tiny_config(hidden_size=32, num_attention_heads=2, intermediate_size=16, num_hidden_layers=2)
+    torch.manual_seed(0)
+    fast = {"warmup": 1, "min_reps": 3, "min_time_s": 0.0, "max_reps": 3}
+    table = profile(ModelDims.from_config(cfg), target, "fp32", tmp_path / "t.json", model_config=cfg, unit_step=8,
+                    progress=False, measurement=fast, model=model_from_config(cfg).eval(), calibrate_samples=2,
+                    validate_samples=3)
+    v = LatencyTable.load(tmp_path / "t.json").validation["latency"]
+    speed = table.calibration["latency"]["reference_ms"]
+    assert len(v["residuals"]) == 3 and "unpruned latency" in v["residuals_method"]
+    for r, s in zip(v["residuals"], v["samples"]):
+        assert r == pytest.approx(s["measured"] * speed / s["reference_ms"] / s["predicted"] - 1)
+
+
+def test_the_search_constrains_the_bound_and_optimises_the_prediction():
+    """With a confidence the latency limit holds for prediction x factor, i.e. the prediction must stay under
+    limit / factor; the objective stays the prediction, the bound is recorded beside it."""
+    from toolchain.pipeline import cost_metrics
+
+    t = _table(residuals=[0.1] * 20)
+    space = make_space("medium", ModelDims("bert", 2, 1, 8, 8, 8, 100, 2))
+    sub = SubNetwork((1, 1), (8, 0))
+    plain, sure = CompileOptions(max_latency=10.0), CompileOptions(max_latency=10.0, latency_confidence=0.9)
+    assert plain.constraints(t) == {"latency": 10.0} and sure.constraints() == {"latency": 10.0}
+    assert sure.constraints(t)["latency"] == pytest.approx(10.0 / 1.1)
+    costs = cost_metrics(t, space, sub, confidence=0.9)
+    assert costs["latency"] == t.predict_latency(sub) and costs["latency_bound"] == pytest.approx(1.1 * costs["latency"])
+    assert "latency_bound" not in cost_metrics(t, space, sub)
+    assert "9.09 ms" in confidence_note(0.9, 10.0, t) and confidence_note(None, 10.0, t) == ""
+    with pytest.raises(CompileError, match="between 0 and 1"):
+        CompileOptions(latency_confidence=95)
+
+
+# -------------------------------------------------------------------------------------------- sequence length
+def test_sequence_length_values():
+    assert parse_sequence_length(None) is None and parse_sequence_length("DATA") == "data"
+    assert parse_sequence_length("48") == 48 and parse_sequence_length(64) == 64
+    for bad in ("0", "-8", "long", "4.5"):
+        with pytest.raises(TargetError, match="--sequence-length"):
+            parse_sequence_length(bad)
+
+
+def _custom_data(tmp_path, texts, max_length=128) -> DataSettings:
+    lines = ["sentence,label"] + [f'"{t}",{i % 2}' for i, t in enumerate(texts)]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(lines[:5]) + "\n")
+    return DataSettings(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "dev.csv"),
+                        max_length=max_length)
+
+
+def test_data_length_is_a_quantile_of_the_tokenized_training_texts(tmp_path, tiny_model_dir, tokenizer):
+    texts = [" ".join(["word"] * n) for n in range(1, 41)]  # 1 .. 40 words: 3 .. 42 tokens with [CLS] / [SEP]
+    data = _custom_data(tmp_path, texts)
+    lengths = sorted(len(tokenizer(t)["input_ids"]) for t in texts)
+    n, why = data_sequence_length(data, str(tiny_model_dir), 0.95)
+    tokens = int(np.quantile(lengths, 0.95, method="higher"))
+    assert n == 8 * math.ceil(tokens / 8) and n % 8 == 0 and n >= tokens
+    assert why == f"p95 of 40 {data.train_file} training examples: {tokens} tokens -> {n}"
+    assert data_sequence_length(data, str(tiny_model_dir), 0.5)[0] < n
+    capped = _custom_data(tmp_path, texts, max_length=20)
+    n, why = data_sequence_length(capped, str(tiny_model_dir), 0.95)
+    assert n == 20 and "capped at --max-length 20" in why
+
+
+def test_the_target_takes_the_length_and_so_does_its_table(tmp_path, tiny_model_dir, target, capsys):
+    """The target at the asked length: another fingerprint, so another cached table; a run's later stage commands
+    use the length it was compiled at."""
+    texts = [" ".join(["word"] * n) for n in range(1, 41)]
+    opts = CompileOptions(model=str(tiny_model_dir), data=_custom_data(tmp_path, texts), target=str(target.source),
+                          sequence_length="data")
+    at = opts.resolved_target()
+    assert at.sequence_length == data_sequence_length(opts.data, str(tiny_model_dir))[0] != target.sequence_length
+    assert f"sequence length {at.sequence_length}: p95 of 40" in capsys.readouterr().out
+    assert at.fingerprint("fp32")["sequence_length"] == at.sequence_length
+    dims = ModelDims.from_config(tiny_config())
+    assert default_table_path(at, "fp32", dims) != default_table_path(target, "fp32", dims)
+    assert CompileOptions(target=str(target.source), sequence_length=48).resolved_target().sequence_length == 48
+    assert at_length(target, None) is target
+
+    class Run:  # what for_run reads of a compiled run folder
+        settings = {"compile": {"sequence_length": 24, "sequence_length_from": "--sequence-length 24"}}
+        data = opts.data
+
+    assert CompileOptions(target=str(target.source)).for_run(Run).resolved_target().sequence_length == 24
+    assert CompileOptions(sequence_length=40).for_run(Run).sequence_length == 40
+    Run.settings = {"compile": {"sequence_length": 128, "sequence_length_from": None}}  # compiled at the target's
+    assert CompileOptions(target=str(target.source)).for_run(Run).resolved_target().sequence_length == 32
+
+
+def test_drift_correction_needs_the_table_of_this_target(target):
+    """export_reference: the calibration's speed where the table was measured here under the same conditions."""
+    t = _table(speed=12.0)
+    t.data["fingerprint"] = target.fingerprint("fp32")
+    assert export_reference(t, target).speed_ms == 12.0 and export_reference(t, target).onnx is None
+    assert export_reference(t, at_length(target, 64)).speed_ms is None  # another length
+    assert export_reference(t, target.on_device({"cpu_model": "elsewhere"})).speed_ms is None
+    assert export_reference(_table(), target).speed_ms is None  # an uncalibrated table
+
+
+def test_profile_cli_at_a_length(tmp_path, monkeypatch, tiny_model_dir):
+    """``nasprune profile --sequence-length 24``: the table's fingerprint says 24 (a bundle: nothing measured)."""
+    from toolchain.cli import main
+
+    bundle = tmp_path / "bundle"
+    assert main(["profile", "--model", str(tiny_model_dir), "--sequence-length", "24", "--bundle", str(bundle),
+                 "--unit-step", "64"]) == 0
+    assert json.loads((bundle / "manifest.json").read_text())["target"]["sequence_length"] == 24
+
+
+# ------------------------------------------------------------------------------------------------- one compile
+@pytest.mark.slow  # about 3 minutes on 2 busy cores: a table profiled at the new length, calibrated and validated
+def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, capsys):
+    """``--sequence-length data --latency-confidence 0.9``: the length is printed with its reason, the table is
+    profiled at it, the search's limit is on the bound, every exported point is measured at it, beside the unpruned
+    model, and at the other lengths."""
+    from toolchain.cli import compile_main
+
+    fast = ["--preset", "quick", "--max-train-samples", "64", "--search-eval-samples", "32", "--method", "rfp",
+            "--rfp-samples", "32", "--export", "1", "--max-latency", "50ms"]
+    assert compile_main(["--model", str(tiny_model_dir), *fast, "--sequence-length", "data", "--latency-confidence",
+                         "0.9", "-o", "out"]) == 0
+    settings = json.loads(Path("out/manifest.json").read_text())["settings"]
+    n = settings["sequence_length"]
+    assert f"sequence length {n}: p95 of 64 sst2 training examples: " in capsys.readouterr().out and n % 8 == 0
+    assert settings["sequence_length_from"].startswith("p95 of 64 sst2") and settings["latency_confidence"] == 0.9
+    table = LatencyTable.load(settings["latency_table"])
+    assert table.fingerprint["sequence_length"] == n and len(table.validation["latency"]["residuals"]) > 0
+    bound = settings["latency_bound"]
+    assert bound == table.latency_bound(0.9)
+    pareto = json.loads(Path("out/pareto.json").read_text())
+    assert pareto["constraints"]["latency"] == pytest.approx(50.0 / bound["factor"])
+    for folder in [Path("out/reference/unpruned"), *Path("out").glob("points/*"), *Path("out").glob("rejected/*")]:
+        info = json.loads((folder / "nasprune.json").read_text())
+        m = info["measured"]
+        assert info["sequence_length"] == n and str(n) in m["latency_by_length_ms"] and "16" in m["latency_by_length_ms"]
+        assert len(m["reference"]["rounds_ms"]) == meter.E2E_ROUNDS and m["latency_drift_corrected_ms"] > 0
