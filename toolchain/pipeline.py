@@ -308,7 +308,9 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     # precision is a decision: without --precision every precision the target lists is tried on every candidate
     # (the table predicts the default precision; the others are judged by what they measure), and the unpruned
     # network itself is a candidate in the other precisions; the shipped set is then the Pareto set across them
-    others = [] if opts.precision else [p for p in target.precisions if p != precision]
+    # (not for a table measured on another device: there the gate is the table's prediction, which only the
+    # table's precision has)
+    others = [] if opts.precision or not target.is_this_machine else [p for p in target.precisions if p != precision]
     if others and not any(r["subnet"] == full for r in order):
         score = unpruned["metric"] or 0.0
         order = [{"subnet": full, "latency": unpruned["predicted_latency_ms"], "error": 1 - score,  # no recovery:
