@@ -336,3 +336,15 @@ def test_metric_data_from_dataset(tokenizer):
     md = MetricData.from_dataset(ds, tokenizer, max_length=16)
     assert md.inputs["input_ids"].shape[0] == 2 and md.name == "accuracy"
     assert md.metric(np.array([[0.0, 1.0], [1.0, 0.0]]), md.labels)["score"] == 1.0
+
+
+def test_points_a_user_would_pick_from_a_long_front():
+    """The front of a real SST-2 compile (metric, measured ms; fastest first): the most accurate, the knee (3.5x at
+    -2.6 points) and the fastest ship; a fastest point beaten by 2 points at 0.2 ms more is passed over."""
+    from toolchain.ship.selection import pick_points
+
+    front = [(0.8108, 2.83), (0.8394, 4.85), (0.8498, 9.79), (0.8521, 10.64)]
+    assert pick_points(front, 3) == {0, 1, 3}
+    assert pick_points(front, 2) == {0, 3}
+    assert pick_points(front, 1) == {3}
+    assert pick_points([(0.70, 2.6), (0.72, 2.8), (0.80, 5.0)], 2) == {1, 2}

@@ -186,9 +186,8 @@ def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path)
                             f"{key(better)[1]:.2f} ms)")) if better is not None else kept.append(r))
     kept.sort(key=lambda r: key(r)[1])  # fastest first
     if len(kept) > n_points:
-        last = len(kept) - 1  # on a front sorted by speed the slowest point is the most accurate
-        picks = {round(i * last / (n_points - 1)) for i in range(n_points)} if n_points > 1 else {last}
-        dropped += [(r, "another point was shipped in its place (too many points on the front)")
+        picks = pick_points([(key(r)[0], key(r)[1]) for r in kept], n_points)
+        dropped += [(r, "not among the points a user would pick (most accurate, knee, fastest sensible)")
                     for i, r in enumerate(kept) if i not in picks]
         kept = [r for i, r in enumerate(kept) if i in picks]
     for r, why in dropped:
@@ -196,6 +195,28 @@ def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path)
         _reject(r, why, Path(run_dir) / "rejected")
     kept.sort(key=lambda r: -key(r)[0])  # the most accurate first
     return Selection(kept, selection.rejected + dropped, selection.failed, selection.exhausted)
+
+
+def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0.5,
+                much_better: float = 0.01) -> set[int]:
+    """Which of a non-dominated ``front`` of ``(metric, latency)`` pairs, fastest first, to ship when there are more
+    than ``n``: the most accurate; the fastest that is not beaten by ``much_better`` (1 point) or more by a point at
+    most ``close_ms`` slower; then knees, the points furthest above the line from that fastest point to the most
+    accurate one (metric and latency scaled to [0, 1] between them)."""
+    last = len(front) - 1
+    picks = [last]
+    fast = next(i for i, (m, lat) in enumerate(front)
+                if not any(m2 >= m + much_better and lat2 <= lat + close_ms for m2, lat2 in front[i + 1:]))
+    if n > 1 and fast != last:
+        picks.append(fast)
+    (m0, l0), (m1, l1) = front[fast], front[last]
+
+    def above_line(i: int) -> float:
+        m, lat = front[i]
+        return (m - m0) / ((m1 - m0) or 1.0) - (lat - l0) / ((l1 - l0) or 1.0)
+
+    knees = sorted((i for i in range(fast + 1, last)), key=above_line, reverse=True)
+    return set(picks + knees[: max(0, n - len(picks))])
 
 
 def _summary(res: ExportResult) -> str:
