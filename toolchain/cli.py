@@ -287,21 +287,21 @@ def print_manifest(manifest: dict) -> None:
     """The table of points of a ``manifest.json``: the unpruned reference first, then every exported point."""
     unpruned = manifest["settings"].get("unpruned") or {}
     rows = [("unpruned", unpruned.get("parameters"), unpruned.get("predicted_latency_ms"),
-             unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"), unpruned.get("metric"),
+             unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"), None, unpruned.get("metric"),
              unpruned.get("path"))]
-    rows = [(*rows[0][:5], None, *rows[0][5:])]
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
               p.get("metric_before_recovery"), p["metric"],
               p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
               + ("" if p.get("measured_on_target", True) else "  (not measured on the target)"))
              for p in manifest["points"]]
-    header = (f"{'point':<16} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} {'metric':>7}"
-              "  path")
+    w = max(16, *(len(r[0]) for r in rows))  # ids of other precisions end in -int8 / -fp16
+    header = (f"{'point':<{w}} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} "
+              f"{'metric':>7}  path")
     print(header + "\n" + "-" * len(header))
     for pid, params, pred, meas, mem, before, metric, path in rows:
         shown = f"{before:>7.4f}" if before is not None else f"{'':>7}"
         pred = f"{pred:>8.2f}" if pred is not None else f"{'-':>8}"  # another precision than the table's
-        print(f"{pid:<16} {(params or 0) / 1e6:>7.2f}M {pred} {meas or 0:>8.2f} {mem or 0:>7.1f} "
+        print(f"{pid:<{w}} {(params or 0) / 1e6:>7.2f}M {pred} {meas or 0:>8.2f} {mem or 0:>7.1f} "
               f"{shown} {metric or 0:>7.4f}  {path}")
     if any(r[5] is not None for r in rows):
         print("before: shared-weight metric before recovery; metric: the exported ONNX model's, after it")

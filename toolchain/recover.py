@@ -100,26 +100,15 @@ def _hash(obj, n: int = 12) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ cache layout
-def _supernet_weights(run: Run) -> Path:
-    return Path(run.settings.get("supernet_dir") or run.folder / "supernet") / "model.safetensors"
-
-
-def supernet_identity(run: Run) -> str:
-    """Which super-network weights these are: the weights file's size and modification time (as
-    ``Run.evaluation_store``), so re-trained weights never meet a stale teacher or stale recovered points."""
-    st = _supernet_weights(run).stat()
-    return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
-
-
 def cache_root(run: Run, cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else the folder that holds the super-network (``<run>/`` or a compile's cached super-network)."""
-    return Path(cache_dir) if cache_dir is not None else _supernet_weights(run).parent.parent
+    return Path(cache_dir) if cache_dir is not None else run.cache_folder
 
 
 def _selection(run: Run, settings: RecoverSettings) -> dict:
     """What decides the recovery texts, their tokenization and the teacher's logits on them."""
     data = {k: v for k, v in run.data.to_dict().items() if k not in ("max_train_samples", "max_eval_samples")}
-    return {"data": data, "samples": settings.samples, "seed": settings.seed, "supernet": supernet_identity(run)}
+    return {"data": data, "samples": settings.samples, "seed": settings.seed, "supernet": run.weights_stamp()}
 
 
 def teacher_path(run: Run, settings: RecoverSettings | None = None, *, cache_dir: str | Path | None = None) -> Path:
@@ -133,14 +122,6 @@ def point_dir(run: Run, subnet: SubNetwork, settings: RecoverSettings | None = N
     settings = settings or RecoverSettings()
     h = _hash({"selection": _selection(run, settings), "settings": settings.key(), "subnet": subnet.key()}, 8)
     return cache_root(run, cache_dir) / "recovered" / f"{subnet.key()}-{h}"
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    write_atomic(path, write)
-
-
-def _write_json(path: Path, obj) -> None:
-    write_json_atomic(path, obj)
 
 
 # ---------------------------------------------------------------------------------------------- data, teacher
@@ -196,7 +177,7 @@ def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_d
         with open(tmp, "wb") as f:
             np.save(f, logits, allow_pickle=False)
 
-    _write_atomic(path, save)
+    write_atomic(path, save)
     return logits
 
 
@@ -338,8 +319,8 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
         "subnetwork_key": subnet.key(),
         "settings": settings.to_dict(),
         "settings_key": settings.key(),
-        "supernet": str(_supernet_weights(run).parent),
-        "supernet_identity": supernet_identity(run),
+        "supernet": str(run.weights.parent),
+        "supernet_identity": run.weights_stamp(),
         "teacher": str(teacher_path(run, settings, cache_dir=cache_dir)),
         "examples": n,
         "validation_examples": len(validation["labels"]),
@@ -355,8 +336,8 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
         "seconds": round(time.time() - t0, 2),
     }
     state = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
-    _write_atomic(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _write_json(folder / "info.json", info)  # the point is complete from here on
+    write_atomic(folder / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_json_atomic(folder / "info.json", info)  # the point is complete from here on
     shutil.rmtree(ckpt, ignore_errors=True)
     log.info("recovered %s: %s %.4f -> %.4f (%d steps, %.1f s)", key, spec.metric, before["score"],
              after["score"], step, info["seconds"])

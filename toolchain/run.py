@@ -112,14 +112,27 @@ class Run:
     def encoded(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> dict:
         return tokenize(self.data.load(split).sample(max_samples, seed), self.tokenizer, self.data.max_length)
 
+    @property
+    def weights(self) -> Path:
+        """The super-network's weights file (a compile's run shares a cached one)."""
+        return Path(self.settings.get("supernet_dir") or self.folder / "supernet") / "model.safetensors"
+
+    @property
+    def cache_folder(self) -> Path:
+        """The folder that holds the super-network: where what is derived from its weights is kept."""
+        return self.weights.parent.parent
+
+    def weights_stamp(self) -> str:
+        """Which weights these are (the file's size and modification time): caches named after it never meet
+        re-trained weights."""
+        st = self.weights.stat()
+        return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
+
     def evaluation_store(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> Path:
         """Where the metrics of sub-networks on this data are kept for reuse: beside the super-network's weights
-        (shared by every compile that uses them), named after the data subset and the weights file's size and
-        modification time, so re-trained weights never meet stale scores."""
-        weights = Path(self.settings.get("supernet_dir") or self.folder / "supernet") / "model.safetensors"
-        st = weights.stat()
-        stamp = hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
-        return weights.parent.parent / "evaluations" / f"{split}-{max_samples or 'all'}-seed{seed}-{stamp}.jsonl"
+        (shared by every compile that uses them), named after the data subset and :meth:`weights_stamp`."""
+        return (self.cache_folder / "evaluations"
+                / f"{split}-{max_samples or 'all'}-seed{seed}-{self.weights_stamp()}.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ run folders

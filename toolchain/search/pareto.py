@@ -7,18 +7,9 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from toolchain.core.pareto import non_dominated
 from toolchain.search.hypervolume import hypervolume, knee_index, normalise
-
-
-def non_dominated(points: Sequence[Mapping], objectives: Sequence[str]) -> list:
-    """The points not dominated in ``objectives`` (all minimised; pymoo's non-dominated sorting), in input order."""
-    if not points:
-        return []
-    F = np.array([[p[o] for o in objectives] for p in points], dtype=float)
-    keep = set(np.atleast_1d(NonDominatedSorting().do(F, only_non_dominated_front=True)).tolist())
-    return [p for i, p in enumerate(points) if i in keep]
 
 
 def best_under(points: Iterable[Mapping], budget: float, *, cost: str = "latency", score: str = "error"):
@@ -39,7 +30,8 @@ def constrained_front(records: list[dict], objectives: Sequence[str]) -> list[di
     return non_dominated(pool, objectives)
 
 
-def _sort_key(objectives: Sequence[str]):
+def front_order(objectives: Sequence[str]):
+    """Sort key of a front: by the cost objectives, then the error, then the order they were evaluated in."""
     order = [o for o in objectives if o != "error"] + [o for o in objectives if o == "error"]
     return lambda r: (*(r[o] for o in order), r["index"])
 
@@ -49,7 +41,7 @@ def summarize(records: list[dict], objectives: Sequence[str], normalizers: Mappi
     feasible = [r for r in records if r["feasible"]]
     if not feasible:
         return [], None, 0.0
-    pareto = sorted(non_dominated(feasible, objectives), key=_sort_key(objectives))
+    pareto = sorted(non_dominated(feasible, objectives), key=front_order(objectives))
     PF = np.array([[r[o] for o in objectives] for r in pareto], dtype=float)
     k = knee_index(normalise(PF, objectives, normalizers))
     return pareto, (pareto[k] if k is not None else None), hypervolume(PF, objectives, normalizers)

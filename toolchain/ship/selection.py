@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from targets import same_device
+from toolchain.core.pareto import non_dominated
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.ship.export import ExportResult, export_point
 from toolchain.ship.jsonfile import write_json_atomic
@@ -172,18 +173,19 @@ def _reject(res: ExportResult, why: str, rejected_dir: Path, keep: bool = True) 
 
 def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path) -> Selection:
     """Across precisions, ship the Pareto set of (metric on the exported model, measured latency): a shipped point
-    that another one beats on both (at least as accurate and at least as fast, better on one) is moved to
-    ``rejected/``; of the rest at most ``n_points`` stay: the most accurate, the fastest, and points spread between."""
+    that another one beats on both is moved to ``rejected/``; of the rest at most ``n_points`` stay, chosen by
+    :func:`pick_points` (the most accurate, the fastest sensible one, knees)."""
     def key(r):
         return (r.metric or {}).get("score") or float("-inf"), r.measured_latency_ms or float("inf")
 
-    kept, dropped = [], []
+    points = [{"point": r, "loss": -key(r)[0], "latency": key(r)[1]} for r in selection.shipped]
+    kept = [p["point"] for p in non_dominated(points, ("loss", "latency"))]
+    dropped = []
     for r in selection.shipped:
-        m, lat = key(r)
-        better = next((o for o in selection.shipped if o is not r and key(o)[0] >= m and key(o)[1] <= lat
-                       and key(o) != (m, lat)), None)
-        (dropped.append((r, f"dominated by {better.point_id} (metric {key(better)[0]:.4f} at "
-                            f"{key(better)[1]:.2f} ms)")) if better is not None else kept.append(r))
+        if any(r is k for k in kept):
+            continue
+        better = next(o for o in kept if key(o)[0] >= key(r)[0] and key(o)[1] <= key(r)[1])
+        dropped.append((r, f"dominated by {better.point_id} (metric {key(better)[0]:.4f} at {key(better)[1]:.2f} ms)"))
     kept.sort(key=lambda r: key(r)[1])  # fastest first
     if len(kept) > n_points:
         picks = pick_points([(key(r)[0], key(r)[1]) for r in kept], n_points)
