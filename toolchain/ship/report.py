@@ -69,8 +69,8 @@ def html_report(path: str | Path, *, title: str, png: Path, settings: dict, ship
                 rejected_rows: list[dict], notes: list[str]) -> Path:
     """A single self-contained HTML page (the plot is embedded)."""
     img = base64.b64encode(Path(png).read_bytes()).decode()
-    cols = ["point", "parameters", "predicted latency (ms)", "measured latency (ms)", "memory (MB)",
-            "metric before recovery", "metric", "path"]
+    cols = ["point", "precision", "parameters", "predicted latency (ms)", "measured latency (ms)", "memory (MB)",
+            "metric before recovery", "metric", "path", "not shipped because"]
 
     def table(rows):
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -87,7 +87,7 @@ th{{background:#f3f3f3}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <img src="data:image/png;base64,{img}" alt="Pareto front" style="max-width:100%">
 <h2>Shipped points</h2>{table(shipped_rows) if shipped_rows else "<p>none</p>"}
-{"<h2>Not shipped (measured over budget)</h2>" + table(rejected_rows) if rejected_rows else ""}
+{"<h2>Not shipped</h2>" + table(rejected_rows) if rejected_rows else ""}
 <h2>Notes</h2><ul>{"".join(f"<li>{html.escape(n)}</li>" for n in notes)}</ul>
 <h2>Settings</h2><table>{settings_html}</table>
 </body></html>"""
@@ -149,12 +149,14 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
 def _row(res: ExportResult, folder: Path) -> dict:
     pred = (res.info.get("predicted") or {}).get("latency_ms")
     score = (res.metric or {}).get("score")
-    return {"point": res.point_id, "parameters": f"{res.parameters / 1e6:.2f}M",
+    before = ((res.info.get("extra") or {}).get("recovery") or {}).get("score_before")
+    return {"point": res.point_id, "precision": res.info.get("precision", ""),
+            "parameters": f"{res.parameters / 1e6:.2f}M",
             "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
             "measured latency (ms)": f"{res.measured_latency_ms:.2f}" if res.measured_latency_ms else "",
             "memory (MB)": f"{res.measured_memory_mb:.1f}" if res.measured_memory_mb else "",
-            "metric before recovery": f"{before:.4f}" if (before := ((res.info.get("extra") or {}).get("recovery")
-                                                                  or {}).get("score_before")) is not None else "",
+            "metric before recovery": f"{before:.4f}" if before is not None else "",
+            "not shipped because": res.info.get("infeasible_reason") or "",
             "metric": f"{score:.4f}" if score is not None else "",
             "path": str(Path(res.path).resolve().relative_to(folder.resolve())) if folder in Path(res.path).parents
             else str(res.path)}
