@@ -30,19 +30,20 @@ import time
 from pathlib import Path
 
 try:  # inside nasprune
-    from targets.meter import (DEFAULT_MEASUREMENT, MB, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
-                               measure as measure_graph, point_key)
+    from targets.meter import (DEFAULT_MEASUREMENT, E2E_ROUNDS, MB, MEASURED_FORMAT, MEASURED_VERSION,
+                               MEMORY_METHOD, measure as measure_graph, measure_beside, point_key)
     from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 except ImportError:  # inside a bundle (or run from a source tree that is not installed)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from nasprune_meter import (DEFAULT_MEASUREMENT, MB, MEASURED_FORMAT, MEASURED_VERSION,  # type: ignore
-                                    MEMORY_METHOD, measure as measure_graph, point_key)
+        from nasprune_meter import (DEFAULT_MEASUREMENT, E2E_ROUNDS, MB, MEASURED_FORMAT,  # type: ignore
+                                    MEASURED_VERSION, MEMORY_METHOD, measure as measure_graph, measure_beside,
+                                    point_key)
         from nasprune_session import device_fingerprint, fingerprint_key, machine_fingerprint  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-        from targets.meter import (DEFAULT_MEASUREMENT, MB, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
-                                   measure as measure_graph, point_key)
+        from targets.meter import (DEFAULT_MEASUREMENT, E2E_ROUNDS, MB, MEASURED_FORMAT, MEASURED_VERSION,
+                                   MEMORY_METHOD, measure as measure_graph, measure_beside, point_key)
         from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 
 TABLE_FORMAT = "nasprune.latency_table"
@@ -226,17 +227,123 @@ def fingerprint_for(manifest: dict) -> dict:
                                t.get("name", ""))
 
 
+# ----------------------------------------------------------------------------------------- seeded weights
+#: ONNX ``TensorProto`` data types whose values a bundle generates on the device from a seed, by name
+SEEDED_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 10: "float16"}
+#: initializers smaller than this keep their bytes in the bundle (scales, zero points, shapes: values that matter)
+SEEDED_MIN_BYTES = 1024
+
+
+def seeded_bytes(seed: int, index: int, nbytes: int, dtype: str) -> bytes:
+    """``nbytes`` of values of ``dtype`` for initializer ``index`` of a bundle graph: floats uniform in +-0.04,
+    int8 in -127..127, uint8 in 0..255, from numpy's PCG64 stream seeded with ``(seed, index)`` (the raw 64-bit
+    stream, the same on every platform). Weight values do not change latency or memory; only their size does."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    raw = np.random.PCG64([int(seed), int(index)]).random_raw(nbytes // dt.itemsize)
+    if dt.kind == "f":
+        values = ((raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 - 0.5) * 0.08
+    elif dt == np.int8:
+        values = (raw % np.uint64(255)).astype(np.int16) - 127
+    else:
+        values = raw % np.uint64(256)
+    return values.astype(dt).tobytes()
+
+
+def materialize(stored, weights: dict, dst) -> Path:
+    """Write the ONNX file of a bundle graph to ``dst``: ``stored`` holds it zlib-compressed with the bytes of its
+    large initializers zeroed; ``weights`` (``seed``, ``regions``: ``[offset, length, dtype]`` in the file) says
+    where they are, and they get :func:`seeded_bytes`. The result is the graph as nasprune built it, weights
+    inline, with seeded values: a bundle ships a few MB instead of every graph's weights."""
+    import zlib
+
+    data = bytearray(zlib.decompress(Path(stored).read_bytes()))
+    for i, (offset, length, dtype) in enumerate(weights.get("regions", ())):
+        data[offset:offset + length] = seeded_bytes(weights["seed"], i, length, dtype)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------- the bundle run
+def _materializer(root: Path, scratch: Path):
+    def prepare(entry: dict) -> Path:
+        src = root / entry["file"]
+        if "weights" not in entry:  # a bundle written before weights were seeded: the graph itself
+            return src
+        return materialize(src, entry["weights"], scratch / f"{entry['key']}.onnx")
+    return prepare
+
+
+def _dropping(measure, scratch: Path):
+    def run(path):
+        try:
+            return measure(path)
+        finally:
+            if Path(path).parent == scratch:
+                Path(path).unlink(missing_ok=True)
+    return run
+
+
+def run_end_to_end(manifest: dict, out_path, fingerprint: dict, prepare, scratch: Path, progress: bool = True,
+                   resume: bool = True) -> dict:
+    """Measure the bundle's end-to-end sub-networks (``manifest['end_to_end']``: calibration and validation
+    samples, as nasprune's own profile draws them), each beside the unpruned reference
+    (:func:`targets.meter.measure_beside`); resumable from ``<out_path>.e2e.partial.json``. Returns the rows
+    nasprune fits the table's calibration and validation on (:meth:`LatencyTable.fit_end_to_end`)."""
+    e2e = manifest.get("end_to_end")
+    if not e2e:
+        return {}
+    settings, vocab = manifest["target"], e2e["vocab_size"]
+    reference = prepare(e2e["reference"])
+
+    def one(path):
+        return measure_graph(path, settings, vocab, manifest["measurement"])
+
+    rounds = int(e2e.get("rounds", E2E_ROUNDS))
+    samples = e2e["calibration"] + e2e["validation"]
+    sub = {**{k: manifest.get(k) for k in ("target", "precision", "model", "measurement")}, "grid": "end_to_end",
+           "graphs": samples}
+    results = run_grid(sub, str(out_path) + ".e2e", fingerprint, prepare=prepare,
+                       measure=_dropping(lambda p: measure_beside(one, p, reference, rounds), scratch),
+                       progress=progress, resume=resume)
+    rows = {name: [{"subnet": g["subnet"], **{k: results[g["key"]][k] for k in (
+        "latency_ms", "rounds_ms", "reference_ms", "reference_rounds_ms", "memory_mb")},
+        "weight_bytes": g.get("weight_bytes")} for g in e2e[name]] for name in ("calibration", "validation")}
+    return {"space": e2e.get("space"), "seed": e2e.get("seed"), "rounds": rounds, "reference": e2e["reference"]["subnet"],
+            "where": "bundle (run_profile.py)", **rows}
+
+
 def run_bundle(manifest_path, out_path, progress: bool = True, resume: bool = True) -> Path:
+    """Profile a bundle here: the grid of micro-graphs, then the end-to-end sub-networks; write the table."""
+    import shutil
+    import tempfile
+
     manifest_path = Path(manifest_path)
     manifest = json.loads(manifest_path.read_text())
-    manifest["root"] = str(manifest_path.parent)
+    root = manifest_path.parent
+    manifest["root"] = str(root)
     fp = fingerprint_for(manifest)
     t0 = time.perf_counter()
-    results = run_grid(manifest, out_path, fp, progress=progress, resume=resume)
+    scratch = Path(tempfile.mkdtemp(prefix="nasprune-bundle-"))
+    try:
+        prepare = _materializer(root, scratch)
+        measure = _dropping(lambda p: measure_graph(p, manifest["target"], manifest["vocab_size"],
+                                                    manifest["measurement"]), scratch)
+        results = run_grid(manifest, out_path, fp, measure=measure, prepare=prepare, progress=progress,
+                           resume=resume)
+        e2e = run_end_to_end(manifest, out_path, fp, prepare, scratch, progress=progress, resume=resume)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     table = assemble_table(manifest, results, fp, wall_s=time.perf_counter() - t0)
     table["measurement"]["where"] = "bundle (run_profile.py)"
+    if e2e:  # nasprune fits calibration and validation from them when it reads the table
+        table["end_to_end"] = e2e
     write_json(out_path, table)
     partial_path_for(out_path).unlink(missing_ok=True)
+    partial_path_for(str(out_path) + ".e2e").unlink(missing_ok=True)
     return Path(out_path)
 
 

@@ -2,11 +2,13 @@
 or ``~/.cache/nasprune``), :func:`tables_dir` (its ``tables/``), :func:`default_table_path` (a table's file there).
 
     run_profile(target="cpu", model=None, precision=None, out=None, bundle=None, unit_step=128,
-                calibrate_samples=10, validate_samples=10, resume=True) -> Path
+                calibrate_samples=16, validate_samples=16, resume=True) -> Path
     run_profiles(["cpu", "arm64"], executor=None, ...) -> list[Path]
 
 * ``bundle`` set: write a profiling bundle for a device without torch into that folder (nothing is measured
-  here) and return the folder; on the device ``python run_profile.py --out table.json``.
+  here; weights are generated there from a seed) and return the folder; on the device ``python run_profile.py
+  --out table.json`` measures the grid and the calibration and validation sub-networks, and nasprune fits the
+  calibration and validation when it reads that table.
 * otherwise: profile here, calibrate and validate on random MEDIUM sub-networks, write the table to ``out`` or to
   :func:`default_table_path` and return its path.
 * several targets (:func:`run_profiles`): one after another here, or as Ray tasks, each on the node that is the
@@ -62,8 +64,8 @@ def find_table(target: Target | str, precision: str | None, dims):
 
 
 def run_profile(target: str | Target, model: str | None = None, precision: str | None = None, out: str | None = None,
-                bundle: str | None = None, unit_step: int = 128, calibrate_samples: int = 10,
-                validate_samples: int = 10, resume: bool = True, progress: bool = True,
+                bundle: str | None = None, unit_step: int = 128, calibrate_samples: int = 16,
+                validate_samples: int = 16, resume: bool = True, progress: bool = True,
                 model_config=None, measurement: dict | None = None) -> Path:
     """Profile ``model``'s blocks (default: all-MiniLM-L6-v2) on ``target`` (name or TOML path) at ``precision``
     (default: the target's first). Returns the table path, or the bundle folder when ``bundle`` is given.
@@ -80,7 +82,8 @@ def run_profile(target: str | Target, model: str | None = None, precision: str |
     dims = ModelDims.from_config(config)
     if bundle:
         return write_bundle(dims, t, precision, bundle, model_config=config, unit_step=unit_step,
-                            measurement=measurement, progress=progress)
+                            measurement=measurement, progress=progress, calibrate_samples=calibrate_samples,
+                            validate_samples=validate_samples)
     out_path = Path(out) if out else default_table_path(t, precision, dims)
     table = profile(dims, t, precision, out_path, model_config=config, unit_step=unit_step, progress=progress,
                     resume=resume, calibrate_samples=calibrate_samples,
@@ -106,8 +109,8 @@ class ProfileJob:
     precision: str
     model_config: object
     unit_step: int = 128
-    calibrate_samples: int = 10
-    validate_samples: int = 10
+    calibrate_samples: int = 16
+    validate_samples: int = 16
     resume: bool = True
     progress: bool = False
     cache: str | None = None
@@ -136,8 +139,8 @@ def _run_job(job: ProfileJob):
 
 
 def run_profiles(targets, executor=None, *, model: str | None = None, precision: str | None = None,
-                 out_dir: str | None = None, unit_step: int = 128, calibrate_samples: int = 10,
-                 validate_samples: int = 10, resume: bool = True, progress: bool = True,
+                 out_dir: str | None = None, unit_step: int = 128, calibrate_samples: int = 16,
+                 validate_samples: int = 16, resume: bool = True, progress: bool = True,
                  measurement: dict | None = None) -> list[Path]:
     """Profile several ``targets`` (names, TOML paths or :class:`Target`); returns one table path per target.
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from latency_models.grid import Worker, as_target, export_graph, onnx_weight_bytes
-from latency_models.lookup_table import LatencyTable, error_stats, residuals_of
-from targets.meter import E2E_ROUNDS, drift_corrected, measure_beside
+from latency_models.lookup_table import LatencyTable
+from targets.meter import E2E_ROUNDS, measure_beside
 
 
 def measure_subnet(model, subnet, target, precision: str, worker: Worker | None = None, workdir=None) -> dict:
@@ -35,7 +35,7 @@ def measure_subnet(model, subnet, target, precision: str, worker: Worker | None 
             worker.close()
 
 
-def _samples(space, n: int, seed: int) -> list:
+def samples(space, n: int, seed: int) -> list:
     """``n`` sub-networks whose sizes span the whole range: sample ``i`` keeps about a share ``r_i`` of every layer's
     heads and FFN units, ``r_i`` stratified between 0.1 and 1 and each layer's shares jittered by +-0.15. Uniform
     random per-layer widths average out around half the network, which would leave the small and the near-full
@@ -66,7 +66,7 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     from toolchain.core.slicing import slice_model
 
     target = as_target(target if target is not None else table.fingerprint.get("target") or "cpu")
-    subnets = _samples(space, n, seed)
+    subnets = samples(space, n, seed)
     bar = None
     if progress:
         try:
@@ -101,64 +101,17 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     return rows
 
 
-def _unpruned(space):
-    from toolchain.core.subnetwork import SubNetwork
-
-    d = space.dims
-    return SubNetwork.full(d.num_layers, d.num_heads, d.intermediate_size)
-
-
-def calibrate(table: LatencyTable, model, space, n: int = 10, seed: int = 0, target=None, worker=None,
+def calibrate(table: LatencyTable, model, space, n: int = 16, seed: int = 0, target=None, worker=None,
               progress: bool = False) -> dict:
-    """Fit ``measured = c * raw^2 + a * raw + b`` (latency; memory: ``a * raw + b``) on ``n`` random sliced
-    sub-networks measured end to end; stores it in ``table`` (call ``table.save()`` to persist)."""
+    """Measure ``n`` random sliced sub-networks end to end and fit the table's calibration on them
+    (:meth:`LatencyTable.calibrate_from`); stored in ``table`` (call ``table.save()`` to persist)."""
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "calibrating")
-    refs = [r["reference_ms"] for _, r in rows]
-    speed = float(np.median(refs))  # the unpruned network's latency at calibration time
-    # the unpruned network, measured beside every sample, anchors the top of the fit (median of all its runs)
-    full = _unpruned(space)
-    lat = table.set_calibration("latency", [table.raw_latency(s) for s, _ in rows] + [table.raw_latency(full)],
-                                drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed], degree=2)
-    lat["reference_ms"] = speed
-    for sample, (_, r) in zip(lat["samples"], rows):
-        sample.update(measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
-    lat["samples"][-1].update(subnet=full.to_dict(), reference=True)
-    mem = table.set_calibration("memory", [table.raw_memory(s) for s, _ in rows], [r["memory_mb"] for _, r in rows])
-    for cal, (kind, key) in zip((lat, mem), (("latency", "latency_ms"), ("memory", "memory_mb"))):
-        for sample, (s, r) in zip(cal["samples"], rows):
-            sample["subnet"] = s.to_dict()
-    return {"latency": lat, "memory": mem}
+    return table.calibrate_from(rows)
 
 
-def validate(table: LatencyTable, model, space, n: int = 10, seed: int = 1, target=None, worker=None,
+def validate(table: LatencyTable, model, space, n: int = 16, seed: int = 1, target=None, worker=None,
              progress: bool = False) -> dict:
-    """Prediction error on ``n`` held-out random sub-networks measured end to end; stored in ``table.validation``:
-    MAPE, max error, share within +-5 % and +-10 %, for latency and memory, with every sample."""
+    """Measure ``n`` held-out random sub-networks end to end and record the table's prediction error on them
+    (:meth:`LatencyTable.validate_from`) in ``table.validation``."""
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "validating")
-    out = {}
-    for kind, key, pred in (("latency", "latency_ms", table.predict_latency), ("memory", "memory_mb", table.predict_memory)):
-        p = [pred(s) for s, _ in rows]
-        m = [r[key] for _, r in rows]
-        stats = error_stats(p, m)
-        stats["samples"] = [{"subnet": s.to_dict(), "predicted": float(a), "measured": float(b)}
-                            for (s, _), a, b in zip(rows, p, m)]
-        if kind == "latency":  # the same, with each measurement scaled to the calibration's machine speed
-            speed = (table.calibration.get("latency") or {}).get("reference_ms")
-            refs = [r["reference_ms"] for _, r in rows]
-            for sample, ref in zip(stats["samples"], refs):
-                sample["reference_ms"] = float(ref)
-            if speed:
-                stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
-                stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
-                                                      "latency measured just before this sample)")
-            # relative errors per sample, drift-corrected: what an upper bound of a prediction is taken from
-            stats["residuals"], stats["residuals_method"] = residuals_of(stats["samples"], speed)
-            # the unpruned network itself: measured beside every sample, compared with its prediction
-            stats["unpruned"] = {"predicted": float(pred(_unpruned(space))), "measured": float(np.median(refs)),
-                                 "n": len(refs)}
-        out[kind] = stats
-    out["space"] = space.name
-    out["seed"] = seed
-    table.validation.clear()
-    table.validation.update(out)
-    return out
+    return table.validate_from(rows, space=space.name, seed=seed)

@@ -34,6 +34,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
 from targets.meter import drift_corrected
+from toolchain.core.subnetwork import SubNetwork
 from targets.session import same_device
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class LatencyTable:
         self.heads_grid = [int(h) for h in data["grid"]["heads"]]
         self.units_grid = [int(u) for u in data["grid"]["units"]]
         self._interp = self._interpolators(np.stack([np.asarray(data["blocks"][k], dtype=float) for k in BLOCKS], -1))
+        self.fit_end_to_end()  # a device's table (profiling bundle): calibrated and validated as it is read
 
     # --------------------------------------------------------------------- io
     @classmethod
@@ -279,6 +281,83 @@ class LatencyTable:
         self.calibration[kind] = cal
         return cal
 
+    # ------------------------------------------------- calibration and validation from end-to-end measurements
+    def _unpruned(self):
+        m = self.model
+        return SubNetwork.full(m["num_layers"], m["num_heads"], m["intermediate_size"])
+
+    def calibrate_from(self, rows) -> dict:
+        """Fit ``measured = c * raw^2 + a * raw + b`` (latency; memory: ``a * raw + b``, :meth:`set_calibration`) on
+        end-to-end ``rows``: ``(subnet, result)`` with ``latency_ms`` measured beside the unpruned network
+        (``reference_ms``) and ``memory_mb``. The latencies are drift-corrected to the median reference, which also
+        anchors the top of the fit as the unpruned network's own measurement."""
+        refs = [r["reference_ms"] for _, r in rows]
+        speed = float(np.median(refs))  # the unpruned network's latency at calibration time
+        full = self._unpruned()
+        lat = self.set_calibration("latency", [self.raw_latency(s) for s, _ in rows] + [self.raw_latency(full)],
+                                   drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed],
+                                   degree=2)
+        lat["reference_ms"] = speed
+        for sample, (s, r) in zip(lat["samples"], rows):
+            sample.update(subnet=s.to_dict(), measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
+        lat["samples"][-1].update(subnet=full.to_dict(), reference=True)
+        mem = self.set_calibration("memory", [self.raw_memory(s) for s, _ in rows], [r["memory_mb"] for _, r in rows])
+        for sample, (s, _) in zip(mem["samples"], rows):
+            sample["subnet"] = s.to_dict()
+        return {"latency": lat, "memory": mem}
+
+    def validate_from(self, rows, space: str | None = None, seed: int | None = None) -> dict:
+        """Prediction error on held-out end-to-end ``rows`` (as :meth:`calibrate_from`'s), stored in
+        :attr:`validation`: MAPE, max error, share within +-5 % and +-10 %, for latency and memory, with every
+        sample; for latency also drift-corrected, the residuals the latency bound uses, and the unpruned network."""
+        out = {}
+        refs = [r["reference_ms"] for _, r in rows]
+        for kind, key, pred in (("latency", "latency_ms", self.predict_latency),
+                                ("memory", "memory_mb", self.predict_memory)):
+            p = [pred(s) for s, _ in rows]
+            m = [r[key] for _, r in rows]
+            stats = error_stats(p, m)
+            stats["samples"] = [{"subnet": s.to_dict(), "predicted": float(a), "measured": float(b)}
+                                for (s, _), a, b in zip(rows, p, m)]
+            if kind == "latency":  # the same, with each measurement scaled to the calibration's machine speed
+                speed = (self.calibration.get("latency") or {}).get("reference_ms")
+                for sample, ref in zip(stats["samples"], refs):
+                    sample["reference_ms"] = float(ref)
+                if speed:
+                    stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
+                    stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
+                                                          "latency measured just before this sample)")
+                # relative errors per sample, drift-corrected: what an upper bound of a prediction is taken from
+                stats["residuals"], stats["residuals_method"] = residuals_of(stats["samples"], speed)
+                # the unpruned network itself: measured beside every sample, compared with its prediction
+                stats["unpruned"] = {"predicted": float(pred(self._unpruned())), "measured": float(np.median(refs)),
+                                     "n": len(refs)}
+            out[kind] = stats
+        out["space"] = space
+        out["seed"] = seed
+        self.validation.clear()
+        self.validation.update(out)
+        return out
+
+    def fit_end_to_end(self) -> bool:
+        """A table from a profiling bundle carries the end-to-end measurements of its calibration and validation
+        sub-networks (``end_to_end``, measured on the device) but no fit (the device has no nasprune): fit
+        both here, as a host profile does. Returns whether it did (once: a fitted table is left as it is)."""
+        e2e = self.data.get("end_to_end")
+        if not e2e or (self.calibration.get("latency") or {}).get("n"):
+            return False
+
+        def rows(name):
+            return [(SubNetwork.from_dict(r["subnet"]), r) for r in e2e.get(name) or ()]
+
+        if rows("calibration"):
+            self.calibrate_from(rows("calibration"))
+            for kind in ("latency", "memory"):
+                self.calibration[kind]["where"] = f"fitted by nasprune on the {e2e.get('where', 'device')}'s measurements"
+        if rows("validation"):
+            self.validate_from(rows("validation"), space=e2e.get("space"), seed=e2e.get("seed"))
+        return True
+
     def summary(self) -> str:
         fp = self.fingerprint
         lines = [f"latency table {self.path or ''}",
@@ -286,6 +365,10 @@ class LatencyTable:
                  f"threads / ORT {fp.get('onnxruntime')} / {fp.get('cpu_model')}",
                  f"  grid {len(self.heads_grid)} heads x {len(self.units_grid)} units, base "
                  f"{self.data['base']['latency_ms']:.2f} ms"]
+        cal = self.calibration.get("latency") or {}
+        lines.append(f"  calibration: {cal.get('n', 0)} end-to-end samples"
+                     + (f" ({cal['where']})" if cal.get("where") else "") if cal.get("n") else
+                     "  calibration: none (predictions are the sum of the blocks)")
         for kind, v in self.validation.items():
             if not isinstance(v, dict):  # "space", "seed"
                 continue

@@ -12,7 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from latency_models import FingerprintMismatchWarning, LatencyTable, TableError
 from latency_models.bundle_runner import partial_path_for
@@ -104,7 +106,7 @@ def test_quadratic_calibration(table):
 
 def test_calibration_samples_span_the_sizes():
     """Calibration and validation cover small and near-full networks, not just the middle of the space."""
-    from latency_models.calibration import _samples
+    from latency_models.calibration import samples as _samples
     from toolchain.core.modeling import ModelDims
 
     dims = ModelDims(model_type="bert", num_layers=6, num_heads=12, head_size=32, hidden_size=384,
@@ -254,7 +256,7 @@ def bundle(setup):
 
     d, target, cfg, dims = setup
     folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
-                          progress=False)
+                          progress=False, calibrate_samples=4, validate_samples=3)
     return folder
 
 
@@ -273,7 +275,9 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     assert {"run_profile.py", "nasprune_meter.py", "nasprune_session.py", "manifest.json", "graphs",
             "README.txt"} <= names
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert len(list((bundle / "graphs").glob("*.onnx"))) == len(manifest["graphs"]) == 9
+    assert len(list((bundle / "graphs").glob("*.onnx.z"))) == len(manifest["graphs"]) == 9
+    e2e = manifest["end_to_end"]
+    assert len(e2e["calibration"]) == 4 and len(e2e["validation"]) == 3 and e2e["reference"]["subnet"]
     block = tmp_path / "block"
     block.mkdir()
     for mod in ("torch", "toolchain", "latency_models", "targets", "transformers"):
@@ -281,10 +285,55 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     out = tmp_path / "table.json"
     r = _run_bundle(sys.executable, bundle, out, {"PYTHONPATH": str(block)})
     assert r.returncode == 0, r.stderr
+    raw = json.loads(out.read_text())
+    assert raw["calibration"]["latency"]["n"] == 0 and len(raw["end_to_end"]["validation"]) == 3  # the device fits nothing
     table = LatencyTable.load(out)
     assert table.precision == "int8" and table.data["measurement"]["where"].startswith("bundle")
     assert table.fingerprint == target.fingerprint("int8") | {"target": "tiny-cpu"}
     assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
+    # read by nasprune, the device's measurements calibrate and validate it like a host profile
+    cal = table.calibration["latency"]
+    assert cal["n"] == 5 and cal["samples"][-1]["reference"] and "bundle" in cal["where"]
+    assert table.calibration["memory"]["n"] == 4
+    v = table.validation["latency"]
+    assert v["n"] == 3 and len(v["residuals"]) == 3 and v["drift_corrected"]["n"] == 3
+    assert table.validation["memory"]["n"] == 3 and table.validation["space"] == "medium"
+    assert "calibration" in table.summary()
+
+
+def test_bundle_graphs_are_small_and_materialize_exactly(setup, bundle, tmp_path):
+    """A bundle stores each graph without its weights' bytes (zeroed and compressed) and the device puts back
+    seeded values: the graph it gets is byte for byte the graph nasprune built with those values, weights inline."""
+    import onnx
+    import onnxruntime as ort
+
+    from latency_models.bundle import store_seeded
+    from latency_models.bundle_runner import materialize, seeded_bytes
+    from latency_models.grid import export_graph
+
+    d, target, cfg, dims = setup
+    torch.manual_seed(0)
+    model = model_from_config(tiny_config(hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                          num_hidden_layers=2, vocab_size=2000)).eval()
+    src = export_graph(model, tmp_path / "model.onnx", "fp32", target)
+    weights = store_seeded(src, tmp_path / "model.onnx.z", seed=3)
+    stored = (tmp_path / "model.onnx.z").stat().st_size
+    assert weights["regions"] and stored < src.stat().st_size / 10
+    back = onnx.load(str(materialize(tmp_path / "model.onnx.z", weights, tmp_path / "back.onnx")))
+    orig = onnx.load(str(src))
+    assert [n.op_type for n in back.graph.node] == [n.op_type for n in orig.graph.node]
+    big = [t for t in back.graph.initializer if len(t.raw_data) >= 1024]
+    assert len(big) == len(weights["regions"])
+    for i, t in enumerate(big):  # every large initializer holds its seeded values; small ones are untouched
+        assert t.raw_data == seeded_bytes(3, i, len(t.raw_data), weights["regions"][i][2])
+    small = {t.name: t.raw_data for t in orig.graph.initializer if len(t.raw_data) < 1024}
+    assert all(t.raw_data == small[t.name] for t in back.graph.initializer if t.name in small)
+    s = ort.InferenceSession(str(tmp_path / "back.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.ones((1, 8), dtype=np.int64) for i in s.get_inputs()}
+    assert np.isfinite(s.run(None, feed)[0]).all()
+    a = seeded_bytes(3, 0, 4096, "float32")
+    assert a == seeded_bytes(3, 0, 4096, "float32") and a != seeded_bytes(3, 1, 4096, "float32")
+    assert np.abs(np.frombuffer(a, np.float32)).max() <= 0.04
 
 
 @pytest.mark.slow
