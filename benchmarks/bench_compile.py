@@ -8,7 +8,11 @@ Runs, in one fresh cache (so the first compile includes profiling and training):
 
 and checks that every shipped point's *measured* latency is under its budget.
 
-    python benchmarks/bench_compile.py [--budgets 20ms,10ms] [--skip-quick]
+    python benchmarks/bench_compile.py [--budgets 20ms,10ms] [--skip-quick] [--extra "--sequence-length data"]
+                                       [--cache DIR]
+
+For each compile it also prints how close the latency table's predictions came to the export's drift-corrected
+measurements (every exported point with a prediction, and the unpruned reference).
 """
 
 from __future__ import annotations
@@ -40,6 +44,23 @@ def compile_once(args: list[str], cache: Path, cwd: Path) -> tuple[float, dict, 
     return wall, manifest, proc.stdout
 
 
+def prediction_check(manifest: dict) -> str:
+    """Predicted latency vs the export's drift-corrected measurement, for every exported point the table predicts
+    (those of the table's precision) and the unpruned reference: how many within +-5 % and +-10 %."""
+    rows = [(p["predicted_latency_ms"], p["measured_latency_drift_corrected_ms"]) for p in manifest["points"]]
+    ref = Path(manifest["output"]) / "reference" / "unpruned" / "nasprune.json"
+    if ref.is_file():
+        info = json.loads(ref.read_text())
+        rows.append(((info.get("predicted") or {}).get("latency_ms"),
+                     (info.get("measured") or {}).get("latency_drift_corrected_ms")))
+    errs = [m / p - 1 for p, m in rows if p and m]
+    if not errs:
+        return "no drift-corrected figures (the table was not measured here at this length)"
+    return (f"predicted vs drift-corrected measured: {sum(abs(e) <= 0.05 for e in errs)} of {len(errs)} within "
+            f"±5 %, {sum(abs(e) <= 0.10 for e in errs)} within ±10 % (reference included; errors "
+            + ", ".join(f"{100 * e:+.1f}" for e in sorted(errs, key=abs)) + " %)")
+
+
 def check(manifest: dict, budget_ms: float) -> str:
     """Shipped points against the budget, and each one's measured speed-up and metric change (points) against the
     unpruned fp32 model exported the same way in the same run."""
@@ -49,7 +70,8 @@ def check(manifest: dict, budget_ms: float) -> str:
     each = ", ".join(f"{p['measured_latency_ms']:.1f} ms {p['precision']} "
                      f"({ref['measured_latency_ms'] / p['measured_latency_ms']:.2f}x, "
                      f"{100 * (p['metric'] - ref['metric']):+.1f} pt)" for p in shipped)
-    return f"{len(shipped)} shipped: {each}; {'all under' if ok else 'NOT all under'} {budget_ms:g} ms"
+    return (f"{len(shipped)} shipped: {each}; {'all under' if ok else 'NOT all under'} {budget_ms:g} ms; "
+            + prediction_check(manifest))
 
 
 def main() -> None:
@@ -58,15 +80,18 @@ def main() -> None:
     ap.add_argument("--preset", default="default", help="preset of the two compiles (quick|default|paper)")
     ap.add_argument("--skip-quick", action="store_true")
     ap.add_argument("--keep", default=None, help="copy the first run folder here (README figures)")
+    ap.add_argument("--extra", default="", help="more options for every compile, e.g. \"--sequence-length data\"")
+    ap.add_argument("--cache", default=None, help="use this nasprune cache (default: a fresh one)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nasprune-bench-compile-"))
     budgets = args.budgets.split(",")
     rows, outputs = [], {}
-    cache = work / "cache"
+    cache = Path(args.cache) if args.cache else work / "cache"
     for i, budget in enumerate(budgets):
-        wall, manifest, stdout = compile_once(["--target", "cpu", "--max-latency", budget, "--preset", args.preset],
-                                              cache, work)
-        label = "first compile (profile + train + search + export)" if i == 0 else "recompile, new budget (caches reused)"
+        wall, manifest, stdout = compile_once(["--target", "cpu", "--max-latency", budget, "--preset", args.preset,
+                                               *args.extra.split()], cache, work)
+        label = ("first compile (profile + train + search + export)" if not args.cache else
+                 "first compile (given cache)") if i == 0 else "recompile, new budget (caches reused)"
         ms = float(budget.rstrip("ms"))
         rows.append((f"`--max-latency {budget} --preset {args.preset}`: {label}", wall, manifest["timings"], check(manifest, ms)))
         outputs[budget] = stdout
@@ -81,10 +106,12 @@ def main() -> None:
         rows.append((f"`--max-latency {budgets[0]} --preset quick`, fresh cache", wall, manifest["timings"],
                      check(manifest, float(budgets[0].rstrip("ms")))))
         print(f"quick preset: {wall:.0f} s; {rows[-1][3]}", flush=True)
+    extra = f' --extra "{args.extra}"' if args.extra else ""
     md = ["## nasprune-compile wall time", "",
           f"`python benchmarks/bench_compile.py --budgets {args.budgets} --preset {args.preset}"
-          f"{' --skip-quick' if args.skip_quick else ''}`. Machine: {machine()}. Default model "
-          "(all-MiniLM-L6-v2), SST-2, target `cpu` (fp32, batch 1, sequence 128).", "",
+          f"{' --skip-quick' if args.skip_quick else ''}{extra}{' --cache DIR' if args.cache else ''}`. "
+          f"Machine: {machine()}. Default model "
+          "(all-MiniLM-L6-v2), SST-2, target `cpu` (batch 1, sequence 128 unless --extra says otherwise).", "",
           "| run | wall time (s) | profile | train | search | validate | export | shipped points |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, wall, t, verdict in rows:

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""How good are the latency / memory tables? Profile MiniLM's blocks on this CPU (fp32 and int8, batch 1, seq
-128), then predict and measure held-out random MEDIUM sub-networks end to end (sliced, exported, fused ONNX).
+"""How good are the latency / memory tables? Profile MiniLM's blocks on this CPU (fp32 and int8, batch 1; the
+target's length 128 and the other lengths a table covers), then predict and measure held-out random MEDIUM
+sub-networks end to end (sliced, exported, fused ONNX) at lengths 32, 128 and 256.
 
-    python benchmarks/bench_latency.py [--model PATH] [--precisions fp32 int8] [--validate 30] [--calibrate 10] [--seed 0]
+    python benchmarks/bench_latency.py [--model PATH] [--precisions fp32 int8] [--lengths 32,128,256]
+                                       [--validate 16] [--calibrate 16] [--seed 0]
 
-Prints MAPE and the share of predictions within +-5 % / +-10 % for latency and peak memory, and the profiling
-wall time; writes its section of docs/benchmarks.md (between the bench_latency markers) and the tables to
-benchmarks/results/.
+The defaults are a compile's own profile (16 calibration and 16 validation sub-networks at the target's length,
+the first 8 of each at every other length). Prints MAPE and the share of predictions within +-5 % / +-10 % for
+latency and peak memory at each length, and the profiling wall time; writes its section of docs/benchmarks.md
+(between the bench_latency markers) and the tables to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from common import table_path, write_section
+
+from latency_models.calibration import LENGTH_SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +55,7 @@ def verdict(target, precision, table, wall: float) -> str:
     rep = ""
     if refs:
         rep = f"; the unpruned reference itself repeats within ±5 % {100 * within_of_median(refs, 0.05):.0f} % of the time"
-    return (f"- {target.name} {precision}: goal {'met' if met(lv) else 'NOT met'} on raw measurements "
+    return (f"- {target.name} {precision}, length {table.sequence_length}: goal {'met' if met(lv) else 'NOT met'} on raw measurements "
             f"({100 * lv['within_5']:.0f} % / {100 * lv['within_10']:.0f} % within ±5 / ±10 %), "
             + (f"{'met' if met(dc) else 'NOT met'} drift-corrected ({100 * dc['within_5']:.0f} % / "
                f"{100 * dc['within_10']:.0f} %)" if dc else "no drift-corrected figures")
@@ -66,8 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target", nargs="+", default=["cpu"], help="target name(s) or TOML path(s)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     ap.add_argument("--unit-step", type=int, default=128)
-    ap.add_argument("--calibrate", type=int, default=10, help="sub-networks for the calibration fit")
-    ap.add_argument("--validate", type=int, default=30, help="held-out sub-networks for validation")
+    ap.add_argument("--calibrate", type=int, default=16, help="sub-networks for the calibration fit")
+    ap.add_argument("--validate", type=int, default=16, help="held-out sub-networks for validation")
+    ap.add_argument("--lengths", default="32,128,256", help="sequence lengths to report (measured lengths of the table)")
     ap.add_argument("--seed", type=int, default=0,
                     help="calibration sub-networks from this seed, validation ones from seed + 1")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -89,6 +95,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = model_from_config(config_for(dims, config)).eval()
     load_start = os.getloadavg()[0]
+    lengths = [int(n) for n in args.lengths.split(",")]
     rows = []
     for target, precision in [(t, p) for t in targets for p in args.precisions if p in t.precisions]:
         out = table_path(args.out_dir, dims, target.name, precision)
@@ -106,17 +113,18 @@ def main(argv=None) -> int:
             total = time.perf_counter() - t0
         m = table.data["measurement"]
         n_graphs = len(table.heads_grid) * len(table.units_grid)
-        v = table.validation
-        rows.append((target, precision, table, m["profile_wall_s"], total, n_graphs))
         print(table.summary())
-        print(f"  {precision}: profiling {m['profile_wall_s']:.0f} s for {n_graphs} grid points "
-              f"(total with calibration/validation {total:.0f} s)")
-        for kind, s in (("latency", v["latency"]), ("drift-corrected latency", v["latency"].get("drift_corrected")),
-                        ("memory", v["memory"])):
-            if not s:
-                continue
-            print(f"  {kind}: MAPE {s['mape']:.2f}%  max {s['max_ape']:.1f}%  within 5% {100 * s['within_5']:.0f}%"
-                  f"  within 10% {100 * s['within_10']:.0f}%  (n={s['n']})")
+        print(f"  {precision}: profiling {m['profile_wall_s']:.0f} s for {n_graphs} grid points at lengths "
+              f"{table.lengths()} (total with calibration/validation {total:.0f} s)")
+        for n in lengths:
+            at = table.at_length(n)
+            v = at.validation
+            rows.append((target, precision, at, m["profile_wall_s"], total, n_graphs))
+            for kind, s in (("latency", v["latency"]), ("drift-corrected latency", v["latency"].get("drift_corrected")),
+                            ("memory", v["memory"])):
+                if s:
+                    print(f"  length {n}, {kind}: MAPE {s['mape']:.2f}%  max {s['max_ape']:.1f}%  within 5% "
+                          f"{100 * s['within_5']:.0f}%  within 10% {100 * s['within_10']:.0f}%  (n={s['n']})")
 
     fp = rows[0][2].fingerprint if rows else targets[0].fingerprint()
     seed = rows[0][2].validation.get("seed", args.seed + 1) - 1 if rows else args.seed  # as measured (--from-results)
@@ -126,9 +134,11 @@ def main(argv=None) -> int:
         f"Model: {dims.model_type}, {dims.num_layers} layers, {dims.num_heads} heads, hidden {dims.hidden_size}, "
         f"FFN {dims.intermediate_size} (random weights; values do not change latency). Machine: "
         f"{fp['cpu_model']}, {fp['physical_cores']} physical cores, ONNX Runtime "
-        f"{fp['onnxruntime']}, {fp['provider']}, batch {fp['batch_size']}, sequence {fp['sequence_length']}, "
+        f"{fp['onnxruntime']}, {fp['provider']}, batch {fp['batch_size']}, sequence lengths {', '.join(map(str, lengths))} (the target's own: {targets[0].sequence_length}), "
         f"Python {platform.python_version()}. Grid: heads 0..{dims.num_heads} x units every {args.unit_step}. "
         f"Calibration on {args.calibrate} random sub-networks, validation on {args.validate} other (held-out) ones "
+        f"at the target's length, on the first {LENGTH_SAMPLES} of each at the table's other lengths "
+        "(where only the cross of the grid is measured: every head count, every unit count, two full-width cells) "
         f"(seeds {seed} and {seed + 1}), "
         "their sizes spread from a tenth of the network to all of it; each sliced, exported with `build_onnx` and "
         "measured end to end (median latency; peak "
@@ -138,17 +148,17 @@ def main(argv=None) -> int:
         "(not the noise of the measurement itself); the calibration is fitted on drift-corrected values, with the "
         "unpruned network (the median of its runs) as one more point.",
         "",
-        "| target (threads) | precision | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
+        "| target (threads) | precision | length | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
         "drift-corrected: MAPE / ±5% / ±10% | memory MAPE | mem. within ±5% | mem. within ±10% | "
         "calibration + validation time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for target, precision, table, wall, total, n in rows:
         lv, mv = table.validation["latency"], table.validation["memory"]
         dc = lv.get("drift_corrected") or {}
         dc_text = f"{dc['mape']:.2f}% / {100 * dc['within_5']:.0f}% / {100 * dc['within_10']:.0f}%" if dc else "n/a"
         lines.append(
-            f"| {target.name} ({table.fingerprint['threads']}) | {precision} | {n} | {wall / 60:.1f} min | {lv['mape']:.2f}% | {100 * lv['within_5']:.0f}% | "
+            f"| {target.name} ({table.fingerprint['threads']}) | {precision} | {table.sequence_length} (n={lv['n']}) | {n} | {wall / 60:.1f} min | {lv['mape']:.2f}% | {100 * lv['within_5']:.0f}% | "
             f"{100 * lv['within_10']:.0f}% | {dc_text} | {mv['mape']:.2f}% | {100 * mv['within_5']:.0f}% | "
             f"{100 * mv['within_10']:.0f}% | {(total - wall) / 60:.1f} min |")
     lines += ["", "Repeatability of the measurement itself: the unpruned network, measured beside every calibration and "
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
     for target, precision, table, wall, total, n in rows:
         refs = reference_runs(table)
         if refs:
-            lines.append(f"- {target.name} {precision}: {len(refs)} measurements, median {np.median(refs):.2f} ms, "
+            lines.append(f"- {target.name} {precision}, length {table.sequence_length}: {len(refs)} measurements, median {np.median(refs):.2f} ms, "
                          f"range {min(refs):.2f}-{max(refs):.2f} ms; {100 * within_of_median(refs, 0.05):.0f}% within "
                          f"±5% and {100 * within_of_median(refs, 0.10):.0f}% within ±10% of their own median.")
     lines += ["", "Goal: >= 95 % of latency predictions within ±10 %, >= 80 % within ±5 %, profiling < 10 min.", ""]

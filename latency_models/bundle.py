@@ -8,10 +8,10 @@ from pathlib import Path
 import targets.meter
 import targets.session
 
-from latency_models import bundle_runner as runner
-from latency_models.calibration import samples
-from latency_models.grid import (DEFAULT_UNIT_STEP, MicroGraphBuilder, as_target, config_for, export_graph,
-                                  make_manifest, onnx_weight_bytes)
+from latency_models import assemble, bundle_runner as runner
+from latency_models.calibration import LENGTH_SAMPLES, samples
+from latency_models.grid import (DEFAULT_LENGTHS, DEFAULT_UNIT_STEP, MicroGraphBuilder, as_target, config_for,
+                                  export_graph, make_manifest, onnx_weight_bytes, table_lengths)
 from targets.meter import E2E_ROUNDS
 
 BUNDLE_README = """nasprune profiling bundle
@@ -70,11 +70,13 @@ def _store(src, dst: Path, rel: str, seed: int) -> dict:
 
 
 def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=None, calibrate_samples: int = 16,
-                       validate_samples: int = 16, space: str = "medium", seed: int = 0, progress: bool = True) -> dict:
+                       validate_samples: int = 16, space: str = "medium", seed: int = 0, progress: bool = True,
+                       lengths=()) -> dict:
     """The bundle's end-to-end part: the unpruned network (the reference) and the random sub-networks that
     nasprune's own profile calibrates and validates on (same space, same seeds: :func:`calibration.samples`),
     built as compile builds them (random weights of the real architecture), stored seeded under
-    ``graphs/e2e/``."""
+    ``graphs/e2e/``. The first :data:`calibration.LENGTH_SAMPLES` of each set are measured at the other
+    ``lengths`` too (entries ``<key>@<length>``, one round each), as a host profile does."""
     import tempfile
 
     import torch
@@ -103,6 +105,9 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
                 out["reference"] = entry
             else:
                 out[name].append(entry)
+                if i < LENGTH_SAMPLES:
+                    out[name].extend({**entry, "key": f"{key}@{n}", "length": n, "rounds": 1}
+                                     for n in lengths if n != target.sequence_length)
             if bar:
                 bar.update(1)
     if bar:
@@ -124,7 +129,7 @@ def _bar(total: int, desc: str, enabled: bool):
 def write_bundle(dims, target, precision: str | None, dst_dir, model_config=None,
                  unit_step: int = DEFAULT_UNIT_STEP, measurement: dict | None = None, progress: bool = True,
                  calibrate_samples: int = 16, validate_samples: int = 16, space: str = "medium",
-                 seed: int = 0) -> Path:
+                 seed: int = 0, lengths=DEFAULT_LENGTHS) -> Path:
     """Write the micro-graphs (``graphs/*.onnx.z``, weights generated on the device from a seed:
     :func:`store_seeded`), the end-to-end calibration and validation sub-networks (:func:`end_to_end_entries`),
     ``manifest.json``, ``run_profile.py`` (a copy of :mod:`latency_models.bundle_runner`, with its meter and session
@@ -136,25 +141,30 @@ def write_bundle(dims, target, precision: str | None, dst_dir, model_config=None
     precision = target.check_precision(precision)
     dst = Path(dst_dir)
     (dst / "graphs").mkdir(parents=True, exist_ok=True)
-    manifest = make_manifest(dims, target, precision, unit_step, measurement)
     builder = MicroGraphBuilder(dims, target, precision, model_config)
+    lengths = table_lengths(target, builder.config, lengths)
+    manifest = make_manifest(dims, target, precision, unit_step, measurement, lengths)
     entries = manifest["graphs"]
     bar = _bar(len(entries), "exporting micro-graphs", progress)
+    stored: dict = {}  # one file per graph, measured at several lengths
     with tempfile.TemporaryDirectory(prefix="nasprune-bundle-") as tmp:
         for entry in entries:
-            onnx_path = builder.build(entry, Path(tmp) / "graph.onnx")
-            rel = entry["file"] + ".z"
-            entry.update(_store(onnx_path, dst / rel, rel, seed))
+            if entry["file"] not in stored:
+                onnx_path = builder.build(entry, Path(tmp) / "graph.onnx")
+                rel = entry["file"] + ".z"
+                stored[entry["file"]] = _store(onnx_path, dst / rel, rel, seed)
+            entry.update(stored[entry["file"]])
             if bar:
                 bar.update(1)
     if bar:
         bar.close()
     if calibrate_samples or validate_samples:
         manifest["end_to_end"] = end_to_end_entries(dims, target, precision, dst, model_config, calibrate_samples,
-                                                    validate_samples, space, seed, progress)
+                                                    validate_samples, space, seed, progress, lengths)
     runner.write_json(dst / "manifest.json", manifest)
     shutil.copyfile(runner.__file__, dst / "run_profile.py")
     shutil.copyfile(targets.meter.__file__, dst / "nasprune_meter.py")
     shutil.copyfile(targets.session.__file__, dst / "nasprune_session.py")
+    shutil.copyfile(assemble.__file__, dst / "nasprune_assemble.py")
     (dst / "README.txt").write_text(BUNDLE_README.format(target=target.name, precision=precision, **dims.to_dict()))
     return dst

@@ -11,9 +11,9 @@ This file has two lives:
       python run_profile.py --out table.json
       python run_profile.py --measure-points RUN_OR_POINTS_DIR --out measured.json   # exported points, on the device
 
-It therefore imports nothing from nasprune but the standalone ``targets.meter`` and ``targets.session`` (the meter,
-the session and fingerprint helpers), or, in a bundle, their copies ``nasprune_meter.py`` and ``nasprune_session.py``
-next to this file.
+It therefore imports nothing from nasprune but the standalone ``targets.meter``, ``targets.session`` (the meter,
+the session and fingerprint helpers) and ``latency_models.assemble`` (the table from the measurements), or, in a
+bundle, their copies ``nasprune_meter.py``, ``nasprune_session.py`` and ``nasprune_assemble.py`` next to this file.
 
 How one graph is measured: :func:`targets.meter.measure` (in a bundle, the copy ``nasprune_meter.py``), the meter
 the export uses too -- median of per-run wall times after warm-up, and peak memory while serving minus the resident
@@ -30,24 +30,23 @@ import time
 from pathlib import Path
 
 try:  # inside nasprune
-    from targets.meter import (DEFAULT_MEASUREMENT, E2E_ROUNDS, MB, MEASURED_FORMAT, MEASURED_VERSION,
-                               MEMORY_METHOD, measure as measure_graph, measure_beside, point_key)
+    from latency_models.assemble import assemble_table
+    from targets.meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD, measure as measure_graph,
+                               measure_beside, point_key)
     from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 except ImportError:  # inside a bundle (or run from a source tree that is not installed)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from nasprune_meter import (DEFAULT_MEASUREMENT, E2E_ROUNDS, MB, MEASURED_FORMAT,  # type: ignore
-                                    MEASURED_VERSION, MEMORY_METHOD, measure as measure_graph, measure_beside,
-                                    point_key)
+        from nasprune_assemble import assemble_table  # type: ignore
+        from nasprune_meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,  # type: ignore
+                                    measure as measure_graph, measure_beside, point_key)
         from nasprune_session import device_fingerprint, fingerprint_key, machine_fingerprint  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-        from targets.meter import (DEFAULT_MEASUREMENT, E2E_ROUNDS, MB, MEASURED_FORMAT, MEASURED_VERSION,
-                                   MEMORY_METHOD, measure as measure_graph, measure_beside, point_key)
+        from latency_models.assemble import assemble_table
+        from targets.meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
+                                   measure as measure_graph, measure_beside, point_key)
         from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
-
-TABLE_FORMAT = "nasprune.latency_table"
-TABLE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ the grid run
@@ -73,13 +72,20 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
         return None
 
 
-def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=None, on_point=None,
+def at_length(settings: dict, entry: dict) -> dict:
+    """The target ``settings`` at ``entry``'s sequence length (``length``; default: the settings' own)."""
+    return {**settings, "sequence_length": int(entry["length"])} if "length" in entry else settings
+
+
+def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=None, release=None, on_point=None,
              progress: bool = True, resume: bool = True) -> dict:
     """Measure every graph of ``manifest`` not measured yet; after each, write ``<out_path>.partial.json``.
 
-    ``prepare(entry) -> path`` makes the graph file (default: ``manifest['root']/entry['file']``);
-    ``measure(path) -> dict`` times it; ``on_point(key, result, n_done)`` is called after each point (tests use
-    it to interrupt). Returns ``{key: result}`` for all graphs.
+    ``prepare(entry) -> path`` makes the graph file (default: ``manifest['root']/entry['file']``), once for the
+    consecutive entries of one file (a graph measured at several lengths), and ``release(path)`` lets it go after
+    them; ``measure(path, entry) -> dict`` times it (default: :func:`targets.meter.measure` at the entry's length);
+    ``on_point(key, result, n_done)`` is called after each point (tests use it to interrupt). Returns ``{key:
+    result}`` for all graphs.
     """
     partial = partial_path_for(out_path)
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -99,16 +105,22 @@ def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=
     keys = [g["key"] for g in manifest["graphs"]]
     results = {k: v for k, v in results.items() if k in keys}
     if measure is None:
-        measure = lambda path: measure_graph(path, manifest["target"], manifest["vocab_size"], manifest["measurement"])  # noqa: E731
+        def measure(path, entry):
+            return measure_graph(path, at_length(manifest["target"], entry), manifest["vocab_size"],
+                                 manifest["measurement"])
     if prepare is None:
         root = Path(manifest.get("root", "."))
         prepare = lambda entry: root / entry["file"]  # noqa: E731
     todo = [g for g in manifest["graphs"] if g["key"] not in results]
     bar = _progress(len(keys), len(keys) - len(todo), progress, f"profiling {manifest['precision']}")
+    held, path = None, None  # the file prepared for the entries at hand
     try:
         for entry in todo:
-            path = prepare(entry)
-            res = measure(path)
+            if entry["file"] != held:
+                if path is not None and release is not None:
+                    release(path)
+                held, path = entry["file"], prepare(entry)
+            res = measure(path, entry)
             if "weight_bytes" in entry:
                 res["weight_bytes"] = entry["weight_bytes"]
             results[entry["key"]] = res
@@ -122,93 +134,11 @@ def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=
             if on_point is not None:
                 on_point(entry["key"], res, len(results))
     finally:
+        if path is not None and release is not None:
+            release(path)
         if bar is not None:
             bar.close()
     return results
-
-
-def grid_key(h: int, u: int) -> str:
-    return f"h{h}_u{u}"
-
-
-def additive_fit(grid, skip=((0, 0),), iters: int = 20):
-    """Robust additive fit ``grid[h][u] ~ row[h] + col[u]`` (Tukey's median polish), ignoring the ``skip`` cells.
-
-    A layer runs its attention block (cost depends on heads only) and then its FFN block (units only), so its
-    latency is additive in the two; the median polish estimates both from the whole grid, so a point disturbed by
-    another process (a preempted thread can double a run) does not become a wrong table entry.
-    """
-    import numpy as np
-
-    m = np.array(grid, dtype=float)
-    for h, u in skip:
-        m[h, u] = np.nan
-    row, col = np.zeros(m.shape[0]), np.zeros(m.shape[1])
-    for _ in range(iters):
-        r = np.nanmedian(m, axis=1)
-        row += r
-        m -= r[:, None]
-        c = np.nanmedian(m, axis=0)
-        col += c
-        m -= c[None, :]
-    fit = row[:, None] + col[None, :]
-    for h, u in skip:
-        fit[h, u] = 0.0
-    return fit.tolist()
-
-
-def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: float | None = None) -> dict:
-    """The latency table (see docs/profiling.md) from the per-graph measurements.
-
-    Block cost of a layer with ``h`` heads and ``u`` units = T(one-layer model h,u) - T(zero-layer model of the same
-    vocabulary, ``base_micro`` when present); the zero-layer model with the real vocabulary (embeddings, pooler,
-    classifier, session overhead) is the base. A layer keeping nothing is dropped: its cost is 0. The block
-    latencies the predictor uses are the additive fit of the measured ones (:func:`additive_fit`); the raw
-    measurements are kept as ``blocks.measured_latency_ms``.
-    """
-    heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
-    base = results["base"]
-    base_w = base.get("weight_bytes", 0) / MB
-    ref = results.get("base_micro", base)  # the zero-layer graph with the one-layer graphs' vocabulary
-    ref_w = ref.get("weight_bytes", 0) / MB
-    lat, wts, work, reps = [], [], [], []
-    for h in heads:
-        rl, rw, rk, rr = [], [], [], []
-        for u in units:
-            if h == 0 and u == 0:
-                rl.append(0.0), rw.append(0.0), rk.append(0.0), rr.append(0)
-                continue
-            r = results[grid_key(h, u)]
-            w = r.get("weight_bytes", 0) / MB - ref_w
-            rl.append(r["latency_ms"] - ref["latency_ms"])
-            rw.append(w)
-            rk.append(r["memory_mb"] - ref["memory_mb"] - w)
-            rr.append(r["reps"])
-        lat.append(rl), wts.append(rw), work.append(rk), reps.append(rr)
-    return {
-        "format": TABLE_FORMAT,
-        "version": TABLE_VERSION,
-        "fingerprint": fingerprint,
-        "fingerprint_key": fingerprint_key(fingerprint),
-        "target": manifest["target"],
-        "model": manifest["model"],
-        "grid": {"heads": list(heads), "units": list(units)},
-        "base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"], "weights_mb": base_w},
-        "blocks": {"latency_ms": additive_fit(lat) if len(heads) > 1 and len(units) > 1 else lat,
-                   "measured_latency_ms": lat, "weights_mb": wts, "working_mb": work},
-        "measurement": {
-            **{k: manifest["measurement"].get(k, v) for k, v in DEFAULT_MEASUREMENT.items()},
-            "reps": reps,
-            "base_reps": base["reps"],
-            "method": "one-layer sliced model minus zero-layer model, exported and fused like the compiled models; "
-                      "block latency = additive fit attention(h) + ffn(u) of the measured grid (median polish)",
-            "memory_method": MEMORY_METHOD,
-            "wall_s": wall_s,
-        },
-        "calibration": {"latency": {"a": 1.0, "b": 0.0, "n": 0}, "memory": {"a": 1.0, "b": 0.0, "n": 0}},
-        "validation": {},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def write_json(path, data) -> Path:
@@ -277,43 +207,46 @@ def _materializer(root: Path, scratch: Path):
     return prepare
 
 
-def _dropping(measure, scratch: Path):
-    def run(path):
-        try:
-            return measure(path)
-        finally:
-            if Path(path).parent == scratch:
-                Path(path).unlink(missing_ok=True)
-    return run
+def _releaser(scratch: Path):
+    def release(path):
+        if Path(path).parent == scratch:
+            Path(path).unlink(missing_ok=True)
+    return release
 
 
-def run_end_to_end(manifest: dict, out_path, fingerprint: dict, prepare, scratch: Path, progress: bool = True,
+def run_end_to_end(manifest: dict, out_path, fingerprint: dict, prepare, release, progress: bool = True,
                    resume: bool = True) -> dict:
     """Measure the bundle's end-to-end sub-networks (``manifest['end_to_end']``: calibration and validation
-    samples, as nasprune's own profile draws them), each beside the unpruned reference
-    (:func:`targets.meter.measure_beside`); resumable from ``<out_path>.e2e.partial.json``. Returns the rows
-    nasprune fits the table's calibration and validation on (:meth:`LatencyTable.fit_end_to_end`)."""
+    samples, as nasprune's own profile draws them), each beside the unpruned reference at the same length
+    (:func:`targets.meter.measure_beside`; entries with a ``length`` at that length); resumable from
+    ``<out_path>.e2e.partial.json``. Returns the rows nasprune fits the table's calibration and validation on
+    (:meth:`LatencyTable.fit_end_to_end`)."""
     e2e = manifest.get("end_to_end")
     if not e2e:
         return {}
-    settings, vocab = manifest["target"], e2e["vocab_size"]
+    vocab = e2e["vocab_size"]
     reference = prepare(e2e["reference"])
-
-    def one(path):
-        return measure_graph(path, settings, vocab, manifest["measurement"])
-
     rounds = int(e2e.get("rounds", E2E_ROUNDS))
+
+    def measure(path, entry):
+        settings = at_length(manifest["target"], entry)
+        return measure_beside(lambda p: measure_graph(p, settings, vocab, manifest["measurement"]), path, reference,
+                              int(entry.get("rounds", rounds)))
+
     samples = e2e["calibration"] + e2e["validation"]
     sub = {**{k: manifest.get(k) for k in ("target", "precision", "model", "measurement")}, "grid": "end_to_end",
            "graphs": samples}
-    results = run_grid(sub, str(out_path) + ".e2e", fingerprint, prepare=prepare,
-                       measure=_dropping(lambda p: measure_beside(one, p, reference, rounds), scratch),
-                       progress=progress, resume=resume)
-    rows = {name: [{"subnet": g["subnet"], **{k: results[g["key"]][k] for k in (
-        "latency_ms", "rounds_ms", "reference_ms", "reference_rounds_ms", "memory_mb")},
-        "weight_bytes": g.get("weight_bytes")} for g in e2e[name]] for name in ("calibration", "validation")}
-    return {"space": e2e.get("space"), "seed": e2e.get("seed"), "rounds": rounds, "reference": e2e["reference"]["subnet"],
-            "where": "bundle (run_profile.py)", **rows}
+    try:
+        results = run_grid(sub, str(out_path) + ".e2e", fingerprint, measure=measure, prepare=prepare,
+                           release=release, progress=progress, resume=resume)
+    finally:
+        release(reference)
+    fields = ("latency_ms", "rounds_ms", "reference_ms", "reference_rounds_ms", "memory_mb")
+    rows = {name: [{"subnet": g["subnet"], **({"length": g["length"]} if "length" in g else {}),
+                    **{k: results[g["key"]][k] for k in fields}, "weight_bytes": g.get("weight_bytes")}
+                   for g in e2e[name]] for name in ("calibration", "validation")}
+    return {"space": e2e.get("space"), "seed": e2e.get("seed"), "rounds": rounds,
+            "reference": e2e["reference"]["subnet"], "where": "bundle (run_profile.py)", **rows}
 
 
 def run_bundle(manifest_path, out_path, progress: bool = True, resume: bool = True) -> Path:
@@ -329,12 +262,10 @@ def run_bundle(manifest_path, out_path, progress: bool = True, resume: bool = Tr
     t0 = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="nasprune-bundle-"))
     try:
-        prepare = _materializer(root, scratch)
-        measure = _dropping(lambda p: measure_graph(p, manifest["target"], manifest["vocab_size"],
-                                                    manifest["measurement"]), scratch)
-        results = run_grid(manifest, out_path, fp, measure=measure, prepare=prepare, progress=progress,
+        prepare, release = _materializer(root, scratch), _releaser(scratch)
+        results = run_grid(manifest, out_path, fp, prepare=prepare, release=release, progress=progress,
                            resume=resume)
-        e2e = run_end_to_end(manifest, out_path, fp, prepare, scratch, progress=progress, resume=resume)
+        e2e = run_end_to_end(manifest, out_path, fp, prepare, release, progress=progress, resume=resume)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = assemble_table(manifest, results, fp, wall_s=time.perf_counter() - t0)

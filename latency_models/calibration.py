@@ -57,16 +57,24 @@ def samples(space, n: int, seed: int) -> list:
     return [out[i] for i in rng.permutation(n)]  # sizes in no particular order
 
 
+#: end-to-end samples measured at each of a table's other lengths (one round each), of the calibration and of the
+#: validation samples: the first ones, whose sizes are spread (:func:`samples`)
+LENGTH_SAMPLES = 8
+
+
 def _measure_samples(table, model, space, n, seed, target, worker, progress, desc):
     """Measure ``n`` random sub-networks end to end, alternating :data:`~targets.meter.E2E_ROUNDS` times with the
     unpruned network (the *reference*; :func:`targets.meter.measure_beside`, the export's rounds too):
     ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine over the minutes of
     calibration and validation can be told apart from prediction error (see :func:`drift_corrected`).
-    ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``)."""
+    ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``). The first :data:`LENGTH_SAMPLES`
+    are also measured at each other length of the table (one round beside the reference at that length).
+    Returns ``{length: [(subnet, result)]}``."""
     from toolchain.core.slicing import slice_model
 
     target = as_target(target if target is not None else table.fingerprint.get("target") or "cpu")
     subnets = samples(space, n, seed)
+    others = [x for x in table.lengths() if x != table.sequence_length]
     bar = None
     if progress:
         try:
@@ -75,22 +83,24 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
             bar = tqdm(total=n, desc=desc, unit="net", dynamic_ncols=True)
         except ImportError:
             pass
-    rows = []
+    rows: dict = {table.sequence_length: [], **{x: [] for x in others}}
     own = worker is None
     worker = worker or Worker()
 
-    def measure(path):
-        return worker.measure(path, target, model.config.vocab_size, None)
+    def at(length):
+        return lambda path: worker.measure(path, target, model.config.vocab_size, None, length=length)
 
     try:
         with tempfile.TemporaryDirectory(prefix="nasprune-ref-") as tmp:
             ref = export_graph(model, Path(tmp) / "reference.onnx", table.precision, target)
-            for s in subnets:
+            for i, s in enumerate(subnets):
                 dst = export_graph(slice_model(model, s), Path(tmp) / "sample.onnx", table.precision, target)
+                weight_bytes = onnx_weight_bytes(dst)
                 # reference and sample alternate: both see the same machine speed
-                r = measure_beside(measure, dst, ref, E2E_ROUNDS)
-                r["weight_bytes"] = onnx_weight_bytes(dst)
-                rows.append((s, r))
+                for length in [None] + (others if i < LENGTH_SAMPLES else []):
+                    r = measure_beside(at(length), dst, ref, E2E_ROUNDS if length is None else 1)
+                    r["weight_bytes"] = weight_bytes
+                    rows[length or table.sequence_length].append((s, r))
                 if bar:
                     bar.update(1)
     finally:
@@ -104,14 +114,22 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
 def calibrate(table: LatencyTable, model, space, n: int = 16, seed: int = 0, target=None, worker=None,
               progress: bool = False) -> dict:
     """Measure ``n`` random sliced sub-networks end to end and fit the table's calibration on them
-    (:meth:`LatencyTable.calibrate_from`); stored in ``table`` (call ``table.save()`` to persist)."""
+    (:meth:`LatencyTable.calibrate_from`), at each of its lengths; stored in ``table`` (call ``table.save()`` to
+    persist). Returns the calibration at the table's own length."""
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "calibrating")
-    return table.calibrate_from(rows)
+    for length, part in rows.items():
+        if part and length != table.sequence_length:
+            table.at_length(length).calibrate_from(part)
+    return table.calibrate_from(rows[table.sequence_length])
 
 
 def validate(table: LatencyTable, model, space, n: int = 16, seed: int = 1, target=None, worker=None,
              progress: bool = False) -> dict:
     """Measure ``n`` held-out random sub-networks end to end and record the table's prediction error on them
-    (:meth:`LatencyTable.validate_from`) in ``table.validation``."""
+    (:meth:`LatencyTable.validate_from`) in ``table.validation``, and at each other length of the table in its
+    view's (:meth:`LatencyTable.at_length`). Returns the validation at the table's own length."""
     rows = _measure_samples(table, model, space, n, seed, target, worker, progress, "validating")
-    return table.validate_from(rows, space=space.name, seed=seed)
+    for length, part in rows.items():
+        if part and length != table.sequence_length:
+            table.at_length(length).validate_from(part, space=space.name, seed=seed)
+    return table.validate_from(rows[table.sequence_length], space=space.name, seed=seed)

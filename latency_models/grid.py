@@ -24,9 +24,12 @@ import numpy as np
 from targets import Target, TargetError, load_target
 from targets.meter import DEFAULT_MEASUREMENT
 
-from latency_models import bundle_runner as runner
+from latency_models import assemble, bundle_runner as runner
 
 DEFAULT_UNIT_STEP = 128
+#: sequence lengths a table covers besides the target's own (those the model takes): the cross of the grid and the
+#: end-to-end samples are measured at each; between two of them predictions are interpolated
+DEFAULT_LENGTHS = (16, 32, 64, 128, 256)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -79,10 +82,22 @@ def config_for(dims, model_config=None, num_layers: int | None = None):
     return cfg
 
 
-def check_sequence_length(config, target: Target) -> None:
+def max_positions(config) -> int | None:
+    """The longest input ``config``'s model takes (positions), or ``None``."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and config.model_type in ("roberta", "xlm-roberta"):
         limit -= getattr(config, "pad_token_id", 1) + 1  # RoBERTa positions start after the padding index
+    return limit
+
+
+def table_lengths(target: Target, config=None, lengths=DEFAULT_LENGTHS) -> list[int]:
+    """The sequence lengths a table for ``target`` covers: ``lengths`` the model takes, and the target's own."""
+    limit = max_positions(config) if config is not None else None
+    return sorted({int(n) for n in lengths if limit is None or n <= limit} | {int(target.sequence_length)})
+
+
+def check_sequence_length(config, target: Target) -> None:
+    limit = max_positions(config)
     if limit is not None and target.sequence_length > limit:
         raise TargetError(f"target '{target.name}' has sequence_length {target.sequence_length}, but the model takes "
                          f"at most {limit} positions (max_position_embeddings); use a target with a shorter sequence")
@@ -117,8 +132,11 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, str(Path(runner.__file__).resolve()), "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
-    def measure(self, path, target: Target, vocab_size: int, measurement: dict | None = None) -> dict:
-        req = {"path": str(path), "target": target.settings(), "vocab_size": vocab_size, "measurement": measurement}
+    def measure(self, path, target: Target, vocab_size: int, measurement: dict | None = None,
+                length: int | None = None) -> dict:
+        """``path`` measured with ``target``'s settings, at sequence length ``length`` (default: the target's)."""
+        settings = target.settings() if length is None else {**target.settings(), "sequence_length": int(length)}
+        req = {"path": str(path), "target": settings, "vocab_size": vocab_size, "measurement": measurement}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -149,30 +167,46 @@ MICRO_VOCAB = 512
 
 
 def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT_UNIT_STEP,
-                  measurement: dict | None = None) -> dict:
+                  measurement: dict | None = None, lengths=None) -> dict:
     """The graphs to measure: ``base`` (zero-layer model, real vocabulary), and, when the vocabulary is larger
     than :data:`MICRO_VOCAB`, ``base_micro`` plus one-layer models with a :data:`MICRO_VOCAB`-row embedding (block
     costs are differences between graphs of the same vocabulary; a small embedding makes export 4x faster and
-    does not change the encoder layer's cost)."""
+    does not change the encoder layer's cost).
+
+    Every graph is measured at the target's sequence length. With ``lengths`` (the lengths the table covers), the
+    *cross* of the grid -- the base graphs, every head count without FFN units, every unit count without heads,
+    and two full-width cells -- is measured at each other length as well (entries ``<key>@<length>`` right
+    after their graph, the same file): exported models take any length, and a layer's cost is additive in its
+    attention (heads) and its FFN (units), so the cross gives the change of every cell with the length
+    (:func:`latency_models.assemble.lengths_part`)."""
     heads = list(range(dims.num_heads + 1))
     units = unit_grid(dims.intermediate_size, unit_step)
     micro = dims.vocab_size > MICRO_VOCAB
     vocab = "micro" if micro else "full"
-    graphs = [{"key": "base", "file": "graphs/base.onnx", "heads": 0, "units": 0, "layers": 0, "vocab": "full"}]
+    others = [n for n in (lengths or ()) if n != target.sequence_length]
+    cross = assemble.cross_keys(heads, units)
+    graphs = []
+
+    def add(entry):
+        graphs.append(entry)
+        if entry["key"] in cross:
+            graphs.extend({**entry, "key": f"{entry['key']}@{n}", "length": n, "of": entry["key"]} for n in others)
+
+    add({"key": "base", "file": "graphs/base.onnx", "heads": 0, "units": 0, "layers": 0, "vocab": "full"})
     if micro:
-        graphs.append({"key": "base_micro", "file": "graphs/base_micro.onnx", "heads": 0, "units": 0, "layers": 0,
-                       "vocab": "micro"})
+        add({"key": "base_micro", "file": "graphs/base_micro.onnx", "heads": 0, "units": 0, "layers": 0,
+             "vocab": "micro"})
     for h in heads:
         for u in units:
             if h or u:
-                k = runner.grid_key(h, u)
-                graphs.append({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1,
-                               "vocab": vocab})
+                k = assemble.grid_key(h, u)
+                add({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1, "vocab": vocab})
     return {
         "format": "nasprune.profile_manifest", "version": 1,
         "target": target.settings(), "precision": precision, "model": dims.to_dict(),
         # token ids fed to every graph are < vocab_size: valid for both vocabularies
         "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
+        "lengths": sorted({*others, target.sequence_length}),
         "measurement": {**DEFAULT_MEASUREMENT, **(measurement or {})}, "graphs": graphs,
     }
 
@@ -184,6 +218,7 @@ class MicroGraphBuilder:
         cfg = config_for(dims, model_config, num_layers=1)
         check_sequence_length(cfg, target)
         self._cfg = cfg
+        self.config = cfg  # one layer of the family: its max positions bound the lengths a table covers
         self._models: dict = {}
         self.target, self.precision = target, precision
 

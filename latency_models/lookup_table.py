@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
-from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION, write_json
+from latency_models.assemble import table_problem
+from latency_models.bundle_runner import write_json
 from targets.meter import drift_corrected
 from toolchain.core.subnetwork import SubNetwork
 from targets.session import same_device
@@ -56,10 +57,14 @@ class FingerprintMismatchWarning(UserWarning):
 
 
 class LatencyTable:
+    _parent: "LatencyTable | None" = None  # set on a view at another sequence length (:meth:`at_length`)
+
     def __init__(self, data: dict, path: str | Path | None = None):
         self.data = data
         self.path = Path(path) if path is not None else None
-        _validate(data, str(path or "<table>"))
+        problem = table_problem(data)
+        if problem:
+            raise TableError(f"{path or '<table>'}: {problem}; re-run nasprune-profile to regenerate it")
         self.heads_grid = [int(h) for h in data["grid"]["heads"]]
         self.units_grid = [int(u) for u in data["grid"]["units"]]
         self._interp = self._interpolators(np.stack([np.asarray(data["blocks"][k], dtype=float) for k in BLOCKS], -1))
@@ -82,6 +87,8 @@ class LatencyTable:
         return cls(data, path)
 
     def save(self, path: str | Path | None = None) -> Path:
+        if self._parent is not None:  # a view at another length: the table it belongs to is the file
+            return self._parent.save(path)
         path = Path(path or self.path)
         write_json(path, self.data)
         self.path = path
@@ -341,22 +348,84 @@ class LatencyTable:
 
     def fit_end_to_end(self) -> bool:
         """A table from a profiling bundle carries the end-to-end measurements of its calibration and validation
-        sub-networks (``end_to_end``, measured on the device) but no fit (the device has no nasprune): fit
-        both here, as a host profile does. Returns whether it did (once: a fitted table is left as it is)."""
+        sub-networks (``end_to_end``, measured on the device, some at other lengths) but no fit (the device has no
+        nasprune): fit both here, at every length, as a host profile does. Returns whether it did (once: a fitted
+        table is left as it is)."""
         e2e = self.data.get("end_to_end")
         if not e2e or (self.calibration.get("latency") or {}).get("n"):
             return False
+        for n in self.lengths():
+            def rows(name):
+                return [(SubNetwork.from_dict(r["subnet"]), r) for r in e2e.get(name) or ()
+                        if int(r.get("length", self.sequence_length)) == n]
 
-        def rows(name):
-            return [(SubNetwork.from_dict(r["subnet"]), r) for r in e2e.get(name) or ()]
-
-        if rows("calibration"):
-            self.calibrate_from(rows("calibration"))
-            for kind in ("latency", "memory"):
-                self.calibration[kind]["where"] = f"fitted by nasprune on the {e2e.get('where', 'device')}'s measurements"
-        if rows("validation"):
-            self.validate_from(rows("validation"), space=e2e.get("space"), seed=e2e.get("seed"))
+            view = self.at_length(n)
+            if rows("calibration"):
+                view.calibrate_from(rows("calibration"))
+                for kind in ("latency", "memory"):
+                    view.calibration[kind]["where"] = (f"fitted by nasprune on the {e2e.get('where', 'device')}'s "
+                                                       "measurements")
+            if rows("validation"):
+                view.validate_from(rows("validation"), space=e2e.get("space"), seed=e2e.get("seed"))
         return True
+
+    # ----------------------------------------------------------------------------------- sequence lengths
+    @property
+    def sequence_length(self) -> int:
+        """The length this table (or view) predicts at: the target's when it was profiled, else the view's."""
+        return int(self.fingerprint.get("sequence_length") or 128)
+
+    def lengths(self) -> list[int]:
+        """The sequence lengths this table was measured at (its own, and ``lengths.at``'s)."""
+        own = (self._parent or self).sequence_length
+        return sorted({own, *(int(n) for n in (((self._parent or self).data.get("lengths") or {}).get("at") or {}))})
+
+    def covers(self, length: int) -> bool:
+        """Whether :meth:`at_length` can predict at ``length`` (between the shortest and the longest measured)."""
+        ls = self.lengths()
+        return ls[0] <= int(length) <= ls[-1]
+
+    def at_length(self, length: int) -> "LatencyTable":
+        """This table at sequence ``length``: a measured length's blocks, calibration and validation (a view that
+        shares them: fitting it fills this table), or between two measured lengths their linear interpolation
+        (blocks, base and calibration coefficients; the latency bound takes both neighbours' residuals). Its
+        fingerprint says ``length``. Outside the measured lengths: :class:`TableError`."""
+        root, n = self._parent or self, int(length)
+        if n == root.sequence_length:
+            return root
+        at = (root.data.get("lengths") or {}).get("at") or {}
+        fp = {**root.fingerprint, "sequence_length": n}
+        if str(n) in at:
+            part = at[str(n)]
+            data = {**root.data, "base": part["base"], "blocks": part["blocks"], "fingerprint": fp,
+                    "calibration": part.setdefault("calibration", {}), "validation": part.setdefault("validation", {})}
+        elif root.covers(n):
+            ls = root.lengths()
+            lo = max(x for x in ls if x < n)
+            hi = min(x for x in ls if x > n)
+            a, b, w = root.at_length(lo), root.at_length(hi), (n - lo) / (hi - lo)
+
+            def mix(x, y):
+                return (np.asarray(x, float) * (1 - w) + np.asarray(y, float) * w).tolist()
+
+            cal = {kind: {**{k: float(mix(a.calibration.get(kind, {}).get(k, d), b.calibration.get(kind, {}).get(k, d)))
+                             for k, d in (("a", 1.0), ("b", 0.0), ("c", 0.0))},
+                          "n": min(a.calibration.get(kind, {}).get("n", 0), b.calibration.get(kind, {}).get("n", 0)),
+                          "interpolated": [lo, hi]} for kind in ("latency", "memory")}
+            (ra, ma), (rb, _) = a.latency_residuals(), b.latency_residuals()
+            data = {**root.data, "fingerprint": fp, "calibration": cal,
+                    "base": {k: float(mix(a.data["base"][k], b.data["base"][k])) for k in a.data["base"]},
+                    "blocks": {k: mix(a.data["blocks"][k], b.data["blocks"][k]) for k in BLOCKS},
+                    "validation": {"interpolated": [lo, hi], "latency": {"residuals": ra + rb,
+                                                                         "residuals_method": ma}}}
+        else:
+            ls = root.lengths()
+            raise TableError(f"latency table {root.path or ''} covers sequence lengths {ls[0]} to {ls[-1]}, not {n}")
+        data.pop("lengths", None)
+        data.pop("end_to_end", None)
+        view = LatencyTable(data, root.path)
+        view._parent = root
+        return view
 
     def summary(self) -> str:
         fp = self.fingerprint
@@ -404,54 +473,3 @@ def error_stats(predicted, measured) -> dict:
     rel = np.abs(p - m) / np.maximum(np.abs(m), 1e-12)
     return {"n": int(len(p)), "mape": float(100 * rel.mean()), "max_ape": float(100 * rel.max()),
             "within_5": float(np.mean(rel <= 0.05)), "within_10": float(np.mean(rel <= 0.10))}
-
-
-# ------------------------------------------------------------------------------------------------- validation
-_REQUIRED = {
-    "format": str, "version": int, "fingerprint": dict, "model": dict, "grid": dict, "base": dict, "blocks": dict,
-    "measurement": dict,
-}
-
-
-def _validate(data, where: str) -> None:
-    def fail(msg):
-        raise TableError(f"{where}: {msg}; re-run nasprune-profile to regenerate it")
-
-    if not isinstance(data, dict):
-        fail("not a latency table (expected a JSON object)")
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        fail(f"missing key(s) {', '.join(missing)}")
-    for k, t in _REQUIRED.items():
-        if not isinstance(data[k], t):
-            fail(f"key '{k}' should be a {t.__name__}, got {type(data[k]).__name__}")
-    if data["format"] != TABLE_FORMAT:
-        fail(f"format is {data['format']!r}, expected {TABLE_FORMAT!r}")
-    if data["version"] > TABLE_VERSION:
-        fail(f"table version {data['version']} is newer than this nasprune understands ({TABLE_VERSION})")
-    for k in ("precision", "provider", "onnxruntime", "threads"):
-        if k not in data["fingerprint"]:
-            fail(f"fingerprint has no '{k}'")
-    grid = data["grid"]
-    for axis in ("heads", "units"):
-        vals = grid.get(axis)
-        if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and v >= 0 for v in vals):
-            fail(f"grid.{axis} must be a non-empty list of integers >= 0")
-        if sorted(set(vals)) != vals:
-            fail(f"grid.{axis} must be strictly increasing")
-    for k in ("latency_ms", "memory_mb"):
-        if not isinstance(data["base"].get(k), (int, float)):
-            fail(f"base.{k} missing or not a number")
-    shape = (len(grid["heads"]), len(grid["units"]))
-    for k in ("latency_ms", "weights_mb", "working_mb"):
-        block = data["blocks"].get(k)
-        if block is None:
-            fail(f"blocks.{k} missing")
-        try:
-            arr = np.asarray(block, dtype=float)
-        except (TypeError, ValueError):
-            fail(f"blocks.{k} is not a numeric grid")
-        if arr.shape != shape:
-            fail(f"blocks.{k} has shape {arr.shape}, the grid needs {shape} (heads x units)")
-        if not np.all(np.isfinite(arr)):
-            fail(f"blocks.{k} contains non-finite values")

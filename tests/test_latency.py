@@ -203,7 +203,8 @@ def test_interrupted_profile_resumes_without_remeasuring(setup):
     table = profile(dims, target, "fp32", out, model_config=cfg, unit_step=8, progress=False, measurement=FAST,
                     on_point=lambda k, r, n: second.append(k))
     assert not set(first) & set(second)  # done points are not measured again
-    assert len(first) + len(second) == 1 + 3 * 3 - 1  # base + grid without (0, 0)
+    # base + grid without (0, 0); the cross (base, 2 head counts, 2 unit counts, 2 full-width cells) at 16 and 64
+    assert len(first) + len(second) == 1 + 3 * 3 - 1 + 2 * 7
     assert out.is_file() and not partial.exists()
     assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
 
@@ -275,9 +276,11 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     assert {"run_profile.py", "nasprune_meter.py", "nasprune_session.py", "manifest.json", "graphs",
             "README.txt"} <= names
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert len(list((bundle / "graphs").glob("*.onnx.z"))) == len(manifest["graphs"]) == 9
+    files = {g["file"] for g in manifest["graphs"]}  # one file per graph, measured at the lengths 16, 32, 64
+    assert len(list((bundle / "graphs").glob("*.onnx.z"))) == len(files) == 9 and len(manifest["graphs"]) == 9 + 2 * 7
     e2e = manifest["end_to_end"]
-    assert len(e2e["calibration"]) == 4 and len(e2e["validation"]) == 3 and e2e["reference"]["subnet"]
+    assert [len([e for e in e2e[k] if "length" not in e]) for k in ("calibration", "validation")] == [4, 3]
+    assert [len(e2e[k]) for k in ("calibration", "validation")] == [4 + 2 * 4, 3 + 2 * 3] and e2e["reference"]["subnet"]
     block = tmp_path / "block"
     block.mkdir()
     for mod in ("torch", "toolchain", "latency_models", "targets", "transformers"):
@@ -286,7 +289,7 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     r = _run_bundle(sys.executable, bundle, out, {"PYTHONPATH": str(block)})
     assert r.returncode == 0, r.stderr
     raw = json.loads(out.read_text())
-    assert raw["calibration"]["latency"]["n"] == 0 and len(raw["end_to_end"]["validation"]) == 3  # the device fits nothing
+    assert raw["calibration"]["latency"]["n"] == 0 and len(raw["end_to_end"]["validation"]) == 9  # the device fits nothing
     table = LatencyTable.load(out)
     assert table.precision == "int8" and table.data["measurement"]["where"].startswith("bundle")
     assert table.fingerprint == target.fingerprint("int8") | {"target": "tiny-cpu"}
@@ -299,6 +302,11 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     assert v["n"] == 3 and len(v["residuals"]) == 3 and v["drift_corrected"]["n"] == 3
     assert table.validation["memory"]["n"] == 3 and table.validation["space"] == "medium"
     assert "calibration" in table.summary()
+    assert table.lengths() == [16, 32, 64]
+    for n in (16, 64):  # and at the other lengths, from the samples measured there
+        at = table.at_length(n)
+        assert at.calibration["latency"]["n"] == 5 and at.validation["latency"]["n"] == 3
+        assert at.fingerprint["sequence_length"] == n
 
 
 def test_bundle_graphs_are_small_and_materialize_exactly(setup, bundle, tmp_path):
@@ -404,13 +412,13 @@ def test_interpolation_is_bilinear_with_the_dropped_cell_left_out():
 def test_table_and_export_memory_come_from_one_meter(setup, tmp_path):
     """The profile's worker (and the bundle runner) and the export measure with targets.meter.measure: same
     quantity, same unit (MB = 10^6 bytes), on a real small BERT graph."""
-    from latency_models import bundle_runner
+    from latency_models import assemble, bundle_runner
     from latency_models.grid import Worker, export_graph, onnx_weight_bytes
     from targets import meter
     from toolchain.ship import verify
 
     d, target, cfg, dims = setup
-    assert bundle_runner.measure_graph is meter.measure and bundle_runner.MB == meter.MB == 1e6
+    assert bundle_runner.measure_graph is meter.measure and assemble.MB == meter.MB == 1e6
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     path = export_graph(model_from_config(copy.deepcopy(cfg)).eval(), tmp_path / "m.onnx", "fp32", target)

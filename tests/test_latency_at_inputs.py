@@ -1,7 +1,8 @@
 """Issue 20, "latency you can count on": the export measures each point in rounds beside the unpruned model (one
 meter, the calibration's rounds) and reports the drift-corrected figure and latency at other lengths; the latency
 table's validation residuals give an upper bound (``--latency-confidence``) the search's constraint holds for;
-``--sequence-length N | data`` sets the length latency is profiled, searched and measured at. Real targets from
+``--sequence-length N | data`` sets the length latency is predicted, searched and measured at; a table covers
+several lengths (the cross of its grid and some end-to-end samples measured at each, interpolated between). Real targets from
 TOML, tiny random-weight BERTs, real ONNX exports; no timing assertions."""
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def target(tmp_path_factory):
 def test_rounds_alternate_with_the_reference_and_take_medians():
     """meter.measure_beside: reference, point, reference, point, ...; medians of each; a reference of None is the
     point itself. The calibration measures with this very function."""
-    from latency_models import calibration
+    from latency_models import calibration, lookup_table
 
     calls, times = [], {"ref": iter([10.0, 12.0, 11.0]), "pt": iter([5.0, 7.0, 4.0])}
 
@@ -58,7 +59,7 @@ def test_rounds_alternate_with_the_reference_and_take_medians():
     alone = meter.measure_beside(lambda p: {"latency_ms": 2.0}, "pt", None, rounds=2)
     assert alone["reference_rounds_ms"] == alone["rounds_ms"] == [2.0, 2.0]
     assert meter.drift_corrected([5.0, 8.0], [10.0, 16.0], 12.0) == [6.0, 6.0]
-    assert calibration.measure_beside is meter.measure_beside and calibration.drift_corrected is meter.drift_corrected
+    assert calibration.measure_beside is meter.measure_beside and lookup_table.drift_corrected is meter.drift_corrected
 
 
 @pytest.fixture(scope="module")
@@ -277,10 +278,10 @@ def test_profile_cli_at_a_length(tmp_path, monkeypatch, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------------------- one compile
-@pytest.mark.slow  # about 3 minutes on 2 busy cores: a table profiled at the new length, calibrated and validated
+@pytest.mark.slow  # about 3 minutes on 2 busy cores: the target's table, over lengths, calibrated and validated
 def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, capsys):
-    """``--sequence-length data --latency-confidence 0.9``: the length is printed with its reason, the table is
-    profiled at it, the search's limit is on the bound, every exported point is measured at it, beside the unpruned
+    """``--sequence-length data --latency-confidence 0.9``: the length is printed with its reason, the target's table
+    (covering several lengths) is read at it, the search's limit is on the bound, every exported point is measured at it, beside the unpruned
     model, and at the other lengths."""
     from toolchain.cli import compile_main
 
@@ -292,8 +293,8 @@ def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, cap
     n = settings["sequence_length"]
     assert f"sequence length {n}: p95 of 64 sst2 training examples: " in capsys.readouterr().out and n % 8 == 0
     assert settings["sequence_length_from"].startswith("p95 of 64 sst2") and settings["latency_confidence"] == 0.9
-    table = LatencyTable.load(settings["latency_table"])
-    assert table.fingerprint["sequence_length"] == n and len(table.validation["latency"]["residuals"]) > 0
+    table = LatencyTable.load(settings["latency_table"]).at_length(n)  # the target's own table, read at n
+    assert table.fingerprint["sequence_length"] == n and len(table.latency_residuals()[0]) > 0
     bound = settings["latency_bound"]
     assert bound == table.latency_bound(0.9)
     pareto = json.loads(Path("out/pareto.json").read_text())
@@ -303,3 +304,95 @@ def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, cap
         m = info["measured"]
         assert info["sequence_length"] == n and str(n) in m["latency_by_length_ms"] and "16" in m["latency_by_length_ms"]
         assert len(m["reference"]["rounds_ms"]) == meter.E2E_ROUNDS and m["latency_drift_corrected_ms"] > 0
+    manifest = json.loads(Path("out/manifest.json").read_text())
+    assert all("16" in p["measured_latency_by_length_ms"] for p in manifest["points"])
+    assert "measured at other lengths" in Path("out/report.html").read_text()
+
+
+# --------------------------------------------------------------------------------------- tables over lengths
+def _additive_results(manifest) -> dict:
+    """A measurement of every graph of ``manifest`` from an additive cost at each length ``n``: the zero-layer
+    graph ``B(n)``, a layer ``g(n) + a(n) * heads + f(n) * units`` (latency; memory alike, other numbers)."""
+    def cost(entry, scale):
+        n = entry.get("length", manifest["target"]["sequence_length"])
+        base = scale * (1.0 + n / 64)
+        if not entry["layers"]:
+            return base
+        return base + scale * (0.2 + 0.01 * n + (0.05 + n / 1000) * entry["heads"] + (0.003 + n / 9000) * entry["units"])
+
+    return {e["key"]: {"latency_ms": cost(e, 1.0), "memory_mb": cost(e, 3.0), "reps": 5, "weight_bytes": 0}
+            for e in manifest["graphs"]}
+
+
+def _block(n, h, u, scale=1.0):
+    return 0.0 if h == u == 0 else scale * (0.2 + 0.01 * n + (0.05 + n / 1000) * h + (0.003 + n / 9000) * u)
+
+
+def test_the_cross_measured_at_each_length_gives_every_block_there(target):
+    """make_manifest measures the cross of the grid at the other lengths; for costs additive in attention and FFN,
+    the table's blocks at every length come out exact -- latency and working memory."""
+    from latency_models.assemble import assemble_table
+    from latency_models.grid import make_manifest
+
+    dims = ModelDims.from_config(tiny_config(num_attention_heads=2, intermediate_size=16))
+    manifest = make_manifest(dims, target, "fp32", 8, None, [16, 32, 64])
+    assert manifest["lengths"] == [16, 32, 64]
+    measured_at = {e["length"] for e in manifest["graphs"] if "length" in e}
+    assert measured_at == {16, 64} and len([e for e in manifest["graphs"] if "length" not in e]) == 9
+    table = LatencyTable(assemble_table(manifest, _additive_results(manifest), target.fingerprint("fp32")))
+    assert table.lengths() == [16, 32, 64]
+    for n in (16, 32, 64):
+        at = table.at_length(n)
+        assert at.fingerprint["sequence_length"] == n and at.data["base"]["latency_ms"] == pytest.approx(1 + n / 64)
+        for h in (0, 1, 2):
+            for u in (0, 8, 16):
+                assert at.data["blocks"]["latency_ms"][h][u // 8] == pytest.approx(_block(n, h, u), abs=1e-9)
+                # working memory = memory - weights (0 here), at scale 3
+                assert at.data["blocks"]["working_mb"][h][u // 8] == pytest.approx(_block(n, h, u, 3.0), abs=1e-9)
+
+
+def test_between_two_lengths_predictions_are_interpolated(target, tmp_path):
+    from latency_models.assemble import assemble_table
+    from latency_models.grid import make_manifest
+    from latency_models.lookup_table import TableError
+
+    dims = ModelDims.from_config(tiny_config(num_attention_heads=2, intermediate_size=16))
+    manifest = make_manifest(dims, target, "fp32", 8, None, [16, 32, 64])
+    table = LatencyTable(assemble_table(manifest, _additive_results(manifest), target.fingerprint("fp32")),
+                         tmp_path / "t.json")
+    sub = SubNetwork((2, 1, 0), (16, 0, 8))
+    p16, p32, p64 = (table.at_length(n).predict_latency(sub) for n in (16, 32, 64))
+    assert p16 < p32 < p64
+    assert table.at_length(24).predict_latency(sub) == pytest.approx((p16 + p32) / 2)
+    assert table.at_length(56).predict_latency(sub) == pytest.approx(0.25 * p32 + 0.75 * p64)
+    assert table.at_length(32) is table and table.covers(40) and not table.covers(65)
+    with pytest.raises(TableError, match="covers sequence lengths 16 to 64, not 100"):
+        table.at_length(100)
+    table.at_length(64).calibration["latency"] = {"a": 2.0, "b": 0.0, "n": 9}  # a view shares its length's part
+    assert table.data["lengths"]["at"]["64"]["calibration"]["latency"]["a"] == 2.0
+    table.at_length(16).save()  # a view saves the whole table
+    again = LatencyTable.load(tmp_path / "t.json")
+    assert again.lengths() == [16, 32, 64] and again.at_length(64).predict_latency(sub) == pytest.approx(2 * p64)
+
+
+def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeypatch, target, tiny_model_dir):
+    """``--sequence-length 48`` on a target profiled at 32 (covering 16 to 64): the target's own cached table, read
+    at 48, no new profile; 100 (beyond it) would need a table of its own."""
+    from latency_models.profile import profile
+    from toolchain.pipeline import latency_table_for
+
+    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))
+    cfg = tiny_config(num_attention_heads=2, intermediate_size=16, max_position_embeddings=80)
+    dims = ModelDims.from_config(cfg)
+    own = default_table_path(target, "fp32", dims)
+    fast = {"warmup": 1, "min_reps": 3, "min_time_s": 0.01, "max_reps": 50}
+    made = profile(dims, target, "fp32", own, model_config=cfg, unit_step=8, progress=False, measurement=fast,
+                   calibrate_samples=3, validate_samples=2)
+    assert made.lengths() == [16, 32, 64] and made.at_length(64).validation["latency"]["n"] == 2
+    assert made.at_length(16).calibration["latency"]["n"] == 4  # 3 samples + the unpruned network
+    opts = CompileOptions(target=str(target.source), sequence_length=48)
+    at48 = opts.resolved_target()
+    table = latency_table_for(opts, at48, "fp32", dims, cfg)
+    assert table.sequence_length == 48 and table.path == own and table.validation["interpolated"] == [32, 64]
+    assert not default_table_path(at48, "fp32", dims).exists()  # nothing profiled at 48
+    assert len(table.latency_residuals()[0]) == 4  # both neighbours' validation residuals

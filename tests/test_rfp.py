@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from latency_models.bundle_runner import TABLE_FORMAT, TABLE_VERSION
+from latency_models.assemble import TABLE_FORMAT, TABLE_VERSION
 from latency_models.lookup_table import LatencyTable
 from toolchain.core.modeling import ModelDims, layers_of, model_from_config, tiny_config
 from toolchain.rfp import (MaskGradients, Scales, apply_scales, fold_scales, mask_gradients, prune, rearrange_mask, search_mask,

@@ -257,6 +257,7 @@ def test_a_table_from_another_device_gates_on_its_predictions(foreign_run, capsy
     assert info["measured_on_target"] is False and info["predicted"]["memory_mb"] == 0.0
     assert info["measured"]["memory_mb"] > 0.001  # this machine's figure: over the budget, yet not the gate
     assert info["target"]["fingerprint"]["cpu_model"] == OTHER_DEVICE["cpu_model"]
+    assert "(here, not on the target)" in (run / "report.html").read_text()
     for figure in ("latency", "memory"):  # every measured figure says where it was measured: here
         here = info["measured"][figure]["measured_on"]
         assert here["cpu_model"] == load_target("cpu").fingerprint()["cpu_model"]

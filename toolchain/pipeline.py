@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 from latency_models.cache import cache_root, default_table_path, run_profile, run_profiles
+from latency_models.grid import table_lengths
 from latency_models.lookup_table import LatencyTable, TableError
 from targets import Target, load_target
 from toolchain.core.atomic import write_json_atomic
@@ -66,29 +67,48 @@ def _key(obj) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ stage 1: table
+def _cached_table(path: Path) -> LatencyTable:
+    log.info("using cached latency table %s", path)
+    try:
+        return LatencyTable.load(path)
+    except TableError as e:
+        raise TableError(f"the cached latency table cannot be used: {e}. Delete {path} and run the same command "
+                         "again to profile the target anew") from None
+
+
 def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims, model_config) -> LatencyTable:
-    """The target's latency table: the user's file, the cached one for this fingerprint, or a new profile."""
+    """The target's latency table at the target's sequence length: the user's file, the cached one, or a new
+    profile. A table covers several lengths (:meth:`LatencyTable.at_length`), so a ``--sequence-length`` between
+    them is read off the target's own table (its TOML length), profiled once for all of them; a length beyond
+    them gets a table of its own."""
+    n = target.sequence_length
     if opts.latency_table:
         path = Path(opts.latency_table)
         if not path.is_file():
             raise CompileError(f"latency table not found: {path}")
         table = LatencyTable.load(path)
     else:
-        path = default_table_path(target, precision, dims)
-        if path.is_file():
-            log.info("using cached latency table %s", path)
-            try:
-                table = LatencyTable.load(path)
-            except TableError as e:
-                raise TableError(f"the cached latency table cannot be used: {e}. Delete {path} and run the same "
-                                 "command again to profile the target anew") from None
-        else:
-            log.info("profiling %s (%s) for this model family; cached in %s", target.name, precision, path)
+        own = load_target(opts.target)  # the target at its own length: the table every length is read off
+        table = None
+        for t in (target, own) if own.sequence_length != n else (target,):
+            path = default_table_path(t, precision, dims)
+            if path.is_file():
+                table = _cached_table(path)
+                if table.covers(n):
+                    break
+                table = None  # a table of one length (profiled before tables covered several)
+        if table is None:
+            lengths = table_lengths(own, model_config)
+            t = own if lengths[0] <= n <= lengths[-1] else target
+            path = default_table_path(t, precision, dims)
+            log.info("profiling %s (%s) for this model family; cached in %s", t.name, precision, path)
             path.parent.mkdir(parents=True, exist_ok=True)
             table = LatencyTable.load(run_profile(
-                target=target, model=opts.model, precision=precision, out=str(path), bundle=None,
+                target=t, model=opts.model, precision=precision, out=str(path), bundle=None,
                 unit_step=opts.budget("unit_step"), calibrate_samples=opts.budget("calibration_samples"),
                 validate_samples=opts.budget("validation_samples"), resume=True, progress=opts.progress))
+    if table.sequence_length != n and table.covers(n):
+        table = table.at_length(n)
     table.check_model(dims)
     if table.measured_on(target, precision):
         table.check_fingerprint(target, precision)  # warns on another runtime or setting

@@ -40,6 +40,7 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         "predicted_latency_ms": pred.get("latency_ms"),
         "measured_latency_ms": meas.get("latency_ms"),
         "measured_latency_drift_corrected_ms": meas.get("latency_drift_corrected_ms"),
+        "measured_latency_by_length_ms": meas.get("latency_by_length_ms"),
         "predicted_memory_mb": pred.get("memory_mb"),
         "measured_memory_mb": meas.get("memory_mb"),
         "metric": metric.get("score") if isinstance(metric, dict) else metric,

@@ -69,8 +69,9 @@ def html_report(path: str | Path, *, title: str, png: Path, settings: dict, ship
                 rejected_rows: list[dict], notes: list[str]) -> Path:
     """A single self-contained HTML page (the plot is embedded)."""
     img = base64.b64encode(Path(png).read_bytes()).decode()
-    cols = ["point", "precision", "parameters", "predicted latency (ms)", "measured latency (ms)", "memory (MB)",
-            "metric before recovery", "metric", "path", "not shipped because"]
+    cols = ["point", "precision", "parameters", "predicted latency (ms)", "measured latency (ms)",
+            "drift-corrected (ms)", "measured at other lengths (tokens: ms)", "memory (MB)", "metric before recovery",
+            "metric", "path", "not shipped because"]
 
     def table(rows):
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -148,12 +149,18 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
 
 def _row(res: ExportResult, folder: Path) -> dict:
     pred = (res.info.get("predicted") or {}).get("latency_ms")
+    meas = res.info.get("measured") or {}
+    drift = meas.get("latency_drift_corrected_ms")
+    where = "" if res.info.get("measured_on_target", True) else " (here, not on the target)"
     score = (res.metric or {}).get("score")
     before = ((res.info.get("extra") or {}).get("recovery") or {}).get("score_before")
     return {"point": res.point_id, "precision": res.info.get("precision", ""),
             "parameters": f"{res.parameters / 1e6:.2f}M",
             "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
-            "measured latency (ms)": f"{res.measured_latency_ms:.2f}" if res.measured_latency_ms else "",
+            "measured latency (ms)": f"{res.measured_latency_ms:.2f}{where}" if res.measured_latency_ms else "",
+            "drift-corrected (ms)": f"{drift:.2f}" if drift else "",
+            "measured at other lengths (tokens: ms)": ", ".join(
+                f"{n}: {ms:.2f}" for n, ms in (meas.get("latency_by_length_ms") or {}).items()),
             "memory (MB)": f"{res.measured_memory_mb:.1f}" if res.measured_memory_mb else "",
             "metric before recovery": f"{before:.4f}" if before is not None else "",
             "not shipped because": res.info.get("infeasible_reason") or "",

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""The latency table from the measured grid: block costs, their additive fit, and the blocks at other lengths.
+
+Standalone (standard library and ``numpy``): it runs inside nasprune (:func:`latency_models.profile.profile`) and
+on a device, copied into a profiling bundle as ``nasprune_assemble.py`` next to ``run_profile.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+try:  # inside nasprune
+    from targets.meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD
+    from targets.session import fingerprint_key
+except ImportError:  # inside a bundle
+    from nasprune_meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD  # type: ignore
+    from nasprune_session import fingerprint_key  # type: ignore
+
+TABLE_FORMAT = "nasprune.latency_table"
+TABLE_VERSION = 1
+
+
+def grid_key(h: int, u: int) -> str:
+    return f"h{h}_u{u}"
+
+
+def cross_keys(heads, units) -> set:
+    """The graphs measured at every length of a table (see :func:`lengths_part`): the base graphs, every head count
+    without units, every unit count without heads, and the cells (all heads, all units) and (about half, half)."""
+    corners = [(heads[-1], units[-1]), (heads[len(heads) // 2], units[len(units) // 2])]
+    return ({"base", "base_micro"} | {grid_key(h, units[0]) for h in heads[1:]} |
+            {grid_key(heads[0], u) for u in units[1:]} | {grid_key(h, u) for h, u in corners if h and u})
+
+
+def lengths_part(manifest: dict, results: dict, primary: dict) -> dict:
+    """The table at the other lengths of ``manifest`` (``lengths``): per length, the base and the block grids.
+
+    A layer's cost is additive in attention and FFN, ``L(h, u) = A(h) + F(u)``, so the change of every cell with
+    the length follows from the cross measured there (:func:`cross_keys`): ``D(h, u) = D(h, 0) + D(0, u) - D0``,
+    with ``D`` the block cost at that length minus at the target's own length, ``D0`` the mean over the two
+    full-width cells of ``D(h, 0) + D(0, u) - D(h, u)`` (the ``D`` of a layer that keeps nothing would be 0; it
+    is dropped). Block latency = the table's own (fitted) grid + ``D``; working memory alike; weights do not change.
+    """
+    heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
+    lengths = [n for n in manifest.get("lengths") or () if n != manifest["target"]["sequence_length"]]
+    out = {}
+    for n in lengths:
+        def at(key):
+            return results[f"{key}@{n}"]
+
+        base, ref = at("base"), at("base_micro") if "base_micro" in results else at("base")
+        ref0 = results.get("base_micro", results["base"])
+
+        def delta(h, u, field):  # weights are the same at every length: the change of memory is working memory's
+            r, r0 = at(grid_key(h, u)), results[grid_key(h, u)]
+            return (r[field] - ref[field]) - (r0[field] - ref0[field])
+
+        part = {"base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"],
+                         "weights_mb": primary["base"]["weights_mb"]},
+                "blocks": {"weights_mb": primary["blocks"]["weights_mb"]},
+                "measured": {"cross_reps": {k.split("@")[0]: v["reps"] for k, v in results.items()
+                                            if k.endswith(f"@{n}")}}}
+        for field, grid in (("latency_ms", "latency_ms"), ("memory_mb", "working_mb")):
+            d_h = {h: delta(h, units[0], field) for h in heads[1:]}
+            d_u = {u: delta(heads[0], u, field) for u in units[1:]}
+            cells = [(h, u) for h, u in ((heads[-1], units[-1]), (heads[len(heads) // 2], units[len(units) // 2]))
+                     if h and u]
+            d0 = sum(d_h[h] + d_u[u] - delta(h, u, field) for h, u in cells) / len(cells) if cells else 0.0
+            own = primary["blocks"][grid]
+            part["blocks"][grid] = [[0.0 if (h, u) == (heads[0], units[0]) else own[i][j] + (
+                d_h[h] if u == units[0] else d_u[u] if h == heads[0] else d_h[h] + d_u[u] - d0)
+                for j, u in enumerate(units)] for i, h in enumerate(heads)]
+        out[str(n)] = part
+    return out
+
+
+def additive_fit(grid, skip=((0, 0),), iters: int = 20):
+    """Robust additive fit ``grid[h][u] ~ row[h] + col[u]`` (Tukey's median polish), ignoring the ``skip`` cells.
+
+    A layer runs its attention block (cost depends on heads only) and then its FFN block (units only), so its
+    latency is additive in the two; the median polish estimates both from the whole grid, so a point disturbed by
+    another process (a preempted thread can double a run) does not become a wrong table entry.
+    """
+    import numpy as np
+
+    m = np.array(grid, dtype=float)
+    for h, u in skip:
+        m[h, u] = np.nan
+    row, col = np.zeros(m.shape[0]), np.zeros(m.shape[1])
+    for _ in range(iters):
+        r = np.nanmedian(m, axis=1)
+        row += r
+        m -= r[:, None]
+        c = np.nanmedian(m, axis=0)
+        col += c
+        m -= c[None, :]
+    fit = row[:, None] + col[None, :]
+    for h, u in skip:
+        fit[h, u] = 0.0
+    return fit.tolist()
+
+
+def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: float | None = None) -> dict:
+    """The latency table (see docs/profiling.md) from the per-graph measurements.
+
+    Block cost of a layer with ``h`` heads and ``u`` units = T(one-layer model h,u) - T(zero-layer model of the same
+    vocabulary, ``base_micro`` when present); the zero-layer model with the real vocabulary (embeddings, pooler,
+    classifier, session overhead) is the base. A layer keeping nothing is dropped: its cost is 0. The block
+    latencies the predictor uses are the additive fit of the measured ones (:func:`additive_fit`); the raw
+    measurements are kept as ``blocks.measured_latency_ms``.
+    """
+    heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
+    base = results["base"]
+    base_w = base.get("weight_bytes", 0) / MB
+    ref = results.get("base_micro", base)  # the zero-layer graph with the one-layer graphs' vocabulary
+    ref_w = ref.get("weight_bytes", 0) / MB
+    lat, wts, work, reps = [], [], [], []
+    for h in heads:
+        rl, rw, rk, rr = [], [], [], []
+        for u in units:
+            if h == 0 and u == 0:
+                rl.append(0.0), rw.append(0.0), rk.append(0.0), rr.append(0)
+                continue
+            r = results[grid_key(h, u)]
+            w = r.get("weight_bytes", 0) / MB - ref_w
+            rl.append(r["latency_ms"] - ref["latency_ms"])
+            rw.append(w)
+            rk.append(r["memory_mb"] - ref["memory_mb"] - w)
+            rr.append(r["reps"])
+        lat.append(rl), wts.append(rw), work.append(rk), reps.append(rr)
+    table = {
+        "format": TABLE_FORMAT,
+        "version": TABLE_VERSION,
+        "fingerprint": fingerprint,
+        "fingerprint_key": fingerprint_key(fingerprint),
+        "target": manifest["target"],
+        "model": manifest["model"],
+        "grid": {"heads": list(heads), "units": list(units)},
+        "base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"], "weights_mb": base_w},
+        "blocks": {"latency_ms": additive_fit(lat) if len(heads) > 1 and len(units) > 1 else lat,
+                   "measured_latency_ms": lat, "weights_mb": wts, "working_mb": work},
+        "measurement": {
+            **{k: manifest["measurement"].get(k, v) for k, v in DEFAULT_MEASUREMENT.items()},
+            "reps": reps,
+            "base_reps": base["reps"],
+            "method": "one-layer sliced model minus zero-layer model, exported and fused like the compiled models; "
+                      "block latency = additive fit attention(h) + ffn(u) of the measured grid (median polish)",
+            "memory_method": MEMORY_METHOD,
+            "wall_s": wall_s,
+        },
+        "calibration": {"latency": {"a": 1.0, "b": 0.0, "n": 0}, "memory": {"a": 1.0, "b": 0.0, "n": 0}},
+        "validation": {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if len(manifest.get("lengths") or ()) > 1 and len(heads) > 1 and len(units) > 1:
+        table["lengths"] = {"grid": list(manifest["lengths"]), "at": lengths_part(manifest, results, table),
+                            "method": "block cost at the target's length + the change with the length, additive in "
+                                      "attention and FFN, from the cross of the grid measured at each length"}
+    return table
+
+
+# ----------------------------------------------------------------------------------------- the file format
+_REQUIRED = {
+    "format": str, "version": int, "fingerprint": dict, "model": dict, "grid": dict, "base": dict, "blocks": dict,
+    "measurement": dict,
+}
+
+
+def table_problem(data) -> str | None:
+    """What is wrong with a latency table's JSON ``data`` (the first thing found), or ``None``."""
+    import numpy as np
+
+    class Problem(Exception):
+        pass
+
+    def fail(msg):
+        raise Problem(msg)
+
+    try:
+        _check(data, fail, np)
+    except Problem as e:
+        return str(e)
+    return None
+
+
+def _check(data, fail, np) -> None:
+    if not isinstance(data, dict):
+        fail("not a latency table (expected a JSON object)")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        fail(f"missing key(s) {', '.join(missing)}")
+    for k, t in _REQUIRED.items():
+        if not isinstance(data[k], t):
+            fail(f"key '{k}' should be a {t.__name__}, got {type(data[k]).__name__}")
+    if data["format"] != TABLE_FORMAT:
+        fail(f"format is {data['format']!r}, expected {TABLE_FORMAT!r}")
+    if data["version"] > TABLE_VERSION:
+        fail(f"table version {data['version']} is newer than this nasprune understands ({TABLE_VERSION})")
+    for k in ("precision", "provider", "onnxruntime", "threads"):
+        if k not in data["fingerprint"]:
+            fail(f"fingerprint has no '{k}'")
+    grid = data["grid"]
+    for axis in ("heads", "units"):
+        vals = grid.get(axis)
+        if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and v >= 0 for v in vals):
+            fail(f"grid.{axis} must be a non-empty list of integers >= 0")
+        if sorted(set(vals)) != vals:
+            fail(f"grid.{axis} must be strictly increasing")
+    for k in ("latency_ms", "memory_mb"):
+        if not isinstance(data["base"].get(k), (int, float)):
+            fail(f"base.{k} missing or not a number")
+    shape = (len(grid["heads"]), len(grid["units"]))
+    for k in ("latency_ms", "weights_mb", "working_mb"):
+        block = data["blocks"].get(k)
+        if block is None:
+            fail(f"blocks.{k} missing")
+        try:
+            arr = np.asarray(block, dtype=float)
+        except (TypeError, ValueError):
+            fail(f"blocks.{k} is not a numeric grid")
+        if arr.shape != shape:
+            fail(f"blocks.{k} has shape {arr.shape}, the grid needs {shape} (heads x units)")
+        if not np.all(np.isfinite(arr)):
+            fail(f"blocks.{k} contains non-finite values")
