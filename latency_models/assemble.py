@@ -24,54 +24,22 @@ def grid_key(h: int, u: int) -> str:
     return f"h{h}_u{u}"
 
 
+def diagonal(heads, units) -> list[tuple[int, int]]:
+    """Four cells across the grid, from a quarter of the heads and units to all of them: where the cross's
+    attention and FFN parts are put together and checked (:func:`latency_models.lengths.blocks_at`)."""
+    cells = []
+    for k in (1, 2, 3, 4):
+        h, u = heads[round(k * (len(heads) - 1) / 4)], units[round(k * (len(units) - 1) / 4)]
+        if h and u and (h, u) not in cells:
+            cells.append((h, u))
+    return cells
+
+
 def cross_keys(heads, units) -> set:
-    """The graphs measured at every length of a table (see :func:`lengths_part`): the base graphs, every head count
-    without units, every unit count without heads, and the cells (all heads, all units) and (about half, half)."""
-    corners = [(heads[-1], units[-1]), (heads[len(heads) // 2], units[len(units) // 2])]
+    """The graphs measured at every length of a table: the base graphs, every head count without units, every unit
+    count without heads, and the :func:`diagonal` cells."""
     return ({"base", "base_micro"} | {grid_key(h, units[0]) for h in heads[1:]} |
-            {grid_key(heads[0], u) for u in units[1:]} | {grid_key(h, u) for h, u in corners if h and u})
-
-
-def lengths_part(manifest: dict, results: dict, primary: dict) -> dict:
-    """The table at the other lengths of ``manifest`` (``lengths``): per length, the base and the block grids.
-
-    A layer's cost is additive in attention and FFN, ``L(h, u) = A(h) + F(u)``, so the change of every cell with
-    the length follows from the cross measured there (:func:`cross_keys`): ``D(h, u) = D(h, 0) + D(0, u) - D0``,
-    with ``D`` the block cost at that length minus at the target's own length, ``D0`` the mean over the two
-    full-width cells of ``D(h, 0) + D(0, u) - D(h, u)`` (the ``D`` of a layer that keeps nothing would be 0; it
-    is dropped). Block latency = the table's own (fitted) grid + ``D``; working memory alike; weights do not change.
-    """
-    heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
-    lengths = [n for n in manifest.get("lengths") or () if n != manifest["target"]["sequence_length"]]
-    out = {}
-    for n in lengths:
-        def at(key):
-            return results[f"{key}@{n}"]
-
-        base, ref = at("base"), at("base_micro") if "base_micro" in results else at("base")
-        ref0 = results.get("base_micro", results["base"])
-
-        def delta(h, u, field):  # weights are the same at every length: the change of memory is working memory's
-            r, r0 = at(grid_key(h, u)), results[grid_key(h, u)]
-            return (r[field] - ref[field]) - (r0[field] - ref0[field])
-
-        part = {"base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"],
-                         "weights_mb": primary["base"]["weights_mb"]},
-                "blocks": {"weights_mb": primary["blocks"]["weights_mb"]},
-                "measured": {"cross_reps": {k.split("@")[0]: v["reps"] for k, v in results.items()
-                                            if k.endswith(f"@{n}")}}}
-        for field, grid in (("latency_ms", "latency_ms"), ("memory_mb", "working_mb")):
-            d_h = {h: delta(h, units[0], field) for h in heads[1:]}
-            d_u = {u: delta(heads[0], u, field) for u in units[1:]}
-            cells = [(h, u) for h, u in ((heads[-1], units[-1]), (heads[len(heads) // 2], units[len(units) // 2]))
-                     if h and u]
-            d0 = sum(d_h[h] + d_u[u] - delta(h, u, field) for h, u in cells) / len(cells) if cells else 0.0
-            own = primary["blocks"][grid]
-            part["blocks"][grid] = [[0.0 if (h, u) == (heads[0], units[0]) else own[i][j] + (
-                d_h[h] if u == units[0] else d_u[u] if h == heads[0] else d_h[h] + d_u[u] - d0)
-                for j, u in enumerate(units)] for i, h in enumerate(heads)]
-        out[str(n)] = part
-    return out
+            {grid_key(heads[0], u) for u in units[1:]} | {grid_key(h, u) for h, u in diagonal(heads, units)})
 
 
 def additive_fit(grid, skip=((0, 0),), iters: int = 20):
@@ -153,9 +121,10 @@ def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: flo
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if len(manifest.get("lengths") or ()) > 1 and len(heads) > 1 and len(units) > 1:
-        table["lengths"] = {"grid": list(manifest["lengths"]), "at": lengths_part(manifest, results, table),
-                            "method": "block cost at the target's length + the change with the length, additive in "
-                                      "attention and FFN, from the cross of the grid measured at each length"}
+        # the cross measured at the other lengths, as measured: nasprune fits the blocks there when it reads the
+        # table (latency_models.lengths; scipy, which a device need not have)
+        table["lengths"] = {"grid": list(manifest["lengths"]), "cross": {
+            k: {f: r[f] for f in ("latency_ms", "memory_mb", "reps") if f in r} for k, r in results.items() if "@" in k}}
     return table
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.assemble import table_problem
+from latency_models.lengths import blocks_at
 from latency_models.bundle_runner import write_json
 from targets.meter import drift_corrected
 from toolchain.core.subnetwork import SubNetwork
@@ -68,6 +69,9 @@ class LatencyTable:
         self.heads_grid = [int(h) for h in data["grid"]["heads"]]
         self.units_grid = [int(u) for u in data["grid"]["units"]]
         self._interp = self._interpolators(np.stack([np.asarray(data["blocks"][k], dtype=float) for k in BLOCKS], -1))
+        lengths = data.get("lengths")
+        if lengths and lengths.get("cross") and "at" not in lengths:  # as measured (a device's, or a new profile's)
+            lengths["at"] = blocks_at(data)
         self.fit_end_to_end()  # a device's table (profiling bundle): calibrated and validated as it is read
 
     # --------------------------------------------------------------------- io
