@@ -118,7 +118,9 @@ def main() -> None:
         md.append(f"| {name} | {wall:.0f} | {t.get('profile_s', 0):.0f} | {t.get('train_s', 0):.0f} | "
                   f"{t.get('search_s', 0):.0f} | {t.get('validate_s', 0):.0f} | {t.get('export_s', 0):.0f} | {verdict} |")
     md += ["", "Output of the first compile:", "", "```", outputs[budgets[0]].strip()[-3000:], "```"]
-    write_section("bench_compile", "\n".join(md))
+    # a compile with other options (--extra) keeps its own section beside the default one
+    slug = "".join(c if c.isalnum() else "-" for c in args.extra.strip().lstrip("-")).strip("-")
+    write_section("bench_compile" + (f"-{slug}" if slug else ""), "\n".join(md))
     print("\n".join(md))
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.assemble import table_problem
-from latency_models.lengths import blocks_at
+from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
 from targets.meter import drift_corrected
 from toolchain.core.subnetwork import SubNetwork
@@ -68,7 +68,12 @@ class LatencyTable:
             raise TableError(f"{path or '<table>'}: {problem}; re-run nasprune-profile to regenerate it")
         self.heads_grid = [int(h) for h in data["grid"]["heads"]]
         self.units_grid = [int(u) for u in data["grid"]["units"]]
-        self._interp = self._interpolators(np.stack([np.asarray(data["blocks"][k], dtype=float) for k in BLOCKS], -1))
+        blocks = data["blocks"]
+        if "fit" not in blocks and not (data.get("calibration", {}).get("latency") or {}).get("n") and \
+                "measured_latency_ms" in blocks:  # a new table (a profile's, a device's): smoothed before any fit
+            blocks["latency_ms"], blocks["fit"] = smooth_grid(blocks["latency_ms"], self.heads_grid,
+                                                              self.units_grid), SMOOTH_METHOD
+        self._interp = self._interpolators(np.stack([np.asarray(blocks[k], dtype=float) for k in BLOCKS], -1))
         lengths = data.get("lengths")
         if lengths and lengths.get("cross") and "at" not in lengths:  # as measured (a device's, or a new profile's)
             lengths["at"] = blocks_at(data)
