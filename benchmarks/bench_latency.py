@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         f"Python {platform.python_version()}. Grid: heads 0..{dims.num_heads} x units every {args.unit_step}. "
         f"Calibration on {args.calibrate} random sub-networks, validation on {args.validate} other (held-out) ones "
         f"at the target's length, on the first {LENGTH_SAMPLES} of each at the table's other lengths "
-        "(where only the cross of the grid is measured: every head count, every unit count, two full-width cells) "
+        "(where only the cross of the grid is measured: every head count, every unit count, four diagonal cells) "
         f"(seeds {seed} and {seed + 1}), "
         "their sizes spread from a tenth of the network to all of it; each sliced, exported with `build_onnx` and "
         "measured end to end (median latency; peak "

@@ -175,10 +175,10 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
 
     Every graph is measured at the target's sequence length. With ``lengths`` (the lengths the table covers), the
     *cross* of the grid -- the base graphs, every head count without FFN units, every unit count without heads,
-    and two full-width cells -- is measured at each other length as well (entries ``<key>@<length>`` right
+    and four diagonal cells -- is measured at each other length as well (entries ``<key>@<length>`` right
     after their graph, the same file): exported models take any length, and a layer's cost is additive in its
-    attention (heads) and its FFN (units), so the cross gives the change of every cell with the length
-    (:func:`latency_models.assemble.lengths_part`)."""
+    attention (heads) and its FFN (units), so the cross gives every cell there
+    (:func:`latency_models.lengths.blocks_at`)."""
     heads = list(range(dims.num_heads + 1))
     units = unit_grid(dims.intermediate_size, unit_step)
     micro = dims.vocab_size > MICRO_VOCAB

@@ -203,7 +203,7 @@ def test_interrupted_profile_resumes_without_remeasuring(setup):
     table = profile(dims, target, "fp32", out, model_config=cfg, unit_step=8, progress=False, measurement=FAST,
                     on_point=lambda k, r, n: second.append(k))
     assert not set(first) & set(second)  # done points are not measured again
-    # base + grid without (0, 0); the cross (base, 2 head counts, 2 unit counts, 2 full-width cells) at 16 and 64
+    # base + grid without (0, 0); the cross (base, 2 head counts, 2 unit counts, 2 diagonal cells) at 16 and 64
     assert len(first) + len(second) == 1 + 3 * 3 - 1 + 2 * 7
     assert out.is_file() and not partial.exists()
     assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
