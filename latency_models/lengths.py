@@ -5,9 +5,7 @@
 At the target's own length the whole (heads x units) grid is measured and fitted additively (median polish,
 :func:`latency_models.assemble.additive_fit`); :func:`smooth_grid` then makes its head effect a Theil-Sen line over the
 head counts and its unit effect one over the unit counts. On the development machine (a shared 2-core EPYC) one
-one-layer graph could read a third off its neighbours, and the polished grid still carried that from row to row;
-refitting one profile's 16 held-out networks (benchmarks/bench_latency.py) gave 88 % within +-5 % with the lines
-against 38 % without.
+one-layer graph could read a third off its neighbours, and the polished grid still carried that from row to row.
 
 Profiling measures the whole (heads x units) grid at the target's own length, and at each other length only the
 *cross* (:func:`latency_models.assemble.cross_keys`): the base graphs, every head count without FFN units, every
