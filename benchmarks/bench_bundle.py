@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, publish  # noqa: E402
+from common import machine, markdown_table, publish  # noqa: E402
 
 
 def folder_mb(folder: Path) -> float:
@@ -84,12 +84,13 @@ def main() -> None:
           f"Machine: {machine()}. Model: {args.model or 'all-MiniLM-L6-v2'}; the bundle `nasprune-profile --target "
           f"{args.target} --precision P --bundle DIR` writes (default grid, lengths, 16 + 16 end-to-end "
           "sub-networks). *Materialized*: the graphs as the device writes them back before measuring each (seeded "
-          "weights inline), every one loaded in ONNX Runtime.", "",
-          "| precision | bundle on disk | micro-graphs (measurements) | lengths | graphs in all | materialized | "
-          "written in |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for precision, mb, n_files, n_meas, lengths, checked, inflated, seconds in rows:
-        md.append(f"| {precision} | {mb:.1f} MB | {n_files} ({n_meas}) | {', '.join(map(str, lengths))} | {checked} | "
-                  f"{inflated:.0f} MB | {seconds:.0f} s |")
+          "weights inline), every one loaded in ONNX Runtime.", ""]
+    md += markdown_table(["precision", "bundle on disk", "micro-graphs (measurements)", "lengths", "graphs in all",
+                          "materialized", "written in"],
+                         [[precision, f"{mb:.1f} MB", f"{n_files} ({n_meas})", ", ".join(map(str, lengths)), checked,
+                           f"{inflated:.0f} MB", f"{seconds:.0f} s"]
+                          for precision, mb, n_files, n_meas, lengths, checked, inflated, seconds in rows],
+                         right={1, 2, 4, 5, 6})
     publish("bench_bundle", md, write=not args.no_docs)
 
 

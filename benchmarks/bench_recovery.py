@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, publish  # noqa: E402
+from common import machine, markdown_table, publish  # noqa: E402
 
 
 def main() -> None:
@@ -70,12 +70,13 @@ def main() -> None:
           f"{run.settings.get('init', 'pretrained')}); its full network scores {unpruned:.4f} ({run.spec.metric}, "
           f"dev, {len(run.data.load('validation'))} examples). Points: the same share of heads and FFN units in "
           "every layer. Recovery: KL to the full network's logits + labels (50/50), lr 1e-4, batch 32, one epoch "
-          "over the texts.", "",
-          "| point (share) | parameters | texts | before | after | change (points) | steps | seconds | teacher s |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for ratio, share, n, before, after, steps, secs, teacher_s in rows:
-        md.append(f"| uniform {ratio:.2f} | {share:.0%} | {n} | {before:.4f} | {after:.4f} | "
-                  f"{100 * (after - before):+.1f} | {steps} | {secs:.0f} | {teacher_s:.0f} |")
+          "over the texts.", ""]
+    md += markdown_table(["point (share)", "parameters", "texts", "before", "after", "change (points)", "steps",
+                          "seconds", "teacher s"],
+                         [[f"uniform {ratio:.2f}", f"{share:.0%}", n, f"{before:.4f}", f"{after:.4f}",
+                           f"{100 * (after - before):+.1f}", steps, f"{secs:.0f}", f"{teacher_s:.0f}"]
+                          for ratio, share, n, before, after, steps, secs, teacher_s in rows],
+                         right=set(range(1, 9)))
     publish("bench_recovery", md, write=not args.no_docs)
 
 

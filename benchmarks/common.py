@@ -51,6 +51,14 @@ def write_section(name: str, markdown: str) -> None:
     DOCS.write_text(text)
 
 
+def markdown_table(columns: list[str], rows: list[list], right: set[int] = frozenset()) -> list[str]:
+    """The lines of a markdown table: ``columns`` as the header, ``rows`` as text (``right``: right-aligned
+    column numbers)."""
+    lines = ["| " + " | ".join(columns) + " |",
+             "| " + " | ".join("---:" if i in right else "---" for i in range(len(columns))) + " |"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def publish(name: str, lines: list[str], write: bool = True) -> str:
     """Print a benchmark's markdown and (``write``) make it the ``name`` section of docs/benchmarks.md."""
     text = "\n".join(lines)
