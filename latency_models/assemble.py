@@ -135,24 +135,17 @@ _REQUIRED = {
 }
 
 
-def table_problem(data) -> str | None:
-    """What is wrong with a latency table's JSON ``data`` (the first thing found), or ``None``."""
+class TableFormatError(ValueError):
+    """What is wrong with a latency table's JSON (the first thing found)."""
+
+
+def check_table(data) -> None:
+    """Raise :class:`TableFormatError` saying what is wrong with a latency table's JSON ``data``, if anything."""
     import numpy as np
 
-    class Problem(Exception):
-        pass
-
     def fail(msg):
-        raise Problem(msg)
+        raise TableFormatError(msg)
 
-    try:
-        _check(data, fail, np)
-    except Problem as e:
-        return str(e)
-    return None
-
-
-def _check(data, fail, np) -> None:
     if not isinstance(data, dict):
         fail("not a latency table (expected a JSON object)")
     missing = [k for k in _REQUIRED if k not in data]

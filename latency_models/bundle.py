@@ -94,7 +94,7 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
     todo = [("reference", 0, full)] + [(name, i, s) for name, subs in sets.items() for i, s in enumerate(subs)]
     out = {"space": sp.name, "seed": seed, "rounds": E2E_ROUNDS, "vocab_size": dims.vocab_size,
            "calibration": [], "validation": []}
-    bar = _bar(len(todo), "exporting end-to-end sub-networks", progress)
+    bar = runner.progress_bar(len(todo), 0, progress, "exporting end-to-end sub-networks")
     with tempfile.TemporaryDirectory(prefix="nasprune-bundle-") as tmp:
         for name, i, sub in todo:
             key = name if name == "reference" else f"{name}-{i:02d}"
@@ -113,17 +113,6 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
     if bar:
         bar.close()
     return out
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit="graph", dynamic_ncols=True)
-    except ImportError:
-        return None
 
 
 def write_bundle(dims, target, precision: str | None, dst_dir, model_config=None,
@@ -145,7 +134,7 @@ def write_bundle(dims, target, precision: str | None, dst_dir, model_config=None
     lengths = table_lengths(target, builder.config, lengths)
     manifest = make_manifest(dims, target, precision, unit_step, measurement, lengths)
     entries = manifest["graphs"]
-    bar = _bar(len(entries), "exporting micro-graphs", progress)
+    bar = runner.progress_bar(len(entries), 0, progress, "exporting micro-graphs")
     stored: dict = {}  # one file per graph, measured at several lengths
     with tempfile.TemporaryDirectory(prefix="nasprune-bundle-") as tmp:
         for entry in entries:

@@ -61,7 +61,8 @@ def partial_path_for(out_path) -> Path:
     return Path(str(out_path) + ".partial.json")
 
 
-def _progress(total: int, initial: int, enabled: bool, desc: str):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    """A tqdm bar over graphs (``None`` when not ``enabled`` or where tqdm is not installed, as on a device)."""
     if not enabled:
         return None
     try:
@@ -112,7 +113,7 @@ def run_grid(manifest: dict, out_path, fingerprint: dict, measure=None, prepare=
         root = Path(manifest.get("root", "."))
         prepare = lambda entry: root / entry["file"]  # noqa: E731
     todo = [g for g in manifest["graphs"] if g["key"] not in results]
-    bar = _progress(len(keys), len(keys) - len(todo), progress, f"profiling {manifest['precision']}")
+    bar = progress_bar(len(keys), len(keys) - len(todo), progress, f"profiling {manifest['precision']}")
     held, path = None, None  # the file prepared for the entries at hand
     try:
         for entry in todo:

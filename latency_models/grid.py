@@ -217,7 +217,6 @@ class MicroGraphBuilder:
     def __init__(self, dims, target: Target, precision: str, model_config=None):
         cfg = config_for(dims, model_config, num_layers=1)
         check_sequence_length(cfg, target)
-        self._cfg = cfg
         self.config = cfg  # one layer of the family: its max positions bound the lengths a table covers
         self._models: dict = {}
         self.target, self.precision = target, precision
@@ -228,7 +227,7 @@ class MicroGraphBuilder:
 
             from toolchain.core.modeling import model_from_config
 
-            cfg = copy.deepcopy(self._cfg)
+            cfg = copy.deepcopy(self.config)
             if vocab == "micro":
                 cfg.vocab_size = min(cfg.vocab_size, MICRO_VOCAB)
             torch.manual_seed(0)

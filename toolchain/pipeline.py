@@ -107,7 +107,7 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
                 target=t, model=opts.model, precision=precision, out=str(path), bundle=None,
                 unit_step=opts.budget("unit_step"), calibrate_samples=opts.budget("calibration_samples"),
                 validate_samples=opts.budget("validation_samples"), resume=True, progress=opts.progress))
-    if table.sequence_length != n and table.covers(n):
+    if table.covers(n):
         table = table.at_length(n)
     table.check_model(dims)
     if table.measured_on(target, precision):
