@@ -135,17 +135,24 @@ _REQUIRED = {
 }
 
 
-class TableFormatError(ValueError):
-    """What is wrong with a latency table's JSON (the first thing found)."""
-
-
-def check_table(data) -> None:
-    """Raise :class:`TableFormatError` saying what is wrong with a latency table's JSON ``data``, if anything."""
+def table_problem(data) -> str | None:
+    """What is wrong with a latency table's JSON ``data`` (the first thing found), or ``None``."""
     import numpy as np
 
-    def fail(msg):
-        raise TableFormatError(msg)
+    class Problem(Exception):
+        pass
 
+    def fail(msg):
+        raise Problem(msg)
+
+    try:
+        _check(data, fail, np)
+    except Problem as e:
+        return str(e)
+    return None
+
+
+def _check(data, fail, np) -> None:
     if not isinstance(data, dict):
         fail("not a latency table (expected a JSON object)")
     missing = [k for k in _REQUIRED if k not in data]

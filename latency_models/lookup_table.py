@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
-from latency_models.assemble import TableFormatError, check_table
+from latency_models.assemble import table_problem
 from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
 from targets.meter import drift_corrected
@@ -63,10 +63,9 @@ class LatencyTable:
     def __init__(self, data: dict, path: str | Path | None = None):
         self.data = data
         self.path = Path(path) if path is not None else None
-        try:
-            check_table(data)
-        except TableFormatError as e:
-            raise TableError(f"{path or '<table>'}: {e}; re-run nasprune-profile to regenerate it") from None
+        problem = table_problem(data)
+        if problem:
+            raise TableError(f"{path or '<table>'}: {problem}; re-run nasprune-profile to regenerate it")
         self.heads_grid = [int(h) for h in data["grid"]["heads"]]
         self.units_grid = [int(u) for u in data["grid"]["units"]]
         blocks = data["blocks"]
