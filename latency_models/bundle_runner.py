@@ -29,24 +29,33 @@ import sys
 import time
 from pathlib import Path
 
-try:  # inside nasprune
-    from latency_models.assemble import assemble_table
+try:  # inside nasprune (``targets`` imports nothing heavy: no scipy, no torch)
     from targets.meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD, measure as measure_graph,
                                measure_beside, point_key)
     from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 except ImportError:  # inside a bundle (or run from a source tree that is not installed)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
-        from nasprune_assemble import assemble_table  # type: ignore
         from nasprune_meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,  # type: ignore
                                     measure as measure_graph, measure_beside, point_key)
         from nasprune_session import device_fingerprint, fingerprint_key, machine_fingerprint  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-        from latency_models.assemble import assemble_table
         from targets.meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
                                    measure as measure_graph, measure_beside, point_key)
         from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
+
+
+def _assemble_table(*args, **kwargs) -> dict:
+    """:func:`latency_models.assemble.assemble_table` (in a bundle, ``nasprune_assemble.py``), imported only when a
+    table is written: importing the ``latency_models`` package loads scipy, and a measuring process (the
+    :class:`latency_models.grid.Worker`) that has scipy's libraries resident measures a graph's memory a few MB
+    lower than the export's fresh process or a device (3.2 MB of 24.8 for a tiny BERT)."""
+    try:
+        from nasprune_assemble import assemble_table  # type: ignore
+    except ImportError:
+        from latency_models.assemble import assemble_table
+    return assemble_table(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ the grid run
@@ -269,7 +278,7 @@ def run_bundle(manifest_path, out_path, progress: bool = True, resume: bool = Tr
         e2e = run_end_to_end(manifest, out_path, fp, prepare, release, progress=progress, resume=resume)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    table = assemble_table(manifest, results, fp, wall_s=time.perf_counter() - t0)
+    table = _assemble_table(manifest, results, fp, wall_s=time.perf_counter() - t0)
     table["measurement"]["where"] = "bundle (run_profile.py)"
     if e2e:  # nasprune fits calibration and validation from them when it reads the table
         table["end_to_end"] = e2e

@@ -4,6 +4,9 @@ Set up once with ``scripts/setup_aarch64_emulation.sh`` (Debian's qemu-user-stat
 Python, PyPI's aarch64 wheels); skipped with the reason where that is missing. Timings under emulation are not
 latencies of any device: the test checks that the bundle runs there and that the table it writes is calibrated,
 validated and accepted by ``nasprune-compile --latency-table``, not its figures.
+
+Emulation is slow (about 5 minutes), so these tests are marked ``emulation`` and left out of the default run:
+``python -m pytest -m emulation``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from toolchain.cli import compile_main, profile_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "scripts" / "setup_aarch64_emulation.sh"
+pytestmark = pytest.mark.emulation
 
 
 def _emulated_python() -> tuple[list[str], dict] | None:
