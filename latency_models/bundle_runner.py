@@ -31,18 +31,18 @@ from pathlib import Path
 
 try:  # inside nasprune (``targets`` imports nothing heavy: no scipy, no torch)
     from targets.meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD, measure as measure_graph,
-                               measure_beside, point_key)
+                               measure_beside, point_key, retake_disturbed)
     from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 except ImportError:  # inside a bundle (or run from a source tree that is not installed)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
         from nasprune_meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,  # type: ignore
-                                    measure as measure_graph, measure_beside, point_key)
+                                    measure as measure_graph, measure_beside, point_key, retake_disturbed)
         from nasprune_session import device_fingerprint, fingerprint_key, machine_fingerprint  # type: ignore
     except ImportError:
         sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
         from targets.meter import (E2E_ROUNDS, MEASURED_FORMAT, MEASURED_VERSION, MEMORY_METHOD,
-                                   measure as measure_graph, measure_beside, point_key)
+                                   measure as measure_graph, measure_beside, point_key, retake_disturbed)
         from targets.session import device_fingerprint, fingerprint_key, machine_fingerprint
 
 
@@ -249,11 +249,27 @@ def run_end_to_end(manifest: dict, out_path, fingerprint: dict, prepare, release
     try:
         results = run_grid(sub, str(out_path) + ".e2e", fingerprint, measure=measure, prepare=prepare,
                            release=release, progress=progress, resume=resume)
+        entries = {g["key"]: g for g in samples}
+
+        def again(keys):  # those measured while the machine was disturbed, once more
+            out = {}
+            for k in keys:
+                path = prepare(entries[k])
+                try:
+                    out[k] = measure(path, entries[k])
+                finally:
+                    release(path)
+            return out
+
+        retake_disturbed(results, again, group=lambda k: entries[k].get("length"),
+                         on_retake=lambda n: progress and print(f"taking {n} disturbed measurements again",
+                                                                file=sys.stderr))
     finally:
         release(reference)
-    fields = ("latency_ms", "rounds_ms", "reference_ms", "reference_rounds_ms", "memory_mb")
+    fields = ("latency_ms", "rounds_ms", "reference_ms", "reference_rounds_ms", "memory_mb", "retaken", "disturbed_ms")
     rows = {name: [{"subnet": g["subnet"], **({"length": g["length"]} if "length" in g else {}),
-                    **{k: results[g["key"]][k] for k in fields}, "weight_bytes": g.get("weight_bytes")}
+                    **{k: results[g["key"]][k] for k in fields if k in results[g["key"]]},
+                    "weight_bytes": g.get("weight_bytes")}
                    for g in e2e[name]] for name in ("calibration", "validation")}
     return {"space": e2e.get("space"), "seed": e2e.get("seed"), "rounds": rounds,
             "reference": e2e["reference"]["subnet"], "where": "bundle (run_profile.py)", **rows}

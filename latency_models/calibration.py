@@ -14,7 +14,7 @@ import numpy as np
 
 from latency_models.grid import Worker, as_target, export_graph, onnx_weight_bytes
 from latency_models.lookup_table import LatencyTable
-from targets.meter import E2E_ROUNDS, measure_beside
+from targets.meter import E2E_ROUNDS, measure_beside, retake_disturbed
 
 
 def measure_subnet(model, subnet, target, precision: str, worker: Worker | None = None, workdir=None) -> dict:
@@ -68,7 +68,8 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine over the minutes of
     calibration and validation can be told apart from prediction error (see :func:`drift_corrected`).
     ``latency_ms`` is the median of the sample's rounds (all in ``rounds_ms``). The first :data:`LENGTH_SAMPLES`
-    are also measured at each other length of the table (one round beside the reference at that length).
+    are also measured at each other length of the table (one round beside the reference at that length). Those
+    measured while the machine was disturbed are taken again at the end (:func:`targets.meter.retake_disturbed`).
     Returns ``{length: [(subnet, result)]}``."""
     from toolchain.core.slicing import slice_model
 
@@ -83,31 +84,42 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
             bar = tqdm(total=n, desc=desc, unit="net", dynamic_ncols=True)
         except ImportError:
             pass
-    rows: dict = {table.sequence_length: [], **{x: [] for x in others}}
     own = worker is None
     worker = worker or Worker()
 
     def at(length):
         return lambda path: worker.measure(path, target, model.config.vocab_size, None, length=length)
 
+    results: dict = {}  # (sample index, length or None: the table's own) -> result
+
+    def measure(keys, tmp, ref):
+        """Measure the samples ``keys`` name (each exported once), beside the reference."""
+        out = {}
+        for i in sorted({i for i, _ in keys}):
+            dst = export_graph(slice_model(model, subnets[i]), Path(tmp) / "sample.onnx", table.precision, target)
+            weight_bytes = onnx_weight_bytes(dst)
+            for length in [x for j, x in keys if j == i]:  # reference and sample alternate: the same machine speed
+                r = measure_beside(at(length), dst, ref, E2E_ROUNDS if length is None else 1)
+                out[(i, length)] = {**r, "weight_bytes": weight_bytes}
+        return out
+
     try:
         with tempfile.TemporaryDirectory(prefix="nasprune-ref-") as tmp:
             ref = export_graph(model, Path(tmp) / "reference.onnx", table.precision, target)
-            for i, s in enumerate(subnets):
-                dst = export_graph(slice_model(model, s), Path(tmp) / "sample.onnx", table.precision, target)
-                weight_bytes = onnx_weight_bytes(dst)
-                # reference and sample alternate: both see the same machine speed
-                for length in [None] + (others if i < LENGTH_SAMPLES else []):
-                    r = measure_beside(at(length), dst, ref, E2E_ROUNDS if length is None else 1)
-                    r["weight_bytes"] = weight_bytes
-                    rows[length or table.sequence_length].append((s, r))
+            for i in range(n):
+                results.update(measure([(i, x) for x in [None] + (others if i < LENGTH_SAMPLES else [])], tmp, ref))
                 if bar:
                     bar.update(1)
+            retake_disturbed(results, lambda keys: measure(keys, tmp, ref), group=lambda k: k[1],
+                             on_retake=lambda k: bar and bar.set_postfix_str(f"taking {k} disturbed again"))
     finally:
         if bar:
             bar.close()
         if own:
             worker.close()
+    rows: dict = {table.sequence_length: [], **{x: [] for x in others}}
+    for (i, length), r in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        rows[length or table.sequence_length].append((subnets[i], r))
     return rows
 
 

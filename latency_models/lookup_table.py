@@ -339,6 +339,8 @@ class LatencyTable:
                 speed = (self.calibration.get("latency") or {}).get("reference_ms")
                 for sample, ref in zip(stats["samples"], refs):
                     sample["reference_ms"] = float(ref)
+                for sample, (_, r) in zip(stats["samples"], rows):  # taken again: the machine was disturbed
+                    sample.update({k: r[k] for k in ("retaken", "disturbed_ms") if k in r})
                 if speed:
                     stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
                     stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "

@@ -62,6 +62,33 @@ def test_rounds_alternate_with_the_reference_and_take_medians():
     assert calibration.measure_beside is meter.measure_beside and lookup_table.drift_corrected is meter.drift_corrected
 
 
+def test_measurements_taken_while_the_machine_was_disturbed_are_taken_again():
+    """meter.retake_disturbed: a measurement whose reference read more than 5 % off the usual reference latency (the
+    median of the run's readings at that length) is measured again at the end of the run, at most twice; the one
+    whose reference is closest to the usual latency is kept, and the discarded readings are recorded."""
+    def beside(lat, ref):
+        return {"latency_ms": lat, "reference_ms": ref, "reference_rounds_ms": [ref]}
+
+    results = {("a", 128): beside(5.0, 10.0), ("b", 128): beside(6.0, 10.1), ("c", 128): beside(9.0, 12.0),
+               ("d", 128): beside(4.0, 9.9), ("e", 32): beside(1.0, 3.0), ("f", 32): beside(2.0, 3.6),
+               ("g", 32): beside(1.5, 3.0)}
+    again = {("c", 128): [beside(7.5, 11.5), beside(6.2, 10.2)], ("f", 32): [beside(2.4, 3.9), beside(2.3, 3.8)]}
+    asked = []
+
+    def measure_again(keys):
+        asked.append(sorted(keys))
+        return {k: again[k].pop(0) for k in keys}
+
+    n = meter.retake_disturbed(results, measure_again, group=lambda k: k[1])
+    assert asked == [[("c", 128), ("f", 32)], [("c", 128), ("f", 32)]] and n == 4
+    assert results[("c", 128)]["latency_ms"] == 6.2 and results[("c", 128)]["disturbed_ms"] == [12.0, 11.5]
+    assert results[("f", 32)]["latency_ms"] == 2.0 and results[("f", 32)]["disturbed_ms"] == [3.9, 3.8]  # kept
+    assert results[("c", 128)]["retaken"] == results[("f", 32)]["retaken"] == 2
+    assert "retaken" not in results[("a", 128)]
+    quiet = {k: beside(1.0, 10.0) for k in "xyz"}
+    assert meter.retake_disturbed(quiet, lambda keys: pytest.fail("nothing to take again")) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     torch.manual_seed(0)
