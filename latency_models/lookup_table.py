@@ -35,7 +35,7 @@ from scipy.interpolate import RegularGridInterpolator
 from latency_models.assemble import table_problem
 from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
-from targets.meter import drift_corrected
+from targets.meter import drift_corrected, quiet_latency
 from toolchain.core.subnetwork import SubNetwork
 from targets.session import same_device
 
@@ -275,23 +275,25 @@ class LatencyTable:
         return self._calibrated("memory", self.raw_memory(subnet))
 
     def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1) -> dict:
-        """Least-squares ``measured ~ a * raw + b`` (falls back to a pure scale for < 3 samples). ``degree=2`` adds
-        ``c * raw**2`` (with >= 6 samples, and only where the fit rises over the whole range up to the largest sample;
-        otherwise the straight line): on the development CPU the fitted ``c`` came out small and positive (end-to-end
-        latency growing a little faster than the sum of the blocks; see the tables bench_latency writes)."""
+        """Fit ``measured ~ a * raw + b`` (a pure scale for < 3 samples); ``degree=2`` adds ``c * raw**2`` (with >= 6
+        samples, and only where the fit rises over the whole range up to the largest sample; otherwise the line).
+        Robust: scipy's ``least_squares`` on relative residuals with a soft-L1 loss (``f_scale`` 2 %), started from
+        the least-squares fit, so that one sample measured while the machine was busy (+60 % at 32 tokens in one
+        bench_latency run) does not tilt a fit on 9 samples."""
         x, y = np.asarray(raw, float), np.asarray(measured, float)
         c = 0.0
         if len(x) >= 3 and np.ptp(x) > 0:
-            a, b = np.polyfit(x, y, 1)
+            a, b = _robust_polyfit(x, y, 1)
             if degree == 2 and len(x) >= 6:
-                c2, a2, b2 = np.polyfit(x, y, 2)
+                c2, a2, b2 = _robust_polyfit(x, y, 2)
                 if min(a2, a2 + 2 * c2 * x.max()) > 0:  # rising from 0 to the largest sample
                     c, a, b = c2, a2, b2
         elif len(x):
             a, b = float(np.sum(x * y) / np.sum(x * x)), 0.0
         else:
             a, b = 1.0, 0.0
-        method = "least squares measured = c * raw^2 + a * raw + b" if c else "least squares measured = a * raw + b"
+        method = ("robust (soft-L1 on relative residuals, scipy least_squares) measured = "
+                  + ("c * raw^2 + a * raw + b" if c else "a * raw + b"))
         cal = {"a": float(a), "b": float(b), "c": float(c), "n": int(len(x)), "method": method,
                "samples": [{"raw": float(r), "measured": float(m)} for r, m in zip(x, y)]}
         self.calibration[kind] = cal
@@ -305,10 +307,11 @@ class LatencyTable:
     def calibrate_from(self, rows) -> dict:
         """Fit ``measured = c * raw^2 + a * raw + b`` (latency; memory: ``a * raw + b``, :meth:`set_calibration`) on
         end-to-end ``rows``: ``(subnet, result)`` with ``latency_ms`` measured beside the unpruned network
-        (``reference_ms``) and ``memory_mb``. The latencies are drift-corrected to the median reference, which also
-        anchors the top of the fit as the unpruned network's own measurement."""
+        (``reference_ms``) and ``memory_mb``. The latencies are drift-corrected to the reference's speed on the
+        machine undisturbed (:func:`targets.meter.quiet_latency`), which also anchors the top of the fit as the
+        unpruned network's own measurement."""
         refs = [r["reference_ms"] for _, r in rows]
-        speed = float(np.median(refs))  # the unpruned network's latency at calibration time
+        speed = quiet_latency(refs)  # the unpruned network's latency at calibration time, machine undisturbed
         full = self._unpruned()
         lat = self.set_calibration("latency", [self.raw_latency(s) for s, _ in rows] + [self.raw_latency(full)],
                                    drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed],
@@ -462,6 +465,15 @@ class LatencyTable:
 
 RESIDUALS_DRIFT_CORRECTED = ("measured x (unpruned latency at calibration / unpruned latency measured beside it) "
                              "/ predicted - 1")
+def _robust_polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
+    """Coefficients (highest power first) of ``y ~ poly(x)``, fitted on relative residuals with a soft-L1 loss."""
+    from scipy.optimize import least_squares
+
+    scale = np.maximum(np.abs(y), 1e-9)
+    p0 = np.polyfit(x, y, degree)
+    return least_squares(lambda p: (np.polyval(p, x) - y) / scale, p0, loss="soft_l1", f_scale=0.02).x
+
+
 RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
 
 

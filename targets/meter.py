@@ -254,8 +254,19 @@ def drift_corrected(measured, reference, speed_ms: float) -> list:
     return [m * speed_ms / r for m, r in zip(measured, reference)]
 
 
+def quiet_latency(readings) -> float:
+    """The unpruned network's latency on the machine undisturbed, from its readings in one run: their 10th
+    percentile. A busy shared machine only ever slows a run down, and it can stay busy for most of a run (in one
+    bench_latency run, 12 of 16 calibration readings were 37 % slower than the other 4), where the median would
+    take the busy speed for the usual one."""
+    v = sorted(float(x) for x in readings)
+    pos = 0.1 * (len(v) - 1)
+    lo = int(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+
 #: a measurement beside the reference whose reference read more than this far off the unpruned network's usual
-#: latency (the median of all its readings at that length in the run) was taken while the machine was disturbed
+#: latency at that length (:func:`quiet_latency` of the run's readings) was taken while the machine was disturbed
 QUIET_TOLERANCE = 0.05
 #: how many times such a measurement is taken again, at the end of the run (:func:`retake_disturbed`)
 QUIET_PASSES = 2
@@ -267,7 +278,7 @@ def retake_disturbed(results: dict, measure_again, group=lambda key: None, toler
 
     ``results``: ``{key: result of measure_beside}``, one run's (a calibration, a validation); ``group(key)``: the
     keys whose reference readings are comparable (the sequence length). A result whose ``reference_ms`` is more than
-    ``tolerance`` off its group's usual reference latency (the median of all the group's reference readings) is
+    ``tolerance`` off its group's usual reference latency (:func:`quiet_latency` of the group's readings) is
     measured again with ``measure_again(keys)`` (``{key: new result}``, the disturbed keys of one pass, so a caller
     can build each graph once), up to ``passes`` times, and the result whose reference is closest to the usual
     latency is kept. Why not only rescale (:func:`drift_corrected`): a busy shared machine does not slow every
@@ -278,7 +289,7 @@ def retake_disturbed(results: dict, measure_again, group=lambda key: None, toler
     readings: dict = {}
     for k, r in results.items():
         readings.setdefault(group(k), []).extend(r.get("reference_rounds_ms") or [r["reference_ms"]])
-    usual = {g: _median(v) for g, v in readings.items()}
+    usual = {g: quiet_latency(v) for g, v in readings.items()}
 
     def off(k, r):
         return abs(r["reference_ms"] / usual[group(k)] - 1.0)

@@ -102,6 +102,12 @@ def test_quadratic_calibration(table):
     assert t.set_calibration("latency", raw, falling, degree=2)["c"] == 0.0
     assert t.set_calibration("latency", raw[:4], [0.1 * r * r for r in raw[:4]], degree=2)["c"] == 0.0
     assert t.set_calibration("latency", raw, [2 * r for r in raw])["c"] == 0.0  # degree 1 by default
+    # one sample measured while the machine was busy (+60 %) barely moves the fit; least squares would tilt it
+    raw9 = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+    busy = [(2 * r + 1) * (1.6 if r == 4.5 else 1.0) for r in raw9]
+    cal = t.set_calibration("latency", raw9, busy)
+    assert cal["a"] == pytest.approx(2.0, rel=0.02) and cal["b"] == pytest.approx(1.0, abs=0.05)
+    assert abs(np.polyfit(raw9, busy, 1)[0] - 2.0) > 0.3 and "robust" in cal["method"]
 
 
 def test_calibration_samples_span_the_sizes():
