@@ -109,7 +109,7 @@ def test_recovery_brings_a_pruned_point_closer_to_the_full_network(request, tmp_
 
 
 def test_second_call_loads_the_cached_point(run, tmp_path):
-    settings = _fast(epochs=1)
+    settings = _fast()
     first = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)
     folder = point_dir(run, PRUNED, settings, cache_dir=tmp_path)
     assert first.info["score_after"] > first.info["score_before"]  # labels + teacher on all the training text

@@ -67,6 +67,7 @@ class RecoverSettings:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    group_by_length: bool = True  # batches of similar length (data.batches): 2-3x fewer padded tokens on SST-2
     checkpoint_every: int = 50  # optimizer steps (does not change the result, so not part of key())
 
     def __post_init__(self):
@@ -282,7 +283,8 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
         while step < total_steps:
             epoch, within = divmod(step, steps_per_epoch)
             order = batches(encoded, settings.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(settings.seed + epoch))
+                            generator=torch.Generator().manual_seed(settings.seed + epoch),
+                            group_by_length=settings.group_by_length)
             for i, b in enumerate(order):
                 if i < within:
                     continue

