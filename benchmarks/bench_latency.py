@@ -144,9 +144,11 @@ def main(argv=None) -> int:
         "measured end to end (median latency; peak "
         "resident memory while running, see docs/profiling.md). Each sub-network is measured right after the "
         "unpruned network (the reference): *drift-corrected* scales each measurement by the reference's latency at "
-        "calibration over its latency at that moment, which removes the slow drift of a shared machine's speed "
-        "(not the noise of the measurement itself); the calibration is fitted on drift-corrected values, with the "
-        "unpruned network (the median of its runs) as one more point.",
+        "calibration (the machine undisturbed: the 10th percentile of the run's reference readings) over its "
+        "latency at that moment, which removes the slow drift of a shared machine's speed (not the noise of the "
+        "measurement itself); a sub-network whose reference read more than 5 % slower than undisturbed is measured "
+        "again at the end of the run (at most twice); the calibration is fitted robustly (soft-L1) on "
+        "drift-corrected values, with the unpruned network as one more point.",
         "",
         "| target (threads) | precision | length | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
         "drift-corrected: MAPE / ±5% / ±10% | memory MAPE | mem. within ±5% | mem. within ±10% | "
