@@ -16,7 +16,7 @@ import torch
 
 from toolchain.ship.export import ExportResult, export_point
 from toolchain.ship.manifest import load_export_info, write_manifest
-from toolchain.ship.selection import Candidate, export_order, select_and_export
+from toolchain.ship.selection import Candidate, bisect_fastest, export_order, select_and_export
 from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
 from toolchain.core.search_space import fixed_parameters, make_space
 from toolchain.core.subnetwork import SubNetwork
@@ -319,6 +319,23 @@ def test_select_skips_measured_violators_and_manifest(tmp_path):
     sel = select_and_export(cands[:3], 2, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path / "b",
                             export_fn=fake_export)
     assert len(sel.shipped) == 1 and sel.exhausted and "ran out" in sel.report()
+
+
+def test_bisect_fastest_finds_the_fastest_point_within_a_limit_in_log_tries():
+    """Under an accuracy limit only trying a point tells whether it meets it: bisect_fastest asks about each item
+    after it was tried, finds the fastest one that passes in about log2(n) tries, then offers the slower ones."""
+    items = list(range(20))  # fastest first; from 13 on they pass
+    tried = []
+
+    def passed(i):
+        return i >= 13
+
+    for i in bisect_fastest(items, passed):
+        tried.append(i)
+    assert tried == [9, 14, 11, 12, 13, 15, 16, 17, 18, 19]  # 14 was tried (and passed) on the way
+    assert list(bisect_fastest(items, lambda i: False)) == [9, 14, 17, 18, 19]  # none passes: stops at the slowest
+    assert list(bisect_fastest(items, lambda i: True)) == [9, 4, 1, 0, 2, 3] + list(range(5, 9)) + list(range(10, 20))
+    assert list(bisect_fastest([], passed)) == []
 
 
 def test_export_order_best_metric_first_then_spread_along_the_front():

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 from latency_models.cache import cache_root, default_table_path, run_profile, run_profiles
@@ -50,7 +51,8 @@ from toolchain.ship.export import export_point
 from toolchain.ship.manifest import write_manifest
 from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
-from toolchain.ship.selection import Candidate, Selection, export_order, keep_non_dominated, select_and_export
+from toolchain.ship.selection import (Candidate, Selection, bisect_fastest, export_order, keep_non_dominated,
+                                      select_and_export)
 from toolchain.ship.verify import MetricData
 from toolchain.training import TrainConfig
 
@@ -323,7 +325,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                 "metric": (ref.metric or {}).get("score"), "path": str(ref.path.relative_to(folder))}
     floor = opts.metric_floor(unpruned["metric"])
     unpruned["metric_floor"] = floor
-    order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN, 3 * n)
+    order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN)
     if not order:
         raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
                               f"{floor:.4f} before recovery; closest: {_closest_by_metric(front)}")
@@ -346,10 +348,15 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
             predicted.update(latency_ms=None, memory_mb=None, table_precision=precision)
         return Candidate(r["subnet"], predicted, {"search_error": r["search_error"]}, precision=p)
 
-    cands = [candidate(r, p) for r in order for p in ([] if r.get("only_others") else [None]) + others]
+    shipped = set()  # keys of the sub-networks shipped in some precision (what bisect_fastest asks)
+    if floor is not None:  # under an accuracy limit: bisect the front for the fastest point that meets it
+        order = chain([r for r in order if r.get("only_others")], bisect_fastest(
+            [r for r in order if not r.get("only_others")], lambda r: r["subnet"].key() in shipped))
+    cands = (candidate(r, p) for r in order for p in ([] if r.get("only_others") else [None]) + others)
     selection = select_and_export(cands, n * (1 + len(others)), opts.max_latency, max_memory_mb=opts.max_memory,
                                   min_metric=floor, model_or_supernet=run.supernet, tokenizer=run.tokenizer,
-                                  run_dir=folder, export_fn=export_fn, **common)
+                                  run_dir=folder, export_fn=export_fn,
+                                  on_outcome=lambda c, ok: ok and shipped.add(c.subnet.key()), **common)
     if others:
         selection = keep_non_dominated(selection, n, folder)
     if floor is not None and not selection.shipped:
@@ -368,10 +375,10 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 RECOVERY_GAIN = 0.1
 
 
-def fastest_first(front: list[dict], min_score: float, n: int) -> list[dict]:
-    """Under an accuracy limit: the ``n`` fastest points of the front whose shared-weight ``score`` is at least
-    ``min_score`` (those recovery may lift over the limit), fastest first."""
-    return sorted((r for r in front if r["score"] >= min_score), key=lambda r: r.get("latency", 0))[:n]
+def fastest_first(front: list[dict], min_score: float) -> list[dict]:
+    """Under an accuracy limit: the points of the front whose shared-weight ``score`` is at least ``min_score``
+    (those recovery may lift over the limit), fastest first."""
+    return sorted((r for r in front if r["score"] >= min_score), key=lambda r: r.get("latency", 0))
 
 
 def _closest_by_metric(front: list[dict]) -> str:

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from targets import same_device
 from toolchain.core.pareto import non_dominated
@@ -106,6 +106,7 @@ def select_and_export(
     min_metric: float | None = None,
     keep_rejected: bool = True,
     export_fn: Callable[..., ExportResult] = export_point,
+    on_outcome: Callable[[Candidate, bool], None] | None = None,
     **export_kwargs,
 ) -> Selection:
     """Export ``candidates`` (ordered, best first) until ``n_points`` measured-feasible points are shipped.
@@ -115,7 +116,9 @@ def select_and_export(
     (``keep_rejected``; else deleted), ``nasprune.json["feasible"]`` says false, and the next candidate is tried.
     A point whose metric on the exported model is below ``min_metric`` (an accuracy limit) is rejected the same
     way. A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
-    ``export_fn`` (default :func:`~toolchain.ship.export.export_point`).
+    ``export_fn`` (default :func:`~toolchain.ship.export.export_point`). ``on_outcome(candidate, shipped)`` is
+    called once a candidate is decided, before the next one is drawn (an order that depends on outcomes:
+    :func:`bisect_fastest`).
     """
     run_dir = Path(run_dir)
     points_dir, rejected_dir = run_dir / "points", run_dir / "rejected"
@@ -134,6 +137,8 @@ def select_and_export(
         except Exception as e:  # noqa: BLE001 - report, try the next one
             log.error("candidate %s (%s) could not be exported: %s", pid, cand.subnet, e)
             failed.append((cand, f"{type(e).__name__}: {e}"))
+            if on_outcome:
+                on_outcome(cand, False)
             continue
         why = constraint_violation(res, max_latency_ms, max_memory_mb)
         score = (res.metric or {}).get("score")
@@ -142,6 +147,8 @@ def select_and_export(
             why = "; ".join(w for w in (why, f"{low} below the accuracy limit {min_metric:.4f}") if w)
         res.info["feasible"] = why is None
         res.info["infeasible_reason"] = why
+        if on_outcome:
+            on_outcome(cand, why is None)
         if why is None:
             write_json_atomic(res.path / "nasprune.json", res.info)
             shipped.append(res)
@@ -224,3 +231,20 @@ def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0
 def _summary(res: ExportResult) -> str:
     lat = res.measured_latency_ms
     return f"{res.parameters / 1e6:.2f}M params, " + (f"{lat:.2f} ms measured" if lat is not None else "no latency")
+
+
+def bisect_fastest(items: list, passed: Callable[[object], bool]) -> Iterator:
+    """``items`` sorted fastest first, under an accuracy limit that only trying an item tells (recover, export,
+    score): a binary search for the fastest item that passes (``passed(item)``, asked after the item was yielded and
+    tried), taking the slower points of a Pareto front to be the more accurate; then the items slower than it not
+    tried yet, fastest first. About log2(n) tries to find it, where trying fastest first may need n."""
+    lo, hi, best, tried = 0, len(items) - 1, len(items), set()
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        tried.add(mid)
+        yield items[mid]
+        if passed(items[mid]):
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    yield from (items[i] for i in range(best + 1, len(items)) if i not in tried)
