@@ -67,8 +67,9 @@ def main() -> None:
         rng = np.random.default_rng(1234)
         randoms = stats([ev(s)["accuracy"] for s in [run.space.sample(rng) for _ in range(args.random)]])
         full, small = ev(run.space.largest())["accuracy"], ev(run.space.smallest())["accuracy"]
+        spread = f"{randoms['median']:.4f} ({randoms['min']:.4f}-{randoms['max']:.4f})"
         rows.append(["super-network training", "grouped" if grouped else "random", f"{train_s:.0f}", f"{tokens:,}",
-                     f"{full:.4f}", f"{small:.4f}", f"{randoms['median']:.4f} ({randoms['min']:.4f}-{randoms['max']:.4f})"])
+                     f"{full:.4f}", f"{small:.4f}", spread])
         print(" | ".join(rows[-1]), flush=True)
     run = runs[True]
     subnet = uniform_subnet(run.supernet.dims, args.ratio)
@@ -80,8 +81,9 @@ def main() -> None:
         i = point.info
         tokens = padded_tokens(tokenize(recovery_data(run, settings), run.tokenizer, run.data.max_length),
                                settings.batch_size, grouped, settings.seed)
+        change = f"{i['score_before']:.4f} -> {i['score_after']:.4f}"
         rows.append([f"recovery of a point (uniform {args.ratio:.2f})", "grouped" if grouped else "random",
-                     f"{i['seconds']:.0f}", f"{tokens:,}", f"{i['score_before']:.4f} -> {i['score_after']:.4f}", "", ""])
+                     f"{i['seconds']:.0f}", f"{tokens:,}", change, "", ""])
         print(" | ".join(rows[-1]), flush=True)
     md = ["## Length-grouped batches (`bench_grouping.py`)", "",
           f"`python benchmarks/bench_grouping.py --max-train-samples {args.max_train_samples} --recover-samples "

@@ -70,14 +70,14 @@ def partial_path_for(out_path) -> Path:
     return Path(str(out_path) + ".partial.json")
 
 
-def progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    """A tqdm bar over graphs (``None`` when not ``enabled`` or where tqdm is not installed, as on a device)."""
+def progress_bar(total: int, initial: int, enabled: bool, desc: str, unit: str = "graph"):
+    """A tqdm bar (``None`` when not ``enabled`` or where tqdm is not installed, as on a device)."""
     if not enabled:
         return None
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, unit="graph", dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
     except ImportError:
         return None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latency_models.bundle_runner import progress_bar
 from latency_models.grid import Worker, as_target, export_graph, onnx_weight_bytes
 from latency_models.lookup_table import LatencyTable
 from targets.meter import E2E_ROUNDS, measure_beside, retake_disturbed
@@ -76,14 +77,7 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
     target = as_target(target if target is not None else table.fingerprint.get("target") or "cpu")
     subnets = samples(space, n, seed)
     others = [x for x in table.lengths() if x != table.sequence_length]
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, desc=desc, unit="net", dynamic_ncols=True)
-        except ImportError:
-            pass
+    bar = progress_bar(n, 0, progress, desc, unit="net")
     own = worker is None
     worker = worker or Worker()
 
@@ -118,7 +112,7 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
         if own:
             worker.close()
     rows: dict = {table.sequence_length: [], **{x: [] for x in others}}
-    for (i, length), r in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (i, length), r in results.items():  # in the order measured (a retake replaces its entry in place)
         rows[length or table.sequence_length].append((subnets[i], r))
     return rows
 

@@ -465,6 +465,9 @@ class LatencyTable:
 
 RESIDUALS_DRIFT_CORRECTED = ("measured x (unpruned latency at calibration / unpruned latency measured beside it) "
                              "/ predicted - 1")
+RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
+
+
 def _robust_polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
     """Coefficients (highest power first) of ``y ~ poly(x)``, fitted on relative residuals with a soft-L1 loss."""
     from scipy.optimize import least_squares
@@ -472,9 +475,6 @@ def _robust_polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
     scale = np.maximum(np.abs(y), 1e-9)
     p0 = np.polyfit(x, y, degree)
     return least_squares(lambda p: (np.polyval(p, x) - y) / scale, p0, loss="soft_l1", f_scale=0.02).x
-
-
-RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
 
 
 def residuals_of(samples: list[dict], speed_ms: float | None) -> tuple[list[float], str]:

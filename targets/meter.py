@@ -259,10 +259,9 @@ def quiet_latency(readings) -> float:
     percentile. A busy shared machine only ever slows a run down, and it can stay busy for most of a run (in one
     bench_latency run, 12 of 16 calibration readings were 37 % slower than the other 4), where the median would
     take the busy speed for the usual one."""
-    v = sorted(float(x) for x in readings)
-    pos = 0.1 * (len(v) - 1)
-    lo = int(pos)
-    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+    import numpy as np
+
+    return float(np.percentile(np.asarray(readings, float), 10))
 
 
 #: a measurement beside the reference whose reference read more than this far off the unpruned network's usual

@@ -200,8 +200,8 @@ def train(supernet: SuperNetwork, space: SearchSpace, encoded: dict[str, torch.T
     bar = tqdm(total=total_steps, initial=step, desc=f"train ({cfg.strategy})", disable=not progress)
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
-        order = batches(encoded, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                        group_by_length=cfg.group_by_length)
+        order = batches(encoded, cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed + epoch), group_by_length=cfg.group_by_length)
         micro = list(order)[within * cfg.grad_accumulation:]
         for start in range(0, len(micro) - cfg.grad_accumulation + 1, cfg.grad_accumulation):
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout of this step
