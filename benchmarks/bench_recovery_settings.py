@@ -1,0 +1,102 @@
+"""Recovery settings side by side, on the points a compile searched (issue: accurate at speed).
+
+For sub-networks of a compile's front (``pareto.json`` of its output folder, chosen by key), the task metric on the
+validation (dev) set with the shared weights and after recovery (:mod:`toolchain.recover`) with each of several
+settings, and the seconds each recovery took. Used to choose the default: random batches of 6000 texts against
+length-grouped batches of 12000, which cost about the same.
+
+    python benchmarks/bench_recovery_settings.py --run <cache>/supernets/<key> --front <out>/pareto.json \\
+        --keys 74847e8a9fa9,e65f92fa9eb1,47e30e1ed3dd \\
+        --settings '{"samples": 6000, "group_by_length": false}' '{"samples": 12000, "group_by_length": true}'
+
+Every setting recovers into a fresh temporary cache (nothing reused from the compile); recovery is deterministic
+for given settings (seeded order and initialisation), so a rerun gives the same metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, publish  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="a compile's cached super-network (or a trained run folder)")
+    ap.add_argument("--front", required=True, help="pareto.json of a compile of that super-network")
+    ap.add_argument("--keys", required=True, help="comma-separated sub-network keys of the front")
+    ap.add_argument("--settings", nargs="+", required=True, help="RecoverSettings fields as JSON, one per setting")
+    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    args = ap.parse_args()
+
+    from toolchain.core.subnetwork import SubNetwork
+    from toolchain.recover import RecoverSettings, recover_point, teacher_logits
+    from toolchain.run import load_run
+
+    run = load_run(args.run)
+    records = {r["key"]: r for r in json.loads(Path(args.front).read_text())["pareto"]}
+    keys = args.keys.split(",")
+    missing = [k for k in keys if k not in records]
+    if missing:
+        raise SystemExit(f"not on the front {args.front}: {', '.join(missing)}")
+    variants = [json.loads(s) for s in args.settings]
+    full_params = run.space.num_parameters(run.supernet.full())
+    work = Path(tempfile.mkdtemp(prefix="nasprune-bench-recovery-settings-"))
+    results: dict[tuple[int, str], dict] = {}
+    teacher_s = []
+    for v, kw in enumerate(variants):
+        settings = RecoverSettings(**kw)
+        cache = work / f"setting-{v}"
+        t = time.perf_counter()
+        teacher_logits(run, settings, cache_dir=cache, progress=False)
+        teacher_s.append(time.perf_counter() - t)
+        for key in keys:
+            subnet = SubNetwork(**records[key]["subnet"])
+            info = recover_point(run, subnet, settings, cache_dir=cache, progress=False).info
+            results[v, key] = info
+            print(f"{json.dumps(kw)} {key}: {info['score_before']:.4f} -> {info['score_after']:.4f} "
+                  f"({info['steps']} steps, {info['seconds']:.0f} s)", flush=True)
+
+    def label(kw: dict) -> str:
+        s = RecoverSettings(**kw)
+        return f"{s.samples or 'all'} texts, {'grouped' if s.group_by_length else 'random'}"
+
+    head = ["point", "parameters", "predicted ms", "before"]
+    for kw in variants:
+        head += [f"after: {label(kw)}", "s"]
+    rows = []
+    for key in keys:
+        r = records[key]
+        row = [key, f"{r['params'] / full_params:.0%}", f"{r['latency']:.2f}", f"{results[0, key]['score_before']:.4f}"]
+        for v in range(len(variants)):
+            i = results[v, key]
+            row += [f"{i['score_after']:.4f} ({100 * (i['score_after'] - i['score_before']):+.1f})",
+                    f"{i['seconds']:.0f}"]
+        rows.append(row)
+    means = ["mean change", "", "", ""]
+    for v in range(len(variants)):
+        gain = sum(results[v, k]["score_after"] - results[v, k]["score_before"] for k in keys) / len(keys)
+        secs = sum(results[v, k]["seconds"] for k in keys) / len(keys)
+        means += [f"{100 * gain:+.1f}", f"{secs:.0f}"]
+    rows.append(means)
+    settings_text = "; ".join(f"{label(kw)}: teacher logits {s:.0f} s" for kw, s in zip(variants, teacher_s))
+    md = ["## Recovery settings side by side (`bench_recovery_settings.py`)", "",
+          f"`python benchmarks/bench_recovery_settings.py --run <super-network> --front <pareto.json> --keys "
+          f"{args.keys} --settings " + " ".join(f"'{s}'" for s in args.settings) + f"`. Machine: {machine()}. "
+          f"Super-network: {run.data.task}, {run.settings.get('train', {}).get('strategy')}; points: sub-networks of "
+          f"a default compile's front (predicted fp32 latency at the target's length). Metric: {run.spec.metric} on "
+          f"the dev set ({len(run.data.load('validation'))} examples), before (shared weights) and after recovery "
+          f"(KL to the full network's logits + labels, 50/50, lr 1e-4, batch 32, one epoch); s: seconds of the "
+          f"recovery, one run each on a shared machine. {settings_text}.", ""]
+    md += markdown_table(head, rows, right=set(range(1, len(head))))
+    publish("bench_recovery_settings", md, write=not args.no_docs)
+
+
+if __name__ == "__main__":
+    main()
