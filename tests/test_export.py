@@ -338,11 +338,19 @@ def test_bisect_fastest_finds_the_fastest_point_within_a_limit_in_log_tries():
     assert list(bisect_fastest([], passed)) == []
 
 
-def test_export_order_best_metric_first_then_spread_along_the_front():
-    front = [{"id": i, "error": e, "latency": lat} for i, (e, lat) in
-             enumerate([(0.10, 9.0), (0.12, 7.0), (0.15, 5.0), (0.20, 3.0), (0.30, 1.0)])]
-    assert [r["id"] for r in export_order(front, 3)] == [0, 2, 4, 1, 3]
-    assert [r["id"] for r in export_order(front, 1)] == [0, 1, 2, 3, 4]
+def test_export_order_picks_what_a_user_would_then_falls_back_by_metric():
+    """The validated front of a real default SST-2 compile (dev accuracy with shared weights, predicted ms): the
+    most accurate point, the fastest sensible one (the two faster ones are beaten by a point or more within
+    0.5 ms) and the knee go first; then the rest, the most accurate first. Before, the points were spread by index
+    along the front, and the middle one (4.81 ms, 0.7993) was no knee."""
+    scores = [(0.7523, 2.87), (0.7569, 3.04), (0.7672, 3.30), (0.7752, 3.60), (0.7856, 4.22), (0.7833, 4.44),
+              (0.7810, 4.55), (0.7867, 4.57), (0.7993, 4.81), (0.8096, 5.26), (0.8073, 5.44), (0.8096, 5.44),
+              (0.8142, 5.78), (0.8154, 6.23), (0.8280, 7.93), (0.8417, 9.61)]
+    front = [{"id": i, "error": 1 - m, "latency": lat} for i, (m, lat) in enumerate(scores)]
+    order = [r["id"] for r in export_order(front, 3)]
+    assert order[:3] == [15, 2, 9]
+    assert sorted(order) == list(range(16)) and order[3:5] == [14, 13]  # fall-backs: by metric
+    assert [r["id"] for r in export_order(front, 1)][:2] == [15, 14]
     assert export_order([], 3) == []
 
 
@@ -361,7 +369,7 @@ def test_points_a_user_would_pick_from_a_long_front():
     from toolchain.ship.selection import pick_points
 
     front = [(0.8108, 2.83), (0.8394, 4.85), (0.8498, 9.79), (0.8521, 10.64)]
-    assert pick_points(front, 3) == {0, 1, 3}
-    assert pick_points(front, 2) == {0, 3}
-    assert pick_points(front, 1) == {3}
-    assert pick_points([(0.70, 2.6), (0.72, 2.8), (0.80, 5.0)], 2) == {1, 2}
+    assert pick_points(front, 3) == [3, 0, 1]  # the most accurate, the fastest, the knee
+    assert pick_points(front, 2) == [3, 0]
+    assert pick_points(front, 1) == [3]
+    assert pick_points([(0.70, 2.6), (0.72, 2.8), (0.80, 5.0)], 2) == [2, 1]

@@ -51,18 +51,16 @@ class Selection:
 
 
 def export_order(front: list[dict], n: int) -> list[dict]:
-    """Search records in shipping order: the best metric (lowest ``error``) first, then points spread along the
-    front (cheaper ones, by ``latency``), then the rest as fall-backs."""
+    """Search records in shipping order: the ``n`` points a user would pick from the non-dominated records (lowest
+    ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one,
+    knees), then the rest as fall-backs, the lowest error first."""
     if not front:
         return []
-    by_metric = sorted(front, key=lambda r: r["error"])
-    order = [by_metric[0]]
-    rest = sorted((r for r in front if r is not by_metric[0]), key=lambda r: r.get("latency", 0), reverse=True)
-    if rest and n > 1:  # evenly spaced over the remaining front, then everything else as fall-backs
-        step = max(1, len(rest) // (n - 1))
-        spread = rest[step - 1::step][: n - 1] or rest[: n - 1]
-        order += spread + [r for r in rest if r not in spread]
-    return order + [r for r in by_metric[1:] if r not in order]
+    nd = sorted(non_dominated([{"i": i, "error": r["error"], "latency": r.get("latency", 0)}
+                               for i, r in enumerate(front)], ("error", "latency")),
+                key=lambda p: (p["latency"], p["error"]))  # fastest first
+    picks = [front[nd[j]["i"]] for j in pick_points([(-p["error"], p["latency"]) for p in nd], n)]
+    return picks + sorted((r for r in front if not any(r is q for q in picks)), key=lambda r: r["error"])
 
 
 def measured_on_target(info: dict) -> bool:
@@ -207,11 +205,13 @@ def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path)
 
 
 def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0.5,
-                much_better: float = 0.01) -> set[int]:
+                much_better: float = 0.01) -> list[int]:
     """Which of a non-dominated ``front`` of ``(metric, latency)`` pairs, fastest first, to ship when there are more
-    than ``n``: the most accurate; the fastest that is not beaten by ``much_better`` (1 point) or more by a point at
-    most ``close_ms`` slower; then knees, the points furthest above the line from that fastest point to the most
-    accurate one (metric and latency scaled to [0, 1] between them)."""
+    than ``n`` (indices, in this order): the most accurate; the fastest that is not beaten by ``much_better``
+    (1 point) or more by a point at most ``close_ms`` slower; then knees, the points furthest above the line from
+    that fastest point to the most accurate one (metric and latency scaled to [0, 1] between them)."""
+    if not front or n < 1:
+        return []
     last = len(front) - 1
     picks = [last]
     fast = next(i for i, (m, lat) in enumerate(front)
@@ -225,7 +225,7 @@ def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0
         return (m - m0) / ((m1 - m0) or 1.0) - (lat - l0) / ((l1 - l0) or 1.0)
 
     knees = sorted((i for i in range(fast + 1, last)), key=above_line, reverse=True)
-    return set(picks + knees[: max(0, n - len(picks))])
+    return picks + knees[: max(0, n - len(picks))]
 
 
 def _summary(res: ExportResult) -> str:
