@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a trained run folder (or a compile's cached super-network)")
     ap.add_argument("--samples", default="1000,3000,6000,20000", help="training texts per recovery")
     ap.add_argument("--ratios", default="0.5,0.35", help="uniform shares of heads and units of the points")
+    ap.add_argument("--random-batches", action="store_true",
+                    help="random batches instead of the default length-grouped ones")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -44,7 +46,7 @@ def main() -> None:
     full_params = run.space.num_parameters(run.supernet.full())
     rows = []
     for n in samples:
-        settings = RecoverSettings(samples=n)
+        settings = RecoverSettings(samples=n, group_by_length=not args.random_batches)
         cache = work / f"samples-{n}"
         t = time.perf_counter()
         teacher_logits(run, settings, cache_dir=cache, progress=False)
@@ -65,12 +67,13 @@ def main() -> None:
         unpruned = score_model(run.supernet.slice(full), run.encoded("validation"), run.spec)["score"]
     md = ["## Recovery: metric against training texts (`bench_recovery.py`)", "",
           f"`python benchmarks/bench_recovery.py --run <super-network> --samples {args.samples} --ratios "
-          f"{args.ratios}`. Machine: {machine()}. Super-network: {run.settings.get('model') or 'all-MiniLM-L6-v2'} on "
+          f"{args.ratios}" + (" --random-batches" if args.random_batches else "") + f"`. Machine: {machine()}. "
+          f"Super-network: {run.settings.get('model') or 'all-MiniLM-L6-v2'} on "
           f"{run.data.task} ({run.settings.get('train', {}).get('strategy')}, init "
           f"{run.settings.get('init', 'pretrained')}); its full network scores {unpruned:.4f} ({run.spec.metric}, "
           f"dev, {len(run.data.load('validation'))} examples). Points: the same share of heads and FFN units in "
           "every layer. Recovery: KL to the full network's logits + labels (50/50), lr 1e-4, batch 32, one epoch "
-          "over the texts.", ""]
+          f"over the texts, {'random' if args.random_batches else 'length-grouped'} batches.", ""]
     md += markdown_table(["point (share)", "parameters", "texts", "before", "after", "change (points)", "steps",
                           "seconds", "teacher s"],
                          [[f"uniform {ratio:.2f}", f"{share:.0%}", n, f"{before:.4f}", f"{after:.4f}",

@@ -392,7 +392,7 @@ def add_recover_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-recover", action="store_true",
                    help="export points with the super-network's shared weights, without recovery")
     g.add_argument("--recover-samples", type=int, default=None,
-                   help="training texts each point is distilled on (default: preset; quick 1500, default 6000, "
+                   help="training texts each point is distilled on (default: preset; quick 3000, default 12000, "
                         "paper all)")
 
 
