@@ -183,3 +183,31 @@ def test_python_api_defaults_are_the_clis():
     assert TrainConfig().strategy == args.strategy == "kd"
     assert inspect.signature(train_run).parameters["init"].default is None  # resolved by the strategy, as the CLI
     assert default_init(TrainConfig().strategy) == "finetuned"
+
+
+@pytest.mark.slow
+def test_train_run_is_the_same_whatever_ran_before_it(tiny_model_dir, tmp_path):
+    """A fresh head (here: a regression head replacing the saved 2-label one) comes from the run's seed, not from
+    whatever state earlier work in the process left torch's generator in (the compile's profile stage draws from it
+    before training): two trainings with the same settings give the same weights."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from toolchain.run import DataSettings, train_run
+
+    rows = [(f"{'good fine' if i % 2 else 'bad dull'} film {i}", f"{(i % 5):.1f}") for i in range(24)]
+    for name in ("train.csv", "val.csv"):
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows([("sentence", "label"), *rows])
+    data = DataSettings(train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "val.csv"),
+                        regression=True, max_length=16)
+    weights = []
+    for i, draw in enumerate((1, 1000)):
+        torch.manual_seed(123)
+        torch.rand(draw)  # earlier work that drew a different amount from the global generator
+        train_run(tmp_path / f"run{i}", model=str(tiny_model_dir), data=data, reorder=False, progress=False,
+                  train_config=TrainConfig(strategy="standard", epochs=1, batch_size=8))
+        weights.append(load_file(tmp_path / f"run{i}" / "supernet" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

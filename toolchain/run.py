@@ -19,6 +19,8 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from toolchain.core.atomic import write_json_atomic
 from toolchain.core.data import TaskSpec, TextDataset, get_task, load_custom, load_task, tokenize
 from toolchain.core.modeling import ModelDims, check_max_length, load_config, load_model, set_label_names
@@ -294,6 +296,10 @@ def train_run(folder: str | Path, *, model: str | None = None, data: DataSetting
         base = train_run(folder / "finetuned", model=model, data=data, space=space,
                          train_config=replace(cfg, strategy="standard"), reorder=False, progress=progress)
         source, finetune_s = str(base.folder / "supernet"), base.settings["train_stats"]["seconds"]
+    # a fresh head (and pooler, for a checkpoint without one) is drawn from torch's global generator: seed it, or
+    # the same settings train another network whenever something earlier in the process (the profile stage's random
+    # models, a retaken measurement) has drawn a different amount from it
+    torch.manual_seed(cfg.seed)
     net, tokenizer = load_model(source, num_labels=spec.num_labels, regression=spec.is_regression,
                                 label_names=spec.label_names)
     supernet = SuperNetwork(net)
