@@ -287,7 +287,8 @@ def print_manifest(manifest: dict) -> None:
     """The table of points of a ``manifest.json``: the unpruned reference first, then every exported point."""
     unpruned = manifest["settings"].get("unpruned") or {}
     rows = [("unpruned", unpruned.get("parameters"), unpruned.get("predicted_latency_ms"),
-             unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"), None, unpruned.get("metric"),
+             unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"),
+             unpruned.get("metric_before_recovery"), unpruned.get("metric"),
              unpruned.get("path"))]
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
               p.get("metric_before_recovery"), p["metric"],
