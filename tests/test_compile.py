@@ -113,6 +113,12 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
         recoveries.append((info["precision"], rec["cached"]))
     assert ("fp32", False) in recoveries and all(cached for precision, cached in recoveries if precision == "int8")
     assert {p["precision"] for p in manifest["points"]} == {"fp32", "int8"}
+    # each chosen sub-network is tried in both precisions (an unpruned int8 candidate takes no slot of theirs)
+    tried: dict = {}
+    for p in manifest["points"]:
+        tried.setdefault(json.dumps(p["subnetwork"], sort_keys=True), set()).add(p["precision"])
+    full = json.dumps(json.loads((out / ref["path"] / "nasprune.json").read_text())["subnetwork"], sort_keys=True)
+    assert [k for k in tried if k != full] and all(v == {"fp32", "int8"} for k, v in tried.items() if k != full)
     shipped = [(p["metric"], p["measured_latency_ms"]) for p in manifest["points"] if p["feasible"]]
     assert not any(o != s and o[0] >= s[0] and o[1] <= s[1] for s in shipped for o in shipped)  # none dominated
     assert "before recovery" in (out / "report.html").read_text()

@@ -338,7 +338,9 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     # (not for a table measured on another device: there the gate is the table's prediction, which only the
     # table's precision has)
     others = [] if opts.precision or not target.is_this_machine else [p for p in target.precisions if p != precision]
+    slots = n * (1 + len(others))  # measured-feasible exports before the Pareto cut: n sub-networks, every precision
     if others and not any(r["subnet"] == full for r in order):
+        slots += len(others)  # the unpruned network's own, so that it does not take the last sub-network's int8
         score = unpruned["metric"] or 0.0
         order = [{"subnet": full, "latency": unpruned["predicted_latency_ms"], "error": 1 - score,  # recovered with
                   "score": score, "search_error": None, "only_others": True}] + order  # the reference: tried first
@@ -356,7 +358,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         order = chain([r for r in order if r.get("only_others")], bisect_fastest(
             [r for r in order if not r.get("only_others")], lambda r: r["subnet"].key() in shipped))
     cands = (candidate(r, p) for r in order for p in ([] if r.get("only_others") else [None]) + others)
-    selection = select_and_export(cands, n * (1 + len(others)), opts.max_latency, max_memory_mb=opts.max_memory,
+    selection = select_and_export(cands, slots, opts.max_latency, max_memory_mb=opts.max_memory,
                                   min_metric=floor, model_or_supernet=run.supernet, tokenizer=run.tokenizer,
                                   run_dir=folder, export_fn=export_fn,
                                   on_outcome=lambda c, ok: ok and shipped.add(c.subnet.key()), **common)
