@@ -19,7 +19,8 @@ from toolchain.search.objectives import METHODS, check_constraints, check_object
 from toolchain.training import TrainConfig
 
 PRESETS: dict[str, dict] = {
-    # budgets sized for a 2-core CPU: quick ~5 min, default ~20 min (first run, profiling included)
+    # budgets sized for a 2-core CPU: quick ~5 min, default ~23 min (first run, profiling and recovery included:
+    # 1361 and 1391 s in benchmarks/bench_compile.py, README "A real run")
     "quick": dict(max_train_samples=1500, epochs=1.0, n_evals=60, pop_size=12, search_eval_samples=200, n_export=2,
                   unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256,
                   recover_samples=3000),
