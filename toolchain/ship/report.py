@@ -34,27 +34,27 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
     """
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     xs = [_x(r, x_axis) for r in records]
-    ax.scatter(xs, [1 - r["error"] for r in records], s=10, c="#b0b0b0", label=f"evaluated candidates ({len(records)})",
-               zorder=1)
+    ax.scatter(xs, [1 - r["error"] for r in records], s=10, c="#b0b0b0",
+               label=f"evaluated candidates, shared weights ({len(records)})", zorder=1)
     front = sorted(pareto, key=lambda r: r[x_axis])
     ax.step([_x(r, x_axis) for r in front], [1 - r["error"] for r in front], where="post", c="#1f77b4", lw=1.8,
             zorder=2)
     ax.scatter([_x(r, x_axis) for r in front], [1 - r["error"] for r in front], s=28, c="#1f77b4",
-               label=f"Pareto front ({len(front)})", zorder=3)
+               label=f"Pareto front, shared weights ({len(front)})", zorder=3)
     if budget is not None:
         ax.axvline(budget / 1e6 if x_axis == "params" else budget, c="#d62728", ls="--", lw=1.5,
                    label=f"budget ({budget:g}{' ms' if x_axis == 'latency' else ''})")
         ax.axvspan(budget, ax.get_xlim()[1] if xs else budget, color="#d62728", alpha=0.06, zorder=0)
     if unpruned is not None:
         ax.scatter([_x(unpruned, x_axis)], [1 - unpruned["error"]], marker="*", s=220, c="#ff7f0e",
-                   edgecolors="k", label="unpruned model", zorder=4)
+                   edgecolors="k", label=unpruned.get("label", "unpruned model"), zorder=4)
     for i, s in enumerate(shipped or []):
         ax.scatter([_x(s, x_axis)], [1 - s["error"]], marker="D", s=70, c="#2ca02c", edgecolors="k", zorder=5,
-                   label="shipped (exported, verified)" if i == 0 else None)
+                   label="shipped (exported ONNX, recovered)" if i == 0 else None)
         ax.annotate(s.get("label", ""), (_x(s, x_axis), 1 - s["error"]), textcoords="offset points", xytext=(6, -14),
                     fontsize=8, color="#1a6e1a")
     ax.set_xlabel(AXIS_LABELS.get(x_axis, x_axis))
-    ax.set_ylabel(f"validation {metric_name} (shared weights)")
+    ax.set_ylabel(f"validation {metric_name}")
     ax.set_title(title or "nasprune: accuracy vs cost of every evaluated sub-network", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -122,10 +122,13 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
                                else f" ({info.get('precision')})")})
         shipped_rows.append(_row(res, folder))
     rejected_rows = [_row(r, folder) for r, _ in selection.rejected]
-    unpruned_pt = next((r for r in records if r["subnet"] == full), None)
-    if unpruned_pt is None and unpruned.get("metric") is not None:  # not among the candidates: its export's figures
+    # the unpruned model as exported (recovered, like the shipped points beside it), else its shared-weight score
+    unpruned_pt = next(({**r, "label": "unpruned model (shared weights)"} for r in records if r["subnet"] == full),
+                       None)
+    if unpruned.get("metric") is not None:
         unpruned_pt = {"latency": unpruned["predicted_latency_ms"], "memory": None, "params": unpruned["parameters"],
-                       "error": 1 - unpruned["metric"]}
+                       "error": 1 - unpruned["metric"], "label": "unpruned model (exported ONNX"
+                       + (", recovered)" if unpruned.get("metric_before_recovery") is not None else ")")}
         if x_axis == "memory":
             unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
                 {**unpruned_pt, "memory": unpruned["measured_memory_mb"]}
