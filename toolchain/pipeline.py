@@ -324,7 +324,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                 "measured_latency_drift_corrected_ms": ref.info["measured"].get("latency_drift_corrected_ms"),
                 "predicted_latency_ms": table.predict_latency(full), "measured_memory_mb": ref.measured_memory_mb,
                 "metric": (ref.metric or {}).get("score"),
-                "metric_before_recovery": ((ref.info.get("extra") or {}).get("recovery") or {}).get("score_before"),
+                "metric_before_recovery": ref.metric_before_recovery,
                 "path": str(ref.path.relative_to(folder))}
     floor = opts.metric_floor(unpruned["metric"])
     unpruned["metric_floor"] = floor

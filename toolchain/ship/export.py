@@ -81,6 +81,16 @@ class ExportResult:
     def attention_fused_ok(self) -> bool:
         return bool(self.info["onnx"]["attention_fused_ok"])
 
+    @property
+    def metric_before_recovery(self) -> float | None:
+        return metric_before_recovery(self.info)
+
+
+def metric_before_recovery(info: dict) -> float | None:
+    """The shared-weight score before recovery (:mod:`toolchain.recover`) that ``nasprune.json`` records; None for a
+    point that was not recovered."""
+    return ((info.get("extra") or {}).get("recovery") or {}).get("score_before")
+
 
 # --------------------------------------------------------------------------------------------------- helpers
 

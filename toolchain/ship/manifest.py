@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from toolchain.ship.export import ExportResult
+from toolchain.ship.export import ExportResult, metric_before_recovery
 from toolchain.ship.jsonfile import versions, write_json_atomic
 from toolchain.ship.selection import Selection
 
@@ -46,7 +46,7 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         "metric": metric.get("score") if isinstance(metric, dict) else metric,
         "metric_name": metric.get("name") if isinstance(metric, dict) else None,
         # the shared-weight score before recovery (toolchain.recover), on the same validation set
-        "metric_before_recovery": ((info.get("extra") or {}).get("recovery") or {}).get("score_before"),
+        "metric_before_recovery": metric_before_recovery(info),
         "feasible": bool(info.get("feasible", True) if feasible is None else feasible),
         "infeasible_reason": info.get("infeasible_reason"),
         # false: measured on this machine, not on the target's device; shipped by the latency table's predictions

@@ -156,7 +156,7 @@ def _row(res: ExportResult, folder: Path) -> dict:
     drift = meas.get("latency_drift_corrected_ms")
     where = "" if res.info.get("measured_on_target", True) else " (here, not on the target)"
     score = (res.metric or {}).get("score")
-    before = ((res.info.get("extra") or {}).get("recovery") or {}).get("score_before")
+    before = res.metric_before_recovery
     return {"point": res.point_id, "precision": res.info.get("precision", ""),
             "parameters": f"{res.parameters / 1e6:.2f}M",
             "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
