@@ -99,7 +99,8 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     # candidate, reuses that recovery like every int8 export reuses its fp32 export's; the shipped set is the Pareto
     # set across precisions
     ref = manifest["settings"]["unpruned"]
-    ref_rec = json.loads((out / ref["path"] / "nasprune.json").read_text())["extra"]["recovery"]
+    ref_info = json.loads((out / ref["path"] / "nasprune.json").read_text())
+    ref_rec = ref_info["extra"]["recovery"]
     assert ref_rec["examples"] == 64 and not ref_rec["cached"] and ref["metric_before_recovery"] == ref_rec["score_before"]
     recoveries = []
     for p in manifest["points"]:
@@ -117,7 +118,7 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     tried: dict = {}
     for p in manifest["points"]:
         tried.setdefault(json.dumps(p["subnetwork"], sort_keys=True), set()).add(p["precision"])
-    full = json.dumps(json.loads((out / ref["path"] / "nasprune.json").read_text())["subnetwork"], sort_keys=True)
+    full = json.dumps(ref_info["subnetwork"], sort_keys=True)
     assert [k for k in tried if k != full] and all(v == {"fp32", "int8"} for k, v in tried.items() if k != full)
     shipped = [(p["metric"], p["measured_latency_ms"]) for p in manifest["points"] if p["feasible"]]
     assert not any(o != s and o[0] >= s[0] and o[1] <= s[1] for s in shipped for o in shipped)  # none dominated

@@ -26,11 +26,12 @@ def _x(record: dict, axis: str) -> float:
 
 def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_axis: str = "latency",
                 metric_name: str = "metric", budget: float | None = None, unpruned: dict | None = None,
-                shipped: list[dict] | None = None, title: str = "") -> Path:
+                shipped: list[dict] | None = None, shipped_label: str = "shipped (exported ONNX)",
+                title: str = "") -> Path:
     """Scatter of every evaluated candidate, the Pareto front, the budget line, the unpruned model, shipped points.
 
-    ``records``/``pareto``/``unpruned`` are dicts with ``x_axis`` and ``error`` keys; ``shipped`` dicts also carry
-    ``measured_latency_ms`` and ``label``.
+    ``records``/``pareto``/``unpruned`` are dicts with ``x_axis`` and ``error`` keys (``unpruned`` may carry its
+    legend ``label``); ``shipped`` dicts also carry ``measured_latency_ms`` and ``label``.
     """
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     xs = [_x(r, x_axis) for r in records]
@@ -50,7 +51,7 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
                    edgecolors="k", label=unpruned.get("label", "unpruned model"), zorder=4)
     for i, s in enumerate(shipped or []):
         ax.scatter([_x(s, x_axis)], [1 - s["error"]], marker="D", s=70, c="#2ca02c", edgecolors="k", zorder=5,
-                   label="shipped (exported ONNX, recovered)" if i == 0 else None)
+                   label=shipped_label if i == 0 else None)
         ax.annotate(s.get("label", ""), (_x(s, x_axis), 1 - s["error"]), textcoords="offset points", xytext=(6, -14),
                     fontsize=8, color="#1a6e1a")
     ax.set_xlabel(AXIS_LABELS.get(x_axis, x_axis))
@@ -122,18 +123,21 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
                                else f" ({info.get('precision')})")})
         shipped_rows.append(_row(res, folder))
     rejected_rows = [_row(r, folder) for r, _ in selection.rejected]
-    # the unpruned model as exported (recovered, like the shipped points beside it), else its shared-weight score
-    unpruned_pt = next(({**r, "label": "unpruned model (shared weights)"} for r in records if r["subnet"] == full),
-                       None)
-    if unpruned.get("metric") is not None:
+    # the unpruned model as exported (recovered when the shipped points beside it are), else its shared-weight score
+    if unpruned.get("metric") is None:
+        unpruned_pt = next(({**r, "label": "unpruned model (shared weights)"} for r in records
+                            if r["subnet"] == full), None)
+    else:
         unpruned_pt = {"latency": unpruned["predicted_latency_ms"], "memory": None, "params": unpruned["parameters"],
-                       "error": 1 - unpruned["metric"], "label": "unpruned model (exported ONNX"
-                       + (", recovered)" if unpruned.get("metric_before_recovery") is not None else ")")}
+                       "error": 1 - unpruned["metric"],
+                       "label": _exported("unpruned model", unpruned.get("metric_before_recovery") is not None)}
         if x_axis == "memory":
             unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
                 {**unpruned_pt, "memory": unpruned["measured_memory_mb"]}
     png = pareto_plot(folder / "pareto.png", records, front, x_axis=x_axis, metric_name=metric_name, budget=budget,
                       unpruned=unpruned_pt, shipped=shipped_pts,
+                      shipped_label=_exported("shipped", bool(selection.shipped) and all(
+                          r.metric_before_recovery is not None for r in selection.shipped)),
                       title=f"{settings['task']} on {settings['target']} ({settings['precision']}): "
                             f"{len(records)} sub-networks evaluated, {len(front)} on the front")
     notes = [
@@ -148,6 +152,11 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
     ]
     html_report(folder / "report.html", title=f"nasprune report: {settings['task']} on {settings['target']}",
                 png=png, settings=settings, shipped_rows=shipped_rows, rejected_rows=rejected_rows, notes=notes)
+
+
+def _exported(what: str, recovered: bool) -> str:
+    """A legend entry of exported points, which says whether their metric is after recovery."""
+    return f"{what} (exported ONNX{', recovered' if recovered else ''})"
 
 
 def _row(res: ExportResult, folder: Path) -> dict:
