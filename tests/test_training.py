@@ -104,6 +104,26 @@ def test_evaluator_store_is_reused_across_runs(tokenizer, tmp_path):
     assert Evaluator(sn, other, get_task("sst2"), batch_size=5, store=store).cache == {}
 
 
+def test_evaluator_in_bf16_scores_like_fp32(tokenizer):
+    """bfloat16 autocast (the search's evaluations where the CPU has native bf16) gives the logits of float32 to
+    bf16 precision (test_compile: its scores are stored apart from float32 ones)."""
+    from toolchain.core.data import get_task
+    from toolchain.evaluation import resolve_dtype
+    from toolchain.options import CompileError, CompileOptions
+
+    sn, space, enc = _setup(tokenizer)
+    sn.model.eval()
+    subnet = SubNetwork(heads=(2, 0, 4), units=(10, 3, 0))
+    fp32 = Evaluator(sn, enc, get_task("sst2"), batch_size=5).logits(subnet)
+    bf16 = Evaluator(sn, enc, get_task("sst2"), batch_size=5, dtype="bf16").logits(subnet)
+    assert not (fp32 == bf16).all() and abs(fp32 - bf16).max() < 0.05 * (1 + abs(fp32).max())
+    assert resolve_dtype("auto") in ("fp32", "bf16") and resolve_dtype("fp32") == "fp32"
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        resolve_dtype("fp16")
+    with pytest.raises(CompileError, match="fp32 or bf16"):
+        CompileOptions(search_dtype="int4")
+
+
 @pytest.mark.slow
 def test_train_run_and_cli_evaluate_on_real_data(tiny_model_dir, data_dir, tmp_path, capsys):
     from toolchain.cli import main

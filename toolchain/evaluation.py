@@ -24,15 +24,34 @@ from toolchain.core.supernet import SuperNetwork
 log = logging.getLogger(__name__)
 
 
+def bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (AVX512-BF16 or AMX), where autocast pays off;
+    elsewhere it emulates them, slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto``: ``bf16`` where :func:`bf16_supported`, else ``fp32``."""
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"dtype must be auto, fp32 or bf16, got {dtype!r}")
+    return ("bf16" if bf16_supported() else "fp32") if dtype == "auto" else dtype
+
+
 class Evaluator:
     def __init__(self, supernet: SuperNetwork, encoded: dict[str, torch.Tensor], spec: TaskSpec,
                  batch_size: int = 64, mode: str = "auto", slice_below: float = 0.95, param_count=None,
-                 store: str | Path | None = None):
+                 store: str | Path | None = None, dtype: str = "fp32"):
         """``store``: a JSON-lines file of earlier results on the same weights and data (see
-        ``Run.evaluation_store``); they are reused, and new ones are appended as they are computed."""
+        ``Run.evaluation_store``); they are reused, and new ones are appended as they are computed. ``dtype``
+        ``bf16``: forward passes under bfloat16 autocast (:func:`resolve_dtype`; the store should then be one of
+        bf16 results)."""
         if mode not in ("auto", "mask", "slice"):
             raise ValueError("mode must be auto, mask or slice")
         self.supernet, self.spec, self.batch_size, self.mode = supernet, spec, batch_size, mode
+        self.dtype = resolve_dtype(dtype)
         self.slice_below, self.param_count = slice_below, param_count
         # sort by length once: batches then pad little (dynamic padding in data.batches)
         order = torch.argsort(encoded["attention_mask"].sum(1))
@@ -81,16 +100,14 @@ class Evaluator:
         subnet = subnet or self.supernet.full()
         use_slice = (mode == "slice") if mode else self._use_slice(subnet)
         inputs = {k: v for k, v in self.encoded.items() if k != "labels"}
-        out = []
-        if use_slice:
-            model = self.supernet.slice(subnet)
-            for b in batches(inputs, self.batch_size):
-                out.append(model(**b).logits)
-        else:
-            self.supernet.model.eval()
-            with self.supernet.use(subnet) as model:
-                for b in batches(inputs, self.batch_size):
-                    out.append(model(**b).logits)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            if use_slice:
+                model = self.supernet.slice(subnet)
+                out = [model(**b).logits for b in batches(inputs, self.batch_size)]
+            else:
+                self.supernet.model.eval()
+                with self.supernet.use(subnet) as model:
+                    out = [model(**b).logits for b in batches(inputs, self.batch_size)]
         return torch.cat(out).float().numpy()
 
     def __call__(self, subnet: SubNetwork | None = None) -> dict[str, float]:

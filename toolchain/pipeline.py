@@ -35,7 +35,7 @@ from latency_models.lookup_table import LatencyTable, TableError
 from targets import Target, load_target
 from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
-from toolchain.evaluation import Evaluator, SearchObjective
+from toolchain.evaluation import Evaluator, SearchObjective, resolve_dtype
 from toolchain.latency_settings import REPORT_LENGTHS, confidence_note, export_reference
 from toolchain.options import CompileError, CompileOptions, InfeasibleError
 from toolchain.recover import recover_point, recovery_summary
@@ -204,9 +204,10 @@ def search_stage(run: Run, table, opts: CompileOptions, folder: Path) -> SearchR
 
 def search_evaluator(run: Run, opts: CompileOptions) -> Evaluator:
     """Shared-weight scores on the search's validation subsample, kept in the store beside the super-network."""
-    n = opts.budget("search_eval_samples")
-    return Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec,
-                     param_count=run.space.num_parameters, store=run.evaluation_store("validation", n, opts.seed))
+    n, dtype = opts.budget("search_eval_samples"), resolve_dtype(opts.search_dtype)
+    store = run.evaluation_store("validation", n, opts.seed, dtype)
+    return Evaluator(run.supernet, run.encoded("validation", max_samples=n, seed=opts.seed), run.spec, dtype=dtype,
+                     param_count=run.space.num_parameters, store=store)
 
 
 def with_earlier_points(result: SearchResult, evaluator: Evaluator, costs, space) -> list[dict]:

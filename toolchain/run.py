@@ -130,11 +130,14 @@ class Run:
         st = self.weights.stat()
         return hashlib.sha1(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
-    def evaluation_store(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> Path:
+    def evaluation_store(self, split: str = "validation", max_samples: int | None = None, seed: int = 0,
+                         dtype: str = "fp32") -> Path:
         """Where the metrics of sub-networks on this data are kept for reuse: beside the super-network's weights
-        (shared by every compile that uses them), named after the data subset and :meth:`weights_stamp`."""
+        (shared by every compile that uses them), named after the data subset, :meth:`weights_stamp` and the
+        evaluations' ``dtype`` (bf16 results apart from fp32 ones)."""
+        suffix = "" if dtype == "fp32" else f"-{dtype}"
         return (self.cache_folder / "evaluations"
-                / f"{split}-{max_samples or 'all'}-seed{seed}-{self.weights_stamp()}.jsonl")
+                / f"{split}-{max_samples or 'all'}-seed{seed}-{self.weights_stamp()}{suffix}.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ run folders
