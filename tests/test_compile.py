@@ -120,6 +120,13 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
         tried.setdefault(json.dumps(p["subnetwork"], sort_keys=True), set()).add(p["precision"])
     full = json.dumps(ref_info["subnetwork"], sort_keys=True)
     assert [k for k in tried if k != full] and all(v == {"fp32", "int8"} for k, v in tried.items() if k != full)
+    # --export 2 with the unpruned network shipping in int8: it is one of the two, so one sub-network is recovered
+    assert tried[full] == {"int8"} and len(tried) == 2
+    # the search scored with bf16 autocast where this CPU has native bf16, in a store of its own
+    from toolchain.evaluation import bf16_supported
+
+    stores = [f.name for f in Path(os.environ["NASPRUNE_CACHE"]).rglob("evaluations/validation-32-seed0-*.jsonl")]
+    assert stores and all(name.endswith("-bf16.jsonl") == bf16_supported() for name in stores)
     shipped = [(p["metric"], p["measured_latency_ms"]) for p in manifest["points"] if p["feasible"]]
     assert not any(o != s and o[0] >= s[0] and o[1] <= s[1] for s in shipped for o in shipped)  # none dominated
     assert "before recovery" in (out / "report.html").read_text()

@@ -26,7 +26,6 @@ import logging
 import time
 from dataclasses import asdict, replace
 from functools import partial
-from itertools import chain
 from pathlib import Path
 
 from latency_models.cache import cache_root, default_table_path, run_profile, run_profiles
@@ -302,9 +301,8 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         if not recover:  # an rfp point runs on its own rescaled copy
             return export_point(point_supernet(run, subnet, scales.get(subnet.key())), subnet, *args, extra=extra,
                                 **kwargs)
-        # the full network too: it is the teacher, but the same training on more of the task's text with its labels
-        # lifts it as well (+3.7 points on a default SST-2 compile), and the reference and every candidate are only
-        # comparable when each had the same training
+        # the full network too: it is the teacher, but the same training on more of the task's text with labels
+        # lifts it as well, and the reference and every candidate are only comparable after the same training
         point = recover_point(run, subnet, settings, progress=opts.progress)
         return export_point(supernet, subnet, *args, extra={**(extra or {}), "recovery": recovery_summary(point)},
                             sliced_weights=point.model, **kwargs)
@@ -330,21 +328,16 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     floor = opts.metric_floor(unpruned["metric"])
     unpruned["metric_floor"] = floor
     order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN)
-    if not order:
+    if not order:  # (under an accuracy limit)
         raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
                               f"{floor:.4f} before recovery; closest: {_closest_by_metric(front)}")
-    # precision is a decision: without --precision every precision the target lists is tried on every candidate
-    # (the table predicts the default precision; the others are judged by what they measure), and the unpruned
-    # network itself is a candidate in the other precisions; the shipped set is then the Pareto set across them
-    # (not for a table measured on another device: there the gate is the table's prediction, which only the
-    # table's precision has)
+    # precision is a decision: without --precision every candidate is tried in every precision of the target (the
+    # table predicts its own; the others are judged by what they measure), the unpruned network first; the shipped
+    # set is the Pareto set across them (not for a table of another device: only its precision has a prediction)
     others = [] if opts.precision or not target.is_this_machine else [p for p in target.precisions if p != precision]
-    slots = n * (1 + len(others))  # measured-feasible exports before the Pareto cut: n sub-networks, every precision
-    if others and not any(r["subnet"] == full for r in order):
-        slots += len(others)  # the unpruned network's own, so that it does not take the last sub-network's int8
-        score = unpruned["metric"] or 0.0
-        order = [{"subnet": full, "latency": unpruned["predicted_latency_ms"], "error": 1 - score,  # recovered with
-                  "score": score, "search_error": None, "only_others": True}] + order  # the reference: tried first
+    score = unpruned["metric"] or 0.0  # recovered with the reference
+    first = [dict(subnet=full, latency=unpruned["predicted_latency_ms"], error=1 - score, score=score,
+                  search_error=None)] if others and not any(r["subnet"] == full for r in order) else []
 
     def candidate(r, p):
         predicted = {"latency_ms": r.get("latency", table.predict_latency(r["subnet"])),
@@ -354,15 +347,28 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
             predicted.update(latency_ms=None, memory_mb=None, table_precision=precision)
         return Candidate(r["subnet"], predicted, {"search_error": r["search_error"]}, precision=p)
 
-    shipped = set()  # keys of the sub-networks shipped in some precision (what bisect_fastest asks)
-    if floor is not None:  # under an accuracy limit: bisect the front for the fastest point that meets it
-        order = chain([r for r in order if r.get("only_others")], bisect_fastest(
-            [r for r in order if not r.get("only_others")], lambda r: r["subnet"].key() in shipped))
-    cands = (candidate(r, p) for r in order for p in ([] if r.get("only_others") else [None]) + others)
-    selection = select_and_export(cands, slots, opts.max_latency, max_memory_mb=opts.max_memory,
+    shipped, unpruned_ms = set(), []  # sub-networks shipped in some precision; the unpruned one's latencies in others
+
+    def outcome(c: Candidate, res) -> None:
+        if res is not None:
+            shipped.add(c.subnet.key())
+            if c.subnet == full and c.precision and res.measured_latency_ms:
+                unpruned_ms.append(res.measured_latency_ms)
+
+    def picks() -> int:  # sub-networks to export: when the unpruned network ships in another precision, it is the
+        return n - 1 if unpruned_ms and n > 1 else n  # most accurate pick, and the others come from the faster ones
+
+    def cands():  # lazily: the sub-networks' order is decided once the unpruned network was tried in the others
+        yield from (candidate(r, p) for r in first for p in others)
+        sub = (bisect_fastest(order, lambda r: r["subnet"].key() in shipped) if floor is not None  # accuracy limit:
+               else export_order(front, picks(), faster_than=min(unpruned_ms, default=None)))  # bisect the fastest
+        yield from (candidate(r, p) for r in sub for p in [None] + others)
+
+    # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's
+    slots = (lambda: picks() * (1 + len(others)) + len(unpruned_ms)) if first else n * (1 + len(others))
+    selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
                                   min_metric=floor, model_or_supernet=run.supernet, tokenizer=run.tokenizer,
-                                  run_dir=folder, export_fn=export_fn,
-                                  on_outcome=lambda c, ok: ok and shipped.add(c.subnet.key()), **common)
+                                  run_dir=folder, export_fn=export_fn, on_outcome=outcome, **common)
     if others:
         selection = keep_non_dominated(selection, n, folder)
     if floor is not None and not selection.shipped:

@@ -50,16 +50,22 @@ class Selection:
         return "\n".join(lines)
 
 
-def export_order(front: list[dict], n: int) -> list[dict]:
+def export_order(front: list[dict], n: int, faster_than: float | None = None) -> list[dict]:
     """Search records in shipping order: the ``n`` points a user would pick from the non-dominated records (lowest
     ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one,
-    knees), then the rest as fall-backs, the lowest error first."""
+    knees), then the rest as fall-backs, the lowest error first.
+
+    ``faster_than`` (ms): the picks come from the records predicted faster than that (all of them when none is):
+    the latency of the unpruned network measured in another precision, whose accuracy a sub-network rarely beats,
+    so that a slower sub-network is dominated in the table's precision and its recovery (the longest, of the
+    largest sub-networks) is better spent on the faster ones."""
     if not front:
         return []
+    pool = [r for r in front if faster_than is None or r.get("latency", 0) < faster_than] or front
     nd = sorted(non_dominated([{"i": i, "error": r["error"], "latency": r.get("latency", 0)}
-                               for i, r in enumerate(front)], ("error", "latency")),
+                               for i, r in enumerate(pool)], ("error", "latency")),
                 key=lambda p: (p["latency"], p["error"]))  # fastest first
-    picks = [front[nd[j]["i"]] for j in pick_points([(-p["error"], p["latency"]) for p in nd], n)]
+    picks = [pool[nd[j]["i"]] for j in pick_points([(-p["error"], p["latency"]) for p in nd], n)]
     return picks + sorted((r for r in front if not any(r is q for q in picks)), key=lambda r: r["error"])
 
 
@@ -94,7 +100,7 @@ def constraint_violation(result: ExportResult, max_latency_ms: float | None, max
 
 def select_and_export(
     candidates: Iterable[Candidate],
-    n_points: int,
+    n_points: int | Callable[[], int],
     max_latency_ms: float | None,
     *,
     model_or_supernet,
@@ -104,19 +110,20 @@ def select_and_export(
     min_metric: float | None = None,
     keep_rejected: bool = True,
     export_fn: Callable[..., ExportResult] = export_point,
-    on_outcome: Callable[[Candidate, bool], None] | None = None,
+    on_outcome: Callable[[Candidate, ExportResult | None], None] | None = None,
     **export_kwargs,
 ) -> Selection:
-    """Export ``candidates`` (ordered, best first) until ``n_points`` measured-feasible points are shipped.
+    """Export ``candidates`` (ordered, best first) until ``n_points`` measured-feasible points are shipped (a
+    callable: asked before each candidate, for a number that depends on the outcomes so far).
 
     Shipped points go to ``run_dir/points/<id>``. A point whose MEASURED latency exceeds ``max_latency_ms`` (or
     measured memory ``max_memory_mb``) is not shipped as feasible: it is logged, moved to ``run_dir/rejected/<id>``
     (``keep_rejected``; else deleted), ``nasprune.json["feasible"]`` says false, and the next candidate is tried.
     A point whose metric on the exported model is below ``min_metric`` (an accuracy limit) is rejected the same
     way. A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
-    ``export_fn`` (default :func:`~toolchain.ship.export.export_point`). ``on_outcome(candidate, shipped)`` is
+    ``export_fn`` (default :func:`~toolchain.ship.export.export_point`). ``on_outcome(candidate, result)`` is
     called once a candidate is decided, before the next one is drawn (an order that depends on outcomes:
-    :func:`bisect_fastest`).
+    :func:`bisect_fastest`), with its export if it is shipped, else ``None``.
     """
     run_dir = Path(run_dir)
     points_dir, rejected_dir = run_dir / "points", run_dir / "rejected"
@@ -124,7 +131,7 @@ def select_and_export(
     rejected: list[tuple[ExportResult, str]] = []
     failed: list[tuple[Candidate, str]] = []
     for rank, cand in enumerate(candidates):
-        if len(shipped) >= n_points:
+        if len(shipped) >= (n_points() if callable(n_points) else n_points):
             break
         pid = f"{rank:02d}-{cand.subnet.key()}" + (f"-{cand.precision}" if cand.precision else "")
         kwargs = {**export_kwargs, **({"precision": cand.precision} if cand.precision else {})}
@@ -136,7 +143,7 @@ def select_and_export(
             log.error("candidate %s (%s) could not be exported: %s", pid, cand.subnet, e)
             failed.append((cand, f"{type(e).__name__}: {e}"))
             if on_outcome:
-                on_outcome(cand, False)
+                on_outcome(cand, None)
             continue
         why = constraint_violation(res, max_latency_ms, max_memory_mb)
         score = (res.metric or {}).get("score")
@@ -146,7 +153,7 @@ def select_and_export(
         res.info["feasible"] = why is None
         res.info["infeasible_reason"] = why
         if on_outcome:
-            on_outcome(cand, why is None)
+            on_outcome(cand, res if why is None else None)
         if why is None:
             write_json_atomic(res.path / "nasprune.json", res.info)
             shipped.append(res)
@@ -155,9 +162,10 @@ def select_and_export(
         log.warning("not shipping %s: %s; selecting the next candidate", pid, why)
         _reject(res, why, rejected_dir, keep_rejected)
         rejected.append((res, why))
-    exhausted = len(shipped) < n_points
+    wanted = n_points() if callable(n_points) else n_points
+    exhausted = len(shipped) < wanted
     if exhausted:
-        log.warning("only %d of %d requested points meet the constraints when measured", len(shipped), n_points)
+        log.warning("only %d of %d requested points meet the constraints when measured", len(shipped), wanted)
     return Selection(shipped, rejected, failed, exhausted)
 
 
