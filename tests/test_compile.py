@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,7 +130,9 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     assert stores and all(name.endswith("-bf16.jsonl") == bf16_supported() for name in stores)
     shipped = [(p["metric"], p["measured_latency_ms"]) for p in manifest["points"] if p["feasible"]]
     assert not any(o != s and o[0] >= s[0] and o[1] <= s[1] for s in shipped for o in shipped)  # none dominated
-    assert "before recovery" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "before recovery" in html
+    assert re.search(r"Unpruned model: [^<]* metric \d\.\d{4} \(\d\.\d{4} before recovery\)", html)
 
     # the same points again (nasprune export over the run folder): their recovery comes from the cache
     assert main(["export", str(out), "--max-latency", "50ms", "--export", "2", "--recover-samples", "64"]) == 0

@@ -113,9 +113,9 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         lat = res.measured_latency_ms
         score = (res.metric or {}).get("score")
         pred = (info.get("predicted") or {})
-        # another precision than the table's has no prediction: placed at what it measured
-        shipped_pts.append({x_axis: (pred.get("latency_ms") or lat) if x_axis == "latency" else
-                            ((pred.get("memory_mb") or res.measured_memory_mb) if x_axis == "memory"
+        # exported points are placed at what they measured (predicted where nothing was: not measured here)
+        shipped_pts.append({x_axis: (lat or pred.get("latency_ms")) if x_axis == "latency" else
+                            ((res.measured_memory_mb or pred.get("memory_mb")) if x_axis == "memory"
                              else res.parameters),
                             "error": 1 - score if score is not None else pred.get("error"),  # as shipped
                             "label": (f"{res.point_id[:2]}: {lat:.1f} ms measured" if lat else res.point_id[:2])
@@ -128,7 +128,8 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         unpruned_pt = next(({**r, "label": "unpruned model (shared weights)"} for r in records
                             if r["subnet"] == full), None)
     else:
-        unpruned_pt = {"latency": unpruned["predicted_latency_ms"], "memory": None, "params": unpruned["parameters"],
+        unpruned_pt = {"latency": unpruned.get("measured_latency_ms") or unpruned["predicted_latency_ms"],
+                       "memory": None, "params": unpruned["parameters"],
                        "error": 1 - unpruned["metric"],
                        "label": _exported("unpruned model", unpruned.get("metric_before_recovery") is not None)}
         if x_axis == "memory":
@@ -147,11 +148,17 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         f"measured on the exported ONNX model (after recovery, where the 'metric before recovery' column is "
         f"filled: the shared-weight metric of the same sub-network before it was distilled from the full network).",
         f"Unpruned model: {unpruned['parameters'] / 1e6:.2f}M parameters, {unpruned['measured_latency_ms']:.2f} ms "
-        f"measured, metric {unpruned['metric']}.",
+        f"measured, metric {_fmt(unpruned['metric'])}"
+        + (f" ({_fmt(unpruned['metric_before_recovery'])} before recovery)."
+           if unpruned.get("metric_before_recovery") is not None else "."),
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ]
     html_report(folder / "report.html", title=f"nasprune report: {settings['task']} on {settings['target']}",
                 png=png, settings=settings, shipped_rows=shipped_rows, rejected_rows=rejected_rows, notes=notes)
+
+
+def _fmt(metric: float | None) -> str:
+    return "unknown" if metric is None else f"{metric:.4f}"
 
 
 def _exported(what: str, recovered: bool) -> str:
