@@ -15,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from toolchain.ship.export import ExportResult  # noqa: E402
 from toolchain.ship.selection import Selection  # noqa: E402
 
-AXIS_LABELS = {"latency": "latency on target (ms, predicted)", "memory": "memory (MB, predicted)",
+# candidates and front at the table's prediction; exported points (shipped, the unpruned star) at what they measured
+AXIS_LABELS = {"latency": "latency on target (ms): predicted; exported points: measured",
+               "memory": "memory (MB): predicted; exported points: measured",
                "params": "parameters (millions)", "error": "validation error (1 - metric)"}
 
 
