@@ -70,6 +70,12 @@ class ExportResult:
         return (self.info.get("measured") or {}).get("latency_ms")
 
     @property
+    def measured_latency_drift_corrected_ms(self) -> float | None:
+        """The measured latency at the machine speed of the latency table's calibration (measured beside the
+        unpruned reference; ``None`` otherwise)."""
+        return (self.info.get("measured") or {}).get("latency_drift_corrected_ms")
+
+    @property
     def measured_memory_mb(self) -> float | None:
         return (self.info.get("measured") or {}).get("memory_mb")
 

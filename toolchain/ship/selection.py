@@ -56,7 +56,8 @@ def export_order(front: list[dict], n: int, faster_than: float | None = None) ->
     knees), then the rest as fall-backs, the lowest error first.
 
     ``faster_than`` (ms): the picks come from the records predicted faster than that (all of them when none is):
-    the latency of the unpruned network measured in another precision, whose accuracy a sub-network rarely beats,
+    the latency of the unpruned network measured in another precision (drift-corrected to the table's machine
+    speed where it was measured beside the reference), whose accuracy a sub-network rarely beats,
     so that a slower sub-network is dominated in the table's precision and its recovery (the longest, of the
     largest sub-networks) is better spent on the faster ones."""
     if not front:
