@@ -347,25 +347,25 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
             predicted.update(latency_ms=None, memory_mb=None, table_precision=precision)
         return Candidate(r["subnet"], predicted, {"search_error": r["search_error"]}, precision=p)
 
-    shipped, unpruned_ms = set(), []  # sub-networks shipped in some precision; the unpruned one's latencies in others
+    shipped, unpruned_other = set(), []  # sub-networks shipped in some precision; the unpruned one in others
 
     def outcome(c: Candidate, res) -> None:
         if res is not None:
             shipped.add(c.subnet.key())
-            if c.subnet == full and c.precision and res.measured_latency_ms:  # at the table's (quiet) machine speed
-                unpruned_ms.append(res.measured_latency_drift_corrected_ms or res.measured_latency_ms)
+            if c.subnet == full and c.precision:
+                unpruned_other.append(c.precision)
 
     def picks() -> int:  # sub-networks to export: when the unpruned network ships in another precision, it is the
-        return n - 1 if unpruned_ms and n > 1 else n  # most accurate pick, and the others come from the faster ones
+        return n - 1 if unpruned_other and n > 1 else n  # most accurate of the points a user would pick
 
-    def cands():  # lazily: the sub-networks' order is decided once the unpruned network was tried in the others
+    def cands():  # lazily: how many sub-networks to pick is decided once the unpruned network was tried in the others
         yield from (candidate(r, p) for r in first for p in others)
         sub = (bisect_fastest(order, lambda r: r["subnet"].key() in shipped) if floor is not None  # accuracy limit:
-               else export_order(front, picks(), faster_than=min(unpruned_ms, default=None)))  # bisect the fastest
+               else export_order(front, picks()))  # bisect for the fastest
         yield from (candidate(r, p) for r in sub for p in [None] + others)
 
     # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's
-    slots = (lambda: picks() * (1 + len(others)) + len(unpruned_ms)) if first else n * (1 + len(others))
+    slots = (lambda: picks() * (1 + len(others)) + len(unpruned_other)) if first else n * (1 + len(others))
     selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
                                   min_metric=floor, model_or_supernet=run.supernet, tokenizer=run.tokenizer,
                                   run_dir=folder, export_fn=export_fn, on_outcome=outcome, **common)

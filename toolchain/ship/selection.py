@@ -50,23 +50,16 @@ class Selection:
         return "\n".join(lines)
 
 
-def export_order(front: list[dict], n: int, faster_than: float | None = None) -> list[dict]:
+def export_order(front: list[dict], n: int) -> list[dict]:
     """Search records in shipping order: the ``n`` points a user would pick from the non-dominated records (lowest
     ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one,
-    knees), then the rest as fall-backs, the lowest error first.
-
-    ``faster_than`` (ms): the picks come from the records predicted faster than that (all of them when none is):
-    the latency of the unpruned network measured in another precision (drift-corrected to the table's machine
-    speed where it was measured beside the reference), whose accuracy a sub-network rarely beats,
-    so that a slower sub-network is dominated in the table's precision and its recovery (the longest, of the
-    largest sub-networks) is better spent on the faster ones."""
+    knees), then the rest as fall-backs, the lowest error first."""
     if not front:
         return []
-    pool = [r for r in front if faster_than is None or r.get("latency", 0) < faster_than] or front
     nd = sorted(non_dominated([{"i": i, "error": r["error"], "latency": r.get("latency", 0)}
-                               for i, r in enumerate(pool)], ("error", "latency")),
+                               for i, r in enumerate(front)], ("error", "latency")),
                 key=lambda p: (p["latency"], p["error"]))  # fastest first
-    picks = [pool[nd[j]["i"]] for j in pick_points([(-p["error"], p["latency"]) for p in nd], n)]
+    picks = [front[nd[j]["i"]] for j in pick_points([(-p["error"], p["latency"]) for p in nd], n)]
     return picks + sorted((r for r in front if not any(r is q for q in picks)), key=lambda r: r["error"])
 
 
