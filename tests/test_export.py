@@ -352,6 +352,10 @@ def test_export_order_picks_what_a_user_would_then_falls_back_by_metric():
     assert sorted(order) == list(range(16)) and order[3:5] == [14, 13]  # fall-backs: by metric
     assert [r["id"] for r in export_order(front, 1)][:2] == [15, 14]
     assert export_order([], 3) == []
+    # the unpruned network shipped in int8 is the most accurate pick: the fastest sensible one and the knee, then the
+    # most accurate sub-network first among the fall-backs
+    order = [r["id"] for r in export_order(front, 2, most_accurate=False)]
+    assert order[:3] == [2, 9, 15] and sorted(order) == list(range(16))
 
 
 def test_metric_data_from_dataset(tokenizer):

@@ -358,10 +358,10 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     def picks() -> int:  # sub-networks to export: when the unpruned network ships in another precision, it is the
         return n - 1 if unpruned_other and n > 1 else n  # most accurate of the points a user would pick
 
-    def cands():  # lazily: how many sub-networks to pick is decided once the unpruned network was tried in the others
+    def cands():  # lazily: the sub-networks to pick are decided once the unpruned network was tried in the others
         yield from (candidate(r, p) for r in first for p in others)
         sub = (bisect_fastest(order, lambda r: r["subnet"].key() in shipped) if floor is not None  # accuracy limit:
-               else export_order(front, picks()))  # bisect for the fastest
+               else export_order(front, picks(), most_accurate=not unpruned_other))  # bisect for the fastest
         yield from (candidate(r, p) for r in sub for p in [None] + others)
 
     # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's

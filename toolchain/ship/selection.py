@@ -50,16 +50,19 @@ class Selection:
         return "\n".join(lines)
 
 
-def export_order(front: list[dict], n: int) -> list[dict]:
+def export_order(front: list[dict], n: int, most_accurate: bool = True) -> list[dict]:
     """Search records in shipping order: the ``n`` points a user would pick from the non-dominated records (lowest
     ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one,
-    knees), then the rest as fall-backs, the lowest error first."""
+    knees), then the rest as fall-backs, the lowest error first. ``most_accurate=False``: another point (the unpruned
+    network in another precision) is the most accurate pick, so the ``n`` picks are the fastest sensible one and
+    knees, and the most accurate record is the first fall-back."""
     if not front:
         return []
     nd = sorted(non_dominated([{"i": i, "error": r["error"], "latency": r.get("latency", 0)}
                                for i, r in enumerate(front)], ("error", "latency")),
                 key=lambda p: (p["latency"], p["error"]))  # fastest first
-    picks = [front[nd[j]["i"]] for j in pick_points([(-p["error"], p["latency"]) for p in nd], n)]
+    chosen = pick_points([(-p["error"], p["latency"]) for p in nd], n if most_accurate else n + 1)
+    picks = [front[nd[j]["i"]] for j in (chosen if most_accurate else chosen[1:])]
     return picks + sorted((r for r in front if not any(r is q for q in picks)), key=lambda r: r["error"])
 
 
