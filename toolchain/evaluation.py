@@ -33,10 +33,14 @@ def bf16_supported() -> bool:
         return False
 
 
+#: what an evaluation's ``dtype`` may be (``auto``: :func:`resolve_dtype`)
+DTYPES = ("auto", "fp32", "bf16")
+
+
 def resolve_dtype(dtype: str) -> str:
     """``auto``: ``bf16`` where :func:`bf16_supported`, else ``fp32``."""
-    if dtype not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"dtype must be auto, fp32 or bf16, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {dtype!r}")
     return ("bf16" if bf16_supported() else "fp32") if dtype == "auto" else dtype
 
 

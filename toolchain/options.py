@@ -11,6 +11,7 @@ from latency_models.lookup_table import LatencyTable
 from targets import Target, load_target
 from toolchain.core.modeling import ModelDims, check_max_length, load_config
 from toolchain.core.search_space import SPACE_NAMES
+from toolchain.evaluation import DTYPES
 from toolchain.latency_settings import at_length, parse_sequence_length, sequence_length_for
 from toolchain.recover import RecoverSettings
 from toolchain.run import DataSettings, Run, default_init
@@ -98,8 +99,9 @@ class CompileOptions:
         if self.latency_confidence is not None and not 0 < self.latency_confidence < 1:
             raise CompileError(f"--latency-confidence must be between 0 and 1 (e.g. 0.95), got "
                                f"{self.latency_confidence:g}")
-        if self.search_dtype not in ("auto", "fp32", "bf16"):
-            raise CompileError(f"search dtype must be auto, fp32 or bf16, got {self.search_dtype!r}")
+        if self.search_dtype not in DTYPES:
+            raise CompileError(f"search dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got "
+                               f"{self.search_dtype!r}")
         self.sequence_length = parse_sequence_length(self.sequence_length)
         if self.strategy is None:
             self.strategy = "standard" if self.method == "rfp" else "kd"

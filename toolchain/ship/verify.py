@@ -312,14 +312,17 @@ def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, 
                          reference=reference.onnx if latency and reference is not None else None,
                          lengths=list(lengths) if latency else [])
     speed = reference.speed_ms if latency and reference is not None else None
+
+    def off(m: dict) -> float:  # how far the reference read from the calibration's speed
+        return abs(m["reference_ms"] / speed - 1.0)
+
     disturbed: list[float] = []
     for _ in range(retakes if speed else 0):
-        if abs(r["reference_ms"] / speed - 1.0) <= QUIET_TOLERANCE:
+        if off(r) <= QUIET_TOLERANCE:
             break
         again = measure_isolated(onnx_path, settings, vocab_size, measurement, timeout, rounds=rounds,
                                  reference=reference.onnx)
-        keep, drop = (again, r) if abs(again["reference_ms"] / speed - 1) < abs(r["reference_ms"] / speed - 1) \
-            else (r, again)
+        keep, drop = (again, r) if off(again) < off(r) else (r, again)
         disturbed.append(drop["reference_ms"])
         r = {**r, **{k: keep[k] for k in ("latency_ms", "reference_ms", "rounds_ms", "reference_rounds_ms",
                                           *LATENCY_KEYS) if k in keep}}
