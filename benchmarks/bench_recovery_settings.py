@@ -10,7 +10,9 @@ length-grouped batches of 12000, which cost about the same.
         --settings '{"samples": 6000, "group_by_length": false}' '{"samples": 12000, "group_by_length": true}'
 
 Every setting recovers into a fresh temporary cache (nothing reused from the compile); recovery is deterministic
-for given settings (seeded order and initialisation), so a rerun gives the same metrics.
+for given settings (seeded order and initialisation), so a rerun gives the same metrics. Each recovered point is
+also scored on the two halves of the dev set (a seeded split, ``--split-seed``): a setting is chosen on one half
+and checked on the other.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ def main() -> None:
     ap.add_argument("--front", required=True, help="pareto.json of a compile of that super-network")
     ap.add_argument("--keys", required=True, help="comma-separated sub-network keys of the front")
     ap.add_argument("--settings", nargs="+", required=True, help="RecoverSettings fields as JSON, one per setting")
+    ap.add_argument("--section", default="", help="write docs section bench_recovery_settings-SECTION instead of "
+                    "bench_recovery_settings (another comparison beside the first)")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
+    import numpy as np
+
     from toolchain.core.subnetwork import SubNetwork
+    from toolchain.ship.verify import MetricData, predict_torch
     from toolchain.recover import RecoverSettings, recover_point, teacher_logits
     from toolchain.run import load_run
 
@@ -48,6 +56,14 @@ def main() -> None:
     variants = [json.loads(s) for s in args.settings]
     full_params = run.space.num_parameters(run.supernet.full())
     work = Path(tempfile.mkdtemp(prefix="nasprune-bench-recovery-settings-"))
+    dev = MetricData.from_dataset(run.data.load("validation"), run.tokenizer, run.data.max_length)
+    order = np.random.default_rng(args.split_seed).permutation(len(dev))
+    halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:]))
+
+    def half_scores(model) -> tuple[float, float]:
+        preds = predict_torch(model, dev.inputs)
+        return tuple(float(dev.metric(preds[i], dev.labels[i])["score"]) for i in halves)
+
     results: dict[tuple[int, str], dict] = {}
     teacher_s = []
     for v, kw in enumerate(variants):
@@ -58,18 +74,19 @@ def main() -> None:
         teacher_s.append(time.perf_counter() - t)
         for key in keys:
             subnet = SubNetwork(**records[key]["subnet"])
-            info = recover_point(run, subnet, settings, cache_dir=cache, progress=False).info
-            results[v, key] = info
+            point = recover_point(run, subnet, settings, cache_dir=cache, progress=False)
+            info = results[v, key] = {**point.info, "halves": half_scores(point.model)}
             print(f"{json.dumps(kw)} {key}: {info['score_before']:.4f} -> {info['score_after']:.4f} "
                   f"({info['steps']} steps, {info['seconds']:.0f} s)", flush=True)
 
     def label(kw: dict) -> str:
         s = RecoverSettings(**kw)
-        return f"{s.samples or 'all'} texts, {'grouped' if s.group_by_length else 'random'}"
+        rest = "".join(f", {k} {v}" for k, v in kw.items() if k not in ("samples", "group_by_length"))
+        return f"{s.samples or 'all'} texts, {'grouped' if s.group_by_length else 'random'}{rest}"
 
     head = ["point", "parameters", "predicted ms", "before"]
     for kw in variants:
-        head += [f"after: {label(kw)}", "s"]
+        head += [f"after: {label(kw)}", "half A / B", "s"]
     rows = []
     for key in keys:
         r = records[key]
@@ -77,13 +94,14 @@ def main() -> None:
         for v in range(len(variants)):
             i = results[v, key]
             row += [f"{i['score_after']:.4f} ({100 * (i['score_after'] - i['score_before']):+.1f})",
-                    f"{i['seconds']:.0f}"]
+                    " / ".join(f"{h:.4f}" for h in i["halves"]), f"{i['seconds']:.0f}"]
         rows.append(row)
-    means = ["mean change", "", "", ""]
+    means = ["mean change (halves: mean metric)", "", "", ""]
     for v in range(len(variants)):
         gain = sum(results[v, k]["score_after"] - results[v, k]["score_before"] for k in keys) / len(keys)
         secs = sum(results[v, k]["seconds"] for k in keys) / len(keys)
-        means += [f"{100 * gain:+.1f}", f"{secs:.0f}"]
+        halves_mean = [sum(results[v, k]["halves"][h] for k in keys) / len(keys) for h in (0, 1)]
+        means += [f"{100 * gain:+.1f}", " / ".join(f"{h:.4f}" for h in halves_mean), f"{secs:.0f}"]
     rows.append(means)
     settings_text = "; ".join(f"{label(kw)}: teacher logits {s:.0f} s" for kw, s in zip(variants, teacher_s))
     md = ["## Recovery settings side by side (`bench_recovery_settings.py`)", "",
@@ -93,9 +111,10 @@ def main() -> None:
           f"a default compile's front (predicted fp32 latency at the target's length). Metric: {run.spec.metric} on "
           f"the dev set ({len(run.data.load('validation'))} examples), before (shared weights) and after recovery "
           f"(KL to the full network's logits + labels, 50/50, lr 1e-4, batch 32, one epoch); s: seconds of the "
-          f"recovery, one run each on a shared machine. {settings_text}.", ""]
+          f"recovery, one run each on a shared machine; half A / B: the recovered point on the two halves of the dev set "
+          f"(split seed {args.split_seed}). {settings_text}.", ""]
     md += markdown_table(head, rows, right=set(range(1, len(head))))
-    publish("bench_recovery_settings", md, write=not args.no_docs)
+    publish("bench_recovery_settings" + (f"-{args.section}" if args.section else ""), md, write=not args.no_docs)
 
 
 if __name__ == "__main__":
