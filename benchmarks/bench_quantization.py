@@ -22,16 +22,14 @@ Recovery is deterministic for given settings, so a rerun on the same super-netwo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, publish  # noqa: E402
+from common import dev_halves, front_arguments, front_records, machine, markdown_table, publish  # noqa: E402
 
 GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")
 DEFAULT_OPS = ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"]  # the quantizer's own, for a BERT graph
@@ -54,12 +52,8 @@ def variants(fp32: Path) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a compile's cached super-network (or a trained run folder)")
-    ap.add_argument("--front", required=True, help="pareto.json of a compile of that super-network")
-    ap.add_argument("--keys", required=True, help="comma-separated sub-network keys of the front")
+    front_arguments(ap)
     ap.add_argument("--target", default="cpu", help="target whose session settings time the models (default: cpu)")
-    ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
-    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
     from latency_models.grid import as_target
@@ -67,24 +61,18 @@ def main() -> None:
     from toolchain.core.subnetwork import SubNetwork
     from toolchain.onnx.build import build_onnx, quantize_int8
     from toolchain.recover import RecoverSettings, recover_point
-    from toolchain.ship.verify import MetricData, default_session, meter_settings, predict_onnx
+    from toolchain.ship.verify import default_session, meter_settings, predict_onnx
 
     run = load_run_or_exit(args.run)
-    records = {r["key"]: r for r in json.loads(Path(args.front).read_text())["pareto"]}
     keys = args.keys.split(",")
-    missing = [k for k in keys if k not in records]
-    if missing:
-        raise SystemExit(f"not on the front {args.front}: {', '.join(missing)}")
+    records = front_records(args.front, keys)
     target = as_target(args.target)
     settings = meter_settings(target)
     vocab = run.supernet.model.config.vocab_size
-    dev = MetricData.from_dataset(run.data.load("validation"), run.tokenizer, run.data.max_length)
-    order = np.random.default_rng(args.split_seed).permutation(len(dev))
-    halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:]))
+    dev, split_scores = dev_halves(run, args.split_seed)
 
     def scores(path: Path) -> tuple[float, float, float]:
-        preds = predict_onnx(default_session(path), dev.inputs)
-        return tuple(float(dev.metric(preds[i], dev.labels[i])["score"]) for i in (*halves, np.arange(len(dev))))
+        return split_scores(predict_onnx(default_session(path), dev.inputs))
 
     points = [("unpruned", run.supernet.full())] + [(k, SubNetwork(**records[k]["subnet"])) for k in keys]
     work = Path(tempfile.mkdtemp(prefix="nasprune-bench-quantization-"))

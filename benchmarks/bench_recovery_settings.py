@@ -25,44 +25,32 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, publish  # noqa: E402
+from common import dev_halves, front_arguments, front_records, machine, markdown_table, publish  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a compile's cached super-network (or a trained run folder)")
-    ap.add_argument("--front", required=True, help="pareto.json of a compile of that super-network")
-    ap.add_argument("--keys", required=True, help="comma-separated sub-network keys of the front")
+    front_arguments(ap)
     ap.add_argument("--settings", nargs="+", required=True, help="RecoverSettings fields as JSON, one per setting")
     ap.add_argument("--section", default="", help="write docs section bench_recovery_settings-SECTION instead of "
                     "bench_recovery_settings (another comparison beside the first)")
-    ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
-    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
-    import numpy as np
-
     from toolchain.core.subnetwork import SubNetwork
-    from toolchain.ship.verify import MetricData, predict_torch
+    from toolchain.ship.verify import predict_torch
     from toolchain.recover import RecoverSettings, recover_point, teacher_logits
     from toolchain.run import load_run
 
     run = load_run(args.run)
-    records = {r["key"]: r for r in json.loads(Path(args.front).read_text())["pareto"]}
     keys = args.keys.split(",")
-    missing = [k for k in keys if k not in records]
-    if missing:
-        raise SystemExit(f"not on the front {args.front}: {', '.join(missing)}")
+    records = front_records(args.front, keys)
     variants = [json.loads(s) for s in args.settings]
     full_params = run.space.num_parameters(run.supernet.full())
     work = Path(tempfile.mkdtemp(prefix="nasprune-bench-recovery-settings-"))
-    dev = MetricData.from_dataset(run.data.load("validation"), run.tokenizer, run.data.max_length)
-    order = np.random.default_rng(args.split_seed).permutation(len(dev))
-    halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:]))
+    dev, split_scores = dev_halves(run, args.split_seed)
 
     def half_scores(model) -> tuple[float, float]:
-        preds = predict_torch(model, dev.inputs)
-        return tuple(float(dev.metric(preds[i], dev.labels[i])["score"]) for i in halves)
+        return split_scores(predict_torch(model, dev.inputs))[:2]
 
     results: dict[tuple[int, str], dict] = {}
     teacher_s = []

@@ -66,3 +66,41 @@ def publish(name: str, lines: list[str], write: bool = True) -> str:
     if write:
         write_section(name, text)
     return text
+
+
+def front_records(front: str | Path, keys: list[str]) -> dict:
+    """The records of a compile's ``pareto.json`` named by ``keys``, by key (exits naming those not on it)."""
+    import json
+
+    records = {r["key"]: r for r in json.loads(Path(front).read_text())["pareto"]}
+    missing = [k for k in keys if k not in records]
+    if missing:
+        sys.exit(f"not on the front {front}: {', '.join(missing)}")
+    return {k: records[k] for k in keys}
+
+
+def dev_halves(run, seed: int = 0):
+    """The run's dev set (``MetricData``) and ``scores(predictions) -> (half A, half B, whole)``: the task metric on
+    a seeded split of it in two halves (choose on one, check on the other) and on all of it."""
+    import numpy as np
+
+    from toolchain.ship.verify import MetricData
+
+    dev = MetricData.from_dataset(run.data.load("validation"), run.tokenizer, run.data.max_length)
+    order = np.random.default_rng(seed).permutation(len(dev))
+    parts = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:]), np.arange(len(dev)))
+
+    def scores(preds) -> tuple[float, float, float]:
+        return tuple(float(dev.metric(preds[i], dev.labels[i])["score"]) for i in parts)
+
+    return dev, scores
+
+
+def front_arguments(ap) -> None:
+    """The arguments of a benchmark over points of a compile's front: ``--run``, ``--front``, ``--keys``,
+    ``--split-seed`` (:func:`dev_halves`) and ``--no-docs``."""
+    ap.add_argument("--run", required=True, help="a compile's cached super-network (or a trained run folder)")
+    ap.add_argument("--front", required=True, help="pareto.json of a compile of that super-network")
+    ap.add_argument("--keys", required=True, help="comma-separated sub-network keys of the front")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
+    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")

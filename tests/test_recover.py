@@ -13,7 +13,7 @@ import torch
 
 from toolchain.core.data import tokenize
 from toolchain.core.subnetwork import SubNetwork
-from toolchain.recover import (RecoverSettings, point_dir, recover_point, recovery_data, teacher_logits,
+from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point_dir, recover_point, recovery_data, teacher_logits,
                                teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
@@ -106,6 +106,28 @@ def test_recovery_brings_a_pruned_point_closer_to_the_full_network(request, tmp_
         assert set(m) >= {"score", "error"} and -1.0 <= m["score"] <= 1.0
     # the shipped model is the sliced architecture: as many parameters as the search space counts
     assert sum(p.numel() for p in point.model.parameters()) == run.space.num_parameters(PRUNED)
+
+
+def _hidden_distance(run, model) -> float:
+    """:func:`hidden_loss` of ``model`` against the full network on the validation texts."""
+    enc = {k: v for k, v in run.encoded("validation").items() if k != "labels"}
+    with torch.no_grad():
+        with run.supernet.use(None) as full:
+            teacher = full.eval()(**enc, output_hidden_states=True).hidden_states
+        student = model.eval()(**enc, output_hidden_states=True).hidden_states
+    return float(hidden_loss(student, teacher, PRUNED.kept_layers, enc["attention_mask"]))
+
+
+def test_the_hidden_state_term_brings_the_layers_closer_to_the_full_network(run, tmp_path):
+    assert float(hidden_loss(*[(torch.ones(2, 3, 4),) * 3] * 2, (0, 1), torch.ones(2, 3))) == 0.0
+    assert RecoverSettings(hidden_weight=0.0).key() == RecoverSettings().key() != RecoverSettings(hidden_weight=1).key()
+    with pytest.raises(RecoverError):
+        RecoverSettings(hidden_weight=-1)
+    logits_only = recover_point(run, PRUNED, _fast(alpha=1.0), cache_dir=tmp_path, progress=False)
+    layered = recover_point(run, PRUNED, _fast(alpha=1.0, hidden_weight=1.0), cache_dir=tmp_path, progress=False)
+    assert layered.path != logits_only.path and layered.info["settings"]["hidden_weight"] == 1.0
+    d_layered, d_logits = _hidden_distance(run, layered.model), _hidden_distance(run, logits_only.model)
+    assert d_layered < 0.7 * d_logits, (d_layered, d_logits)
 
 
 def test_second_call_loads_the_cached_point(run, tmp_path):

@@ -5,7 +5,9 @@ The teacher (the full network) labels text, so recovery may use all of the task'
 subset the super-network trained on (``DataSettings.max_train_samples`` does not apply; a ``holdout`` split stays
 out, since a search scores candidates on it). ``RecoverSettings.samples`` training texts are drawn (seeded) from
 it. The loss mixes ``alpha`` x distillation (KL to the teacher's softened logits; MSE to its output for a regression
-task such as STS-B) with ``1 - alpha`` x the label loss (cross-entropy; MSE to the label for regression).
+task such as STS-B) with ``1 - alpha`` x the label loss (cross-entropy; MSE to the label for regression), plus
+``hidden_weight`` x a hidden-state term (:func:`hidden_loss`; off by default: no gain on three points of a default
+compile for a third more time, docs/benchmarks.md).
 
 Everything is cached beside the super-network (``<folder of supernet/>``, i.e. the run folder, or ``cache_dir``):
 
@@ -23,6 +25,7 @@ uninterrupted one ends. Files are written to a temporary name and moved into pla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,6 +75,10 @@ class RecoverSettings:
     # in random batches gave +0.8 to +2.9 (bench_recovery_settings); at equal texts (6000) grouped batches ended
     # lower on one point (bench_grouping)
     group_by_length: bool = True
+    # weight of a hidden-state term (CoFi's and TinyBERT's layer distillation): the mean squared difference between
+    # the student's hidden states (embeddings and every kept layer's output) and the full network's at the same
+    # layers, over real tokens; the teacher runs beside the student at every step. 0: off
+    hidden_weight: float = 0.0
     checkpoint_every: int = 50  # optimizer steps (does not change the result, so not part of key())
 
     def __post_init__(self):
@@ -83,6 +90,8 @@ class RecoverSettings:
             raise RecoverError("recovery alpha must be in [0, 1] and warmup_ratio in [0, 1)")
         if self.checkpoint_every < 1:
             raise RecoverError("recovery checkpoint_every must be >= 1")
+        if self.hidden_weight < 0:
+            raise RecoverError("recovery hidden_weight must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +99,8 @@ class RecoverSettings:
     def key(self) -> str:
         """A short stable hash of the settings that change the recovered weights."""
         d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        if not d["hidden_weight"]:  # off: the key of the settings before the term existed (caches stay valid)
+            del d["hidden_weight"]
         return _hash(d)
 
 
@@ -207,6 +218,16 @@ def recovery_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     return alpha * kd + (1.0 - alpha) * label
 
 
+def hidden_loss(student: tuple, teacher: tuple, kept_layers: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the student's hidden states (``output_hidden_states``: the embeddings, then
+    each kept layer's output) and the teacher's at the same layers of the full network, over the real tokens of
+    ``mask`` (batch x sequence) and averaged over those layers."""
+    pairs = [(student[0], teacher[0])] + [(student[j + 1], teacher[i + 1]) for j, i in enumerate(kept_layers)]
+    m = mask.unsqueeze(-1).float()
+    denom = m.sum() * student[0].shape[-1]
+    return sum(((s.float() - t.float()) ** 2 * m).sum() / denom for s, t in pairs) / len(pairs)
+
+
 # ---------------------------------------------------------------------------------------------------- recovery
 def _load_point(run: Run, subnet: SubNetwork, folder: Path) -> RecoveredPoint | None:
     """A finished point from the cache (the sliced architecture rebuilt, then the recovered weights loaded)."""
@@ -283,6 +304,11 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"recover {key}", disable=not progress)
+    layered = settings.hidden_weight > 0  # the full network runs beside the student (its hidden states)
+    stack = contextlib.ExitStack()
+    full = stack.enter_context(run.supernet.use(None)) if layered else None
+    if full is not None:
+        full.eval()
     try:
         while step < total_steps:
             epoch, within = divmod(step, steps_per_epoch)
@@ -294,9 +320,15 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
                     continue
                 torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout of this step
                 idx, labels = b.pop("index"), b.pop("labels")
-                logits = model(**{k: v.to(device) for k, v in b.items()}).logits
-                loss = recovery_loss(logits, teacher[idx].to(device), labels.to(device), regression,
+                inputs = {k: v.to(device) for k, v in b.items()}
+                out = model(**inputs, output_hidden_states=layered)
+                loss = recovery_loss(out.logits, teacher[idx].to(device), labels.to(device), regression,
                                      settings.alpha, settings.temperature)
+                if full is not None:
+                    with torch.no_grad():
+                        reference = full(**inputs, output_hidden_states=True).hidden_states
+                    loss = loss + settings.hidden_weight * hidden_loss(out.hidden_states, reference, subnet.kept_layers,
+                                                                       inputs["attention_mask"])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 optimizer.step()
@@ -316,6 +348,7 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
                     break
     finally:
         bar.close()
+        stack.close()
     model.eval()
 
     after = score_model(model, validation, spec)
