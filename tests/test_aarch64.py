@@ -5,8 +5,8 @@ Python, PyPI's aarch64 wheels); skipped with the reason where that is missing. T
 latencies of any device: the test checks that the bundle runs there and that the table it writes is calibrated,
 validated and accepted by ``nasprune-compile --latency-table``, not its figures.
 
-Emulation is slow (about 5 minutes), so these tests are marked ``emulation`` and left out of the default run:
-``python -m pytest -m emulation``.
+Emulation is slow (5 to 15 minutes: 893 s on the 2-core machine on 2026-12-01), so these tests are marked
+``emulation`` and left out of the default run: ``python -m pytest -m emulation``.
 """
 
 from __future__ import annotations
