@@ -27,12 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dev_halves, front_arguments, front_records, machine, markdown_table, publish  # noqa: E402
 
 GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")
-DEFAULT_OPS = ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"]  # the quantizer's own, for a BERT graph
 
 
 def ffn_output_matmuls(path: Path) -> list[str]:
@@ -45,9 +43,11 @@ def ffn_output_matmuls(path: Path) -> list[str]:
 
 
 def variants(fp32: Path) -> dict[str, dict]:
+    from onnxruntime.quantization.registry import IntegerOpsRegistry  # the operators quantize_dynamic quantizes
+
     return {"per-tensor": {"per_channel": False}, "per-channel": {"per_channel": True},
             "ffn-out-fp32": {"per_channel": False, "exclude": ffn_output_matmuls(fp32)},
-            "attention-fp32": {"per_channel": False, "op_types": [o for o in DEFAULT_OPS if o != "Attention"]}}
+            "attention-fp32": {"per_channel": False, "op_types": [o for o in IntegerOpsRegistry if o != "Attention"]}}
 
 
 def main() -> None:

@@ -97,7 +97,7 @@ def main() -> None:
           f"{args.keys} --settings " + " ".join(f"'{s}'" for s in args.settings) + f"`. Machine: {machine()}. "
           f"Super-network: {run.data.task}, {run.settings.get('train', {}).get('strategy')}; points: sub-networks of "
           f"a default compile's front (predicted fp32 latency at the target's length). Metric: {run.spec.metric} on "
-          f"the dev set ({len(run.data.load('validation'))} examples), before (shared weights) and after recovery "
+          f"the dev set ({len(dev)} examples), before (shared weights) and after recovery "
           f"(KL to the full network's logits + labels, 50/50, lr 1e-4, batch 32, one epoch); s: seconds of the "
           f"recovery, one run each on a shared machine; half A / B: the recovered point on the two halves of the dev set "
           f"(split seed {args.split_seed}). {settings_text}.", ""]

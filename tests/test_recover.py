@@ -13,8 +13,8 @@ import torch
 
 from toolchain.core.data import tokenize
 from toolchain.core.subnetwork import SubNetwork
-from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point_dir, recover_point, recovery_data, teacher_logits,
-                               teacher_path)
+from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point_dir, recover_point, recovery_data,
+                               teacher_logits, teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
 
