@@ -103,6 +103,7 @@ def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: flo
         "fingerprint_key": fingerprint_key(fingerprint),
         "target": manifest["target"],
         "model": manifest["model"],
+        "graph_form": manifest.get("graph_form"),  # toolchain.onnx.build.graph_form: the graphs measured
         "grid": {"heads": list(heads), "units": list(units)},
         "base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"], "weights_mb": base_w},
         "blocks": {"latency_ms": additive_fit(lat) if len(heads) > 1 and len(units) > 1 else lat,

@@ -49,10 +49,30 @@ def dims_key(dims) -> str:
 
 def default_table_path(target: Target | str, precision: str | None, dims) -> Path:
     """Where the table of ``dims`` on ``target`` at ``precision`` (on this machine) is cached:
-    ``<cache>/tables/<fingerprint_key>-<dims key>.json``."""
+    ``<cache>/tables/<fingerprint_key>-<dims key>-<graph form>.json`` (the form of the graphs profiled,
+    :func:`toolchain.onnx.build.graph_form`: a table of another form is not found, it is profiled anew)."""
+    from toolchain.onnx.build import graph_form
+
     t = target if isinstance(target, Target) else load_target(target)
     fp = t.fingerprint(t.check_precision(precision))
-    return tables_dir() / f"{fingerprint_key(fp)}-{dims_key(dims)}.json"
+    return tables_dir() / f"{fingerprint_key(fp)}-{dims_key(dims)}-{graph_form(t.uses_gpu)}.json"
+
+
+def check_graph_form(table, target: Target) -> None:
+    """Warn (:class:`~latency_models.lookup_table.FingerprintMismatchWarning`) when ``table`` was profiled on
+    graphs of another form than the ones exported for ``target`` (:func:`toolchain.onnx.build.graph_form`; a
+    table without the field was profiled before nasprune recorded it, on the fused form): its block costs hold for
+    those graphs, not for the exported ones."""
+    import warnings
+
+    from latency_models.lookup_table import FingerprintMismatchWarning
+    from toolchain.onnx.build import GPU_GRAPHS, graph_form
+
+    profiled, exported = table.data.get("graph_form") or GPU_GRAPHS, graph_form(target.uses_gpu)
+    if profiled != exported:
+        warnings.warn(f"latency table {table.path or ''} was profiled on graphs of the {profiled!r} form, the "
+                      f"exported models are of the {exported!r} form (toolchain.onnx.build): predictions may be "
+                      "off -- re-profile with nasprune-profile", FingerprintMismatchWarning, stacklevel=2)
 
 
 def find_table(target: Target | str, precision: str | None, dims):

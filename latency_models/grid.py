@@ -2,8 +2,8 @@
 
 The micro-graphs are what the compiler really ships, cut down to one layer: a one-layer model of the family,
 sliced to ``h`` heads and ``u`` FFN units and exported with :func:`toolchain.onnx.build.build_onnx` (same export,
-same ONNX Runtime fusion into ``Attention`` / ``SkipLayerNormalization`` / ``BiasGelu``, same int8 quantization),
-plus the zero-layer model (embeddings, pooler, classifier). Weights are random: values do not change latency.
+same ONNX Runtime fusion into ``Attention`` / ``BiasGelu``, same graph form of the residual connections, same int8
+quantization), plus the zero-layer model (embeddings, pooler, classifier). Weights are random: values do not change latency.
 
 Measuring happens in a clean worker process (:class:`Worker`: ``python latency_models/bundle_runner.py --serve``)
 that forks one child per graph and measures it with :func:`targets.meter.measure`, the meter the export uses too.
@@ -179,6 +179,8 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
     after their graph, the same file): exported models take any length, and a layer's cost is additive in its
     attention (heads) and its FFN (units), so the cross gives every cell there
     (:func:`latency_models.lengths.blocks_at`)."""
+    from toolchain.onnx.build import graph_form
+
     heads = list(range(dims.num_heads + 1))
     units = unit_grid(dims.intermediate_size, unit_step)
     micro = dims.vocab_size > MICRO_VOCAB
@@ -208,6 +210,7 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
         "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
         "lengths": sorted({*others, target.sequence_length}),
         "measurement": {**DEFAULT_MEASUREMENT, **(measurement or {})}, "graphs": graphs,
+        "graph_form": graph_form(target.uses_gpu),
     }
 
 

@@ -134,6 +134,37 @@ def test_an_unsliced_model_fuses_like_a_sliced_one(tmp_path, tokenizer, precisio
     assert count_ops(tmp_path / "m2.onnx").get(attention) == 2
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cpu_graphs_keep_residual_sums_that_onnx_runtime_leaves_unfused(tmp_path, tokenizer, precision):
+    """For a CPU, each kept block's residual connection is ``Sum`` -> ``LayerNormalization`` (a layer without heads:
+    ``LayerNormalization(x + bias)``, an ``Add``), and a plain ONNX Runtime session at its default optimization
+    level does not fuse them back into ``SkipLayerNormalization`` (its CPU kernel is the slow one); for a GPU the
+    optimizer still fuses them. Outputs stay those of the torch model."""
+    import onnxruntime as ort
+
+    from toolchain.core.slicing import slice_model
+    from toolchain.onnx.build import build_onnx, count_ops
+
+    model = _model(tokenizer, "bert", layers=2)
+    sliced = slice_model(model, SubNetwork(heads=(2, 0), units=(16, 8))).eval()
+    build_onnx(sliced, tmp_path / "m.onnx", precision, 1, 32)
+    ops = count_ops(tmp_path / "m.onnx")
+    assert ops.get("Sum") == 3 and ops.get("LayerNormalization") == 4 and "SkipLayerNormalization" not in ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    after = count_ops(tmp_path / "session.onnx")
+    assert after.get("LayerNormalization") == 4 and "SkipLayerNormalization" not in after
+    ids = tokenizer(["a short test sentence", "another one"], padding="max_length", max_length=32,
+                    return_tensors="np")
+    feed = {i.name: ids[i.name].astype(np.int64) for i in session.get_inputs()}
+    with torch.no_grad():
+        expected = sliced(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    assert np.abs(session.run(None, feed)[0] - expected).max() <= (1e-4 if precision == "fp32" else 0.5)
+    build_onnx(sliced, tmp_path / "g.onnx", precision, 1, 32, use_gpu=True)  # the optimizer's own choice there
+    assert count_ops(tmp_path / "g.onnx").get("SkipLayerNormalization", 0) >= 3
+
+
 def test_int8_export_reports_delta_and_metric_change(tmp_path, tokenizer):
     model = _model(tokenizer, "bert")
     sub = SubNetwork(heads=(4, 2, 0), units=(48, 24, 12))

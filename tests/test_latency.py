@@ -226,6 +226,25 @@ def test_default_table_path(monkeypatch, tmp_path, setup):
     p8 = default_table_path(target, "int8", dims)
     assert p32.parent == tmp_path / "tables" and p32.suffix == ".json" and p32 != p8
     assert p32 == default_table_path(target, None, dims)
+    assert p32.stem.endswith("-residual-sum")  # the form of the graphs profiled: another form is profiled anew
+
+
+def test_a_table_of_other_graphs_is_flagged(setup, table):
+    """A table records the form of the graphs it was profiled on; one of another form (or from before the field:
+    the fused form) warns when it is used for a target whose exported graphs are of this form."""
+    import warnings
+
+    from latency_models.cache import check_graph_form
+    from latency_models.lookup_table import FingerprintMismatchWarning
+
+    d, target, cfg, dims = setup
+    assert table.data["graph_form"] == "residual-sum"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_graph_form(table, target)  # the graphs it was profiled on are the exported ones: silent
+    old = LatencyTable({k: v for k, v in table.data.items() if k != "graph_form"}, d / "old.json")
+    with pytest.warns(FingerprintMismatchWarning, match="'fused' form"):
+        check_graph_form(old, target)
 
 
 def test_sequence_longer_than_model_is_rejected(setup):

@@ -28,7 +28,7 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-from latency_models.cache import cache_root, default_table_path, run_profile, run_profiles
+from latency_models.cache import cache_root, check_graph_form, default_table_path, run_profile, run_profiles
 from latency_models.grid import table_lengths
 from latency_models.lookup_table import LatencyTable, TableError
 from targets import Target, load_target
@@ -108,9 +108,9 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
                 target=t, model=opts.model, precision=precision, out=str(path), bundle=None,
                 unit_step=opts.budget("unit_step"), calibrate_samples=opts.budget("calibration_samples"),
                 validate_samples=opts.budget("validation_samples"), resume=True, progress=opts.progress))
-    if table.covers(n):
-        table = table.at_length(n)
+    table = table.at_length(n) if table.covers(n) else table
     table.check_model(dims)
+    check_graph_form(table, target)
     if table.measured_on(target, precision):
         table.check_fingerprint(target, precision)  # warns on another runtime or setting
     return table

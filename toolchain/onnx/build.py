@@ -3,6 +3,11 @@
 Uses ``torch.onnx.export`` (TorchScript exporter: its graphs are the ones ``onnxruntime.transformers.optimizer``
 pattern-matches into ``Attention`` / ``EmbedLayerNormalization`` / ``SkipLayerNormalization`` / ``BiasGelu``) and
 ONNX Runtime's own optimizer and quantizer. See docs/decisions.md for why not Optimum.
+
+On a CPU the residual connections stay ``Sum`` + ``LayerNormalization`` instead of ``SkipLayerNormalization``
+(:data:`CPU_GRAPHS`, :func:`residual_sums`): ONNX Runtime's CPU kernel of that operator sums each row one element
+after the other, 3.5 to 7 times slower than ``LayerNormalization`` with the add beside it, a cost pruning does not
+shrink (the hidden size stays). ``benchmarks/bench_export.py`` measures both forms.
 """
 
 from __future__ import annotations
@@ -16,6 +21,18 @@ import torch
 log = logging.getLogger(__name__)
 
 OPSET = 17
+#: the form of the graphs :func:`build_onnx` emits, per device kind; a latency table records the form it was profiled
+#: on (its measurements hold for that form only)
+GPU_GRAPHS = "fused"  # ``SkipLayerNormalization`` (its CUDA kernel is fast)
+CPU_GRAPHS = "residual-sum"  # ``Sum`` + ``LayerNormalization`` (:func:`residual_sums`)
+
+
+def graph_form(use_gpu: bool) -> str:
+    """The form of the graphs built for a GPU (``use_gpu``) or a CPU target: :data:`GPU_GRAPHS` or
+    :data:`CPU_GRAPHS`."""
+    return GPU_GRAPHS if use_gpu else CPU_GRAPHS
+
+
 FUSED_OPS = ("Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu",
              "LayerNormalization")
 
@@ -56,25 +73,51 @@ def export_onnx(model: torch.nn.Module, path: str | Path, batch: int = 1, seq_le
     return path
 
 
-def optimize_onnx(src: str | Path, dst: str | Path, config, use_gpu: bool = False, fp16: bool = False) -> dict[str, int]:
+def optimize_onnx(src: str | Path, dst: str | Path, config, use_gpu: bool = False, fp16: bool = False,
+                  form: str | None = None) -> dict[str, int]:
     """Fuse with ``onnxruntime.transformers.optimizer``; returns the fused operator counts.
 
     Head counts are read per layer from each layer's reshape (``num_heads=0``), so layers with different head
-    counts each fuse into an ``Attention`` node.
+    counts each fuse into an ``Attention`` node. ``form`` (default :func:`graph_form`): :data:`CPU_GRAPHS` keeps the
+    residual adds apart from ``LayerNormalization``, as ``Sum`` (:func:`residual_sums`); :data:`GPU_GRAPHS` fuses
+    them into ``SkipLayerNormalization``.
     """
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
+    form = form or graph_form(use_gpu)
+    if form not in (CPU_GRAPHS, GPU_GRAPHS):
+        raise ValueError(f"unknown graph form '{form}' ({CPU_GRAPHS}, {GPU_GRAPHS})")
     options = FusionOptions("bert")
+    if form == CPU_GRAPHS:
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
     opt = optimizer.optimize_model(
         str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0, optimization_options=options,
         use_gpu=use_gpu, only_onnxruntime=False,
     )
+    if form == CPU_GRAPHS:
+        residual_sums(opt.model)
     if fp16:
         opt.convert_float_to_float16(keep_io_types=True)
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     opt.save_model_to_file(str(dst))
     return stats
+
+
+def residual_sums(model) -> int:
+    """Turn each residual ``Add`` that feeds a ``LayerNormalization`` (an add of two computed tensors, not of a
+    bias) into ``Sum``, in place; returns how many. Same arithmetic; but ONNX Runtime's session optimizer fuses
+    ``Add`` -> ``LayerNormalization`` back into ``SkipLayerNormalization`` (``SkipLayerNormFusion``, on by default,
+    so in any user's plain session too), and it matches ``Add`` only."""
+    constants = {t.name for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    changed = 0
+    for node in model.graph.node:
+        add = producer.get(node.input[0]) if node.op_type == "LayerNormalization" and node.input else None
+        if add is not None and add.op_type == "Add" and not any(i in constants for i in add.input):
+            add.op_type = "Sum"
+            changed += 1
+    return changed
 
 
 def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True, op_types: list[str] | None = None,
@@ -105,8 +148,9 @@ def count_ops(path: str | Path) -> dict[str, int]:
 
 
 def build_onnx(model: torch.nn.Module, dst: str | Path, precision: str = "fp32", batch: int = 1, seq_len: int = 128,
-               use_gpu: bool = False) -> dict[str, int]:
+               use_gpu: bool = False, form: str | None = None) -> dict[str, int]:
     """Export + fuse (+ quantize for int8, or fp16 conversion) into ``dst``; returns fused operator counts.
+    ``form``: the graph form (:func:`optimize_onnx`; default: the device's, :func:`graph_form`).
 
     A model whose self-attention still has Hugging Face's forward (a plain classifier, not a sliced one) is exported
     from a copy that writes each layer's head count into its reshape (:func:`toolchain.core.slicing.with_explicit_heads`;
@@ -122,7 +166,7 @@ def build_onnx(model: torch.nn.Module, dst: str | Path, precision: str = "fp32",
     fused = dst.with_suffix(".fused.onnx")
     try:
         export_onnx(model, raw, batch, seq_len)
-        stats = optimize_onnx(raw, fused, model.config, use_gpu=use_gpu, fp16=precision == "fp16")
+        stats = optimize_onnx(raw, fused, model.config, use_gpu=use_gpu, fp16=precision == "fp16", form=form)
         if precision == "int8":
             quantize_int8(fused, dst)
         elif precision in ("fp32", "fp16"):
