@@ -54,8 +54,13 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
     for i, s in enumerate(shipped or []):
         ax.scatter([_x(s, x_axis)], [1 - s["error"]], marker="D", s=70, c="#2ca02c", edgecolors="k", zorder=5,
                    label=shipped_label if i == 0 else None)
-        ax.annotate(s.get("label", ""), (_x(s, x_axis), 1 - s["error"]), textcoords="offset points",
-                    xytext=(6, -14 if i % 2 == 0 else 7), fontsize=8, color="#1a6e1a")  # neighbours: below, above
+        # beside the marker only its id (shipped points lie close together: long labels overlapped); the whole
+        # label is a line of the legend
+        label = s.get("label", "")
+        ax.annotate(label.split(":")[0], (_x(s, x_axis), 1 - s["error"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8, color="#1a6e1a")
+        if label:
+            ax.plot([], [], " ", label=label)
     ax.set_xlabel(AXIS_LABELS.get(x_axis, x_axis))
     ax.set_ylabel(f"validation {metric_name}")
     ax.set_title(title or "nasprune: accuracy vs cost of every evaluated sub-network", fontsize=10)
