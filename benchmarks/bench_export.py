@@ -5,9 +5,8 @@
 
 Per point: parameters, measured latency (the latency tables' meter, :func:`targets.meter.measure_isolated`: a fresh
 interpreter, the point and the unpruned fp32 ONNX model alternating for ``--rounds`` rounds, so background load hits
-both alike), speed-up over the unpruned fp32 model measured beside it, fp32 vs int8, measured memory, metric. (Timing
-many sessions round-robin in one process, as this script did before, read small models up to a fifth faster
-relative to the unpruned one than the meter does: the sessions' idle thread pools compete.)
+both alike), speed-up over the unpruned fp32 model measured beside it, fp32 vs int8, measured memory, metric. The
+same meter as the export's and the tables', rather than timing every session round-robin in this process.
 
 Physical-limit check: a sliced model against a dense model built natively at the same shape. Heads cannot be matched
 natively (a BERT config ties head size to hidden_size / num_attention_heads, so 6 heads of 32 dims at hidden 384 is
