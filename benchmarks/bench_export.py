@@ -206,9 +206,10 @@ def main(argv=None) -> int:
         f"Model: {dims.model_type}, {dims.num_layers} layers x {dims.num_heads} heads x {dims.intermediate_size} FFN "
         f"units; {source}. Target `{summary['settings']['target']}` ({summary['settings']['cpu']}, "
         f"{summary['settings']['threads']} intra-op threads, ONNX Runtime {summary['settings']['onnxruntime']}), "
-        f"batch {args.batch}, sequence length {args.seq_len}. Latency: the latency tables' meter in a fresh interpreter, each "
-        f"point alternating with the unpruned fp32 ONNX model for {args.rounds} rounds (median of the rounds; p90 of "
-        f"the first); speed-up over the unpruned fp32 model measured beside it. Memory (MB = 10^6 bytes): peak RSS while serving minus RSS before the session, in a fresh process "
+        f"batch {args.batch}, sequence length {args.seq_len}. Latency: the latency tables' meter in a fresh "
+        f"interpreter, each point alternating with the unpruned fp32 ONNX model for {args.rounds} rounds (median of "
+        f"the rounds; p90 of the first); speed-up over the unpruned fp32 model measured beside it. Memory (MB = 10^6 "
+        f"bytes): peak RSS while serving minus RSS before the session, in a fresh process "
         f"(`targets.meter.measure`, the meter of the latency tables); predicted: the table's `predict_memory`. "
         f"max abs delta: ONNX vs sliced torch logits (fp32 must be <= 1e-4). Predicted: the latency table of "
         f"`benchmarks/bench_latency.py` for the target and precision.",

@@ -3,7 +3,8 @@
 The micro-graphs are what the compiler really ships, cut down to one layer: a one-layer model of the family,
 sliced to ``h`` heads and ``u`` FFN units and exported with :func:`toolchain.onnx.build.build_onnx` (same export,
 same ONNX Runtime fusion into ``Attention`` / ``BiasGelu``, same graph form of the residual connections, same int8
-quantization), plus the zero-layer model (embeddings, pooler, classifier). Weights are random: values do not change latency.
+quantization), plus the zero-layer model (embeddings, pooler, classifier). Weights are random: values do not change
+latency.
 
 Measuring happens in a clean worker process (:class:`Worker`: ``python latency_models/bundle_runner.py --serve``)
 that forks one child per graph and measures it with :func:`targets.meter.measure`, the meter the export uses too.

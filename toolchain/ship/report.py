@@ -33,7 +33,8 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
     """Scatter of every evaluated candidate, the Pareto front, the budget line, the unpruned model, shipped points.
 
     ``records``/``pareto``/``unpruned`` are dicts with ``x_axis`` and ``error`` keys (``unpruned`` may carry its
-    legend ``label``); ``shipped`` dicts also carry ``measured_latency_ms`` and ``label``.
+    legend ``label``); ``shipped`` dicts also carry ``measured_latency_ms``, ``label`` (a line of the legend) and
+    ``id`` (written beside the marker; default: the label).
     """
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     xs = [_x(r, x_axis) for r in records]
@@ -57,7 +58,7 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
         # beside the marker only its id (shipped points lie close together: long labels overlapped); the whole
         # label is a line of the legend
         label = s.get("label", "")
-        ax.annotate(label.split(":")[0], (_x(s, x_axis), 1 - s["error"]), textcoords="offset points",
+        ax.annotate(s.get("id", label), (_x(s, x_axis), 1 - s["error"]), textcoords="offset points",
                     xytext=(6, 4), fontsize=8, color="#1a6e1a")
         if label:
             ax.plot([], [], " ", label=label)
@@ -125,6 +126,7 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
                             ((res.measured_memory_mb or pred.get("memory_mb")) if x_axis == "memory"
                              else res.parameters),
                             "error": 1 - score if score is not None else pred.get("error"),  # as shipped
+                            "id": res.point_id[:2],
                             "label": (f"{res.point_id[:2]}: {lat:.1f} ms measured" if lat else res.point_id[:2])
                             + ("" if info.get("precision") == settings.get("precision")
                                else f" ({info.get('precision')})")})
