@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
     "quick": dict(max_train_samples=1500, epochs=1.0, n_evals=60, pop_size=12, search_eval_samples=200, n_export=2,
                   unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256,
                   recover_samples=3000),
-    "default": dict(max_train_samples=6000, epochs=1.0, n_evals=200, pop_size=20, search_eval_samples=400, n_export=3,
+    "default": dict(max_train_samples=6000, epochs=1.0, n_evals=200, pop_size=20, search_eval_samples=400, n_export=4,
                     unit_step=128, calibration_samples=12, validation_samples=12, rfp_samples=512,
                     recover_samples=12000),
     "paper": dict(max_train_samples=None, epochs=5.0, n_evals=1000, pop_size=50, search_eval_samples=None, n_export=5,

@@ -50,18 +50,27 @@ class Selection:
         return "\n".join(lines)
 
 
+#: a point at most this much less accurate than the most accurate one is, to a user, as good as it (the anchors,
+#: CoFi and nn_pruning, are read at 1-1.5 points): :func:`pick_points` ships the fastest such point
+NEAR_BEST = 0.01
+#: the same, before recovery (the search's front, shared weights): half of it, because a sub-network's gap to the
+#: full network can carry over whole through recovery (1.15 points before, 1.14 after, in one default compile)
+NEAR_BEST_BEFORE_RECOVERY = 0.005
+
+
 def export_order(front: list[dict], n: int, most_accurate: bool = True) -> list[dict]:
     """Search records in shipping order: the ``n`` points a user would pick from the non-dominated records (lowest
-    ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one,
-    knees), then the rest as fall-backs, the lowest error first. ``most_accurate=False``: another point (the unpruned
-    network in another precision) is the most accurate pick, so the ``n`` picks are the fastest sensible one and
-    knees, and the most accurate record is the first fall-back."""
+    ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one, the
+    fastest within :data:`NEAR_BEST_BEFORE_RECOVERY` of the most accurate, knees), then the rest as fall-backs, the
+    lowest error first. ``most_accurate=False``: another point (the unpruned network in another precision) is the
+    most accurate pick, so the ``n`` picks are the others, and the most accurate record is the first fall-back."""
     if not front:
         return []
     nd = sorted(non_dominated([{"i": i, "error": r["error"], "latency": r.get("latency", 0)}
                                for i, r in enumerate(front)], ("error", "latency")),
                 key=lambda p: (p["latency"], p["error"]))  # fastest first
-    chosen = pick_points([(-p["error"], p["latency"]) for p in nd], n if most_accurate else n + 1)
+    chosen = pick_points([(-p["error"], p["latency"]) for p in nd], n if most_accurate else n + 1,
+                         near=NEAR_BEST_BEFORE_RECOVERY)
     picks = [front[nd[j]["i"]] for j in (chosen if most_accurate else chosen[1:])]
     return picks + sorted((r for r in front if not any(r is q for q in picks)), key=lambda r: r["error"])
 
@@ -184,7 +193,7 @@ def _reject(res: ExportResult, why: str, rejected_dir: Path, keep: bool = True) 
 def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path) -> Selection:
     """Across precisions, ship the Pareto set of (metric on the exported model, measured latency): a shipped point
     that another one beats on both is moved to ``rejected/``; of the rest at most ``n_points`` stay, chosen by
-    :func:`pick_points` (the most accurate, the fastest sensible one, knees)."""
+    :func:`pick_points` (the most accurate, the fastest sensible one, the fastest near the most accurate, knees)."""
     def key(r):
         return (r.metric or {}).get("score") or float("-inf"), r.measured_latency_ms or float("inf")
 
@@ -199,7 +208,8 @@ def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path)
     kept.sort(key=lambda r: key(r)[1])  # fastest first
     if len(kept) > n_points:
         picks = pick_points([(key(r)[0], key(r)[1]) for r in kept], n_points)
-        dropped += [(r, "not among the points a user would pick (most accurate, knee, fastest sensible)")
+        dropped += [(r, "not among the points a user would pick (most accurate, fastest sensible, "
+                                 "fastest within a point of the most accurate, knee)")
                     for i, r in enumerate(kept) if i not in picks]
         kept = [r for i, r in enumerate(kept) if i in picks]
     for r, why in dropped:
@@ -210,11 +220,13 @@ def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path)
 
 
 def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0.5,
-                much_better: float = 0.01) -> list[int]:
+                much_better: float = 0.01, near: float = NEAR_BEST) -> list[int]:
     """Which of a non-dominated ``front`` of ``(metric, latency)`` pairs, fastest first, to ship when there are more
     than ``n`` (indices, in this order): the most accurate; the fastest that is not beaten by ``much_better``
-    (1 point) or more by a point at most ``close_ms`` slower; then knees, the points furthest above the line from
-    that fastest point to the most accurate one (metric and latency scaled to [0, 1] between them)."""
+    (1 point) or more by a point at most ``close_ms`` slower; the fastest at most ``near`` less accurate than the
+    most accurate (what a user who can give up next to no accuracy would take); then knees, the points furthest
+    above the line from that fastest point to the most accurate one (metric and latency scaled to [0, 1] between
+    them)."""
     if not front or n < 1:
         return []
     last = len(front) - 1
@@ -223,13 +235,16 @@ def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0
                 if not any(m2 >= m + much_better and lat2 <= lat + close_ms for m2, lat2 in front[i + 1:]))
     if n > 1 and fast != last:
         picks.append(fast)
+    close = next(i for i, (m, _) in enumerate(front) if m >= front[last][0] - near)
+    if len(picks) < n and close not in picks:
+        picks.append(close)
     (m0, l0), (m1, l1) = front[fast], front[last]
 
     def above_line(i: int) -> float:
         m, lat = front[i]
         return (m - m0) / ((m1 - m0) or 1.0) - (lat - l0) / ((l1 - l0) or 1.0)
 
-    knees = sorted((i for i in range(fast + 1, last)), key=above_line, reverse=True)
+    knees = sorted((i for i in range(fast + 1, last) if i not in picks), key=above_line, reverse=True)
     return picks + knees[: max(0, n - len(picks))]
 
 
