@@ -107,15 +107,15 @@ def step_loss(supernet: SuperNetwork, space: SearchSpace, batch: dict, cfg: Trai
 
 
 def optimizer_and_schedule(model: torch.nn.Module, lr: float, weight_decay: float, warmup_ratio: float,
-                           total_steps: int):
+                           total_steps: int, fused: bool = True):
     """AdamW (no decay on biases and LayerNorm) and a linear warm-up then linear decay to 0 over ``total_steps``.
-    Fused: torch's default on a CPU, a loop over the parameters, took a third of each recovery step on 2 cores; the
-    fused kernel gave the same recovered point (0.8681 dev accuracy, the final loss equal to 7 digits) in 82 s
-    instead of 102 s (one recovery of 12000 texts, both ways in a row)."""
+    Fused by default: torch's default on a CPU is a loop over the parameters one tensor at a time, slower for the
+    same result (``benchmarks/bench_optimizer.py`` measures one against the other); ``fused=False``: that loop."""
     decay = [p for name, p in model.named_parameters() if not (name.endswith("bias") or "LayerNorm" in name)]
     no_decay = [p for name, p in model.named_parameters() if name.endswith("bias") or "LayerNorm" in name]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=fused,
+                                  foreach=None if fused else False)
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
 
 
