@@ -59,7 +59,7 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
         # label is a line of the legend
         label = s.get("label", "")
         ax.annotate(s.get("id", label), (_x(s, x_axis), 1 - s["error"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8, color="#1a6e1a")
+                    xytext=(6, 4), fontsize=8, color="#1a6e1a", zorder=6)  # over a neighbour's marker
         if label:
             ax.plot([], [], " ", label=label)
     ax.set_xlabel(AXIS_LABELS.get(x_axis, x_axis))
