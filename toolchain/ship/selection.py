@@ -54,7 +54,8 @@ class Selection:
 #: CoFi and nn_pruning, are read at 1-1.5 points): :func:`pick_points` ships the fastest such point
 NEAR_BEST = 0.01
 #: the same, before recovery (the search's front, shared weights): half of it, because a sub-network's gap to the
-#: full network can carry over whole through recovery (1.15 points before, 1.14 after, in one default compile)
+#: full network can carry over whole through recovery (0bf008bd4318: 1.15 points before, 1.14 after, in the
+#: bench_compile-max-accuracy-drop-1pt section of docs/benchmarks.md)
 NEAR_BEST_BEFORE_RECOVERY = 0.005
 
 
