@@ -15,7 +15,7 @@ super-network, and the project ships its points without distillation (``--method
 compares it without recovery. The unpruned network itself is recovered the same way and is the reference.
 
     python benchmarks/bench_equal_recovery.py --run ~/.cache/nasprune/supernets/<key> --front <pareto.json>
-        --table <latency table json> [--budgets 0.75,0.5,0.33,0.25] [--split-seed 0] [--no-docs]
+        --table <latency table json> [--budgets 0.75,0.5,0.33,0.25] [--split-seed 0] [--section NAME] [--no-docs]
 
 Recoveries go to the super-network's own cache (a compile that ships the same point reuses them, and a rerun of
 this benchmark does too: its ``s`` column then says ``cached``).
@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--table", required=True, help="the fp32 latency table the compile used (budgets, predictions)")
     ap.add_argument("--budgets", default="0.75,0.5,0.33,0.25", help="shares of the unpruned fp32 latency")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
+    ap.add_argument("--section", default="", help="write docs section bench_equal_recovery-SECTION instead of "
+                    "bench_equal_recovery (another super-network beside the first)")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -120,7 +122,8 @@ def main() -> None:
                " / ".join(f"{h:.4f}" for h in reference["int8"][:2]), reference["s"]]
     md = ["## Every method with the same recovery (`bench_equal_recovery.py`)", "",
           f"`python benchmarks/bench_equal_recovery.py --run <super-network> --front <pareto.json> --table <table> "
-          f"--budgets {args.budgets} --split-seed {args.split_seed}`. Machine: {machine()}. Super-network: "
+          f"--budgets {args.budgets} --split-seed {args.split_seed}"
+          + (f" --section {args.section}" if args.section else "") + f"`. Machine: {machine()}. Super-network: "
           f"{run.data.task} ({run.settings.get('train', {}).get('strategy')}); budgets: shares of the unpruned fp32 "
           f"model's predicted latency ({unpruned_ms:.2f} ms, fp32 table at the target's length). Each method's point "
           f"(NAS: the front's best shared-weight score on dev half A under the budget; uniform ratio and layer "
@@ -132,7 +135,7 @@ def main() -> None:
           f"chose on half A. s: seconds of the recovery.", ""]
     md += markdown_table(["budget", "method", "point (parameters)", "predicted ms", "before", "fp32", "int8",
                           "fp32 half A / B", "int8 half A / B", "s"], [ref_row] + rows, right={3, 4, 5, 6, 9})
-    publish("bench_equal_recovery", md, write=not args.no_docs)
+    publish("bench_equal_recovery" + (f"-{args.section}" if args.section else ""), md, write=not args.no_docs)
 
 
 if __name__ == "__main__":
