@@ -200,7 +200,9 @@ def test_sigint_then_resume(env, tiny_model_dir):
            "--model", str(tiny_model_dir), *FAST[:-4], "--n-evals", "400", "--search-eval-samples", "32",
            "--export", "1", "-o", str(out)]
     history = out.with_name("run.partial") / "search_history.csv"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    # Ctrl-C's signal as a terminal sends it, also when the tests run as a background job (which ignores SIGINT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if history.exists() and len(history.read_text().splitlines()) > 4:
