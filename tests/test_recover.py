@@ -12,17 +12,20 @@ import pytest
 import torch
 
 from toolchain.core.data import tokenize
-from toolchain.core.subnetwork import SubNetwork
+from toolchain.core.search_space import make_space
+from toolchain.core.subnetwork import SubNetwork, uniform_subnet
 from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point_dir, recover_point, recovery_data,
                                teacher_logits, teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
+from toolchain.twins import TwinChooser, uniform_twin
 
 POSITIVE = ["good", "great", "superb", "lovely", "brilliant", "fine", "excellent", "wonderful"]
 NEGATIVE = ["bad", "awful", "boring", "dull", "poor", "terrible", "weak", "horrible"]
 FILLER = ["the", "movie", "film", "plot", "was", "acting", "really", "quite", "story", "cast", "very", "it"]
 PRUNED = SubNetwork(heads=(1, 1, 0), units=(6, 4, 0))  # the last layer dropped, little left of the others
 N_TRAIN, LIMIT = 240, 48
+POINT = SubNetwork(heads=(4, 2, 1), units=(40, 24, 8))  # uneven: a uniform network as fast exists
 
 
 def _write(path, n, seed, regression):
@@ -213,3 +216,110 @@ def test_recovery_texts_are_the_whole_training_split_without_the_holdout(run):
     assert len(rest) == N_TRAIN - len(held)
     assert sorted(rest.texts + held.texts) == sorted(full.texts)  # the two split the training data
     assert teacher_path(held_run) != teacher_path(run)
+
+
+def _param_costs(run):
+    """The hardware side of a candidate as the parameter objective: what ``pipeline.cost_metrics`` gives, with the
+    exact parameter count standing in for the latency prediction (no latency table of the tiny model)."""
+    def costs(subnet):
+        n = float(run.space.num_parameters(subnet))
+        return {"latency": n, "memory": 0.0, "params": n}
+    return costs
+
+
+def test_the_uniform_twin_is_the_largest_uniform_network_no_slower_than_the_point(run):
+    costs = _param_costs(run)
+    twin = uniform_twin(run, POINT, costs, {})
+    dims = run.supernet.dims
+    assert len(set(twin.heads)) == 1 and len(set(twin.units)) == 1 and 0 not in twin.heads  # every layer, one share
+    assert costs(twin)["latency"] <= costs(POINT)["latency"]
+    bigger = [s for s in (uniform_subnet(dims, r / 100) for r in range(1, 101)) if costs(s)["latency"] >
+              costs(twin)["latency"]]
+    assert bigger and all(costs(s)["latency"] > costs(POINT)["latency"] for s in bigger)
+    # the search's constraints hold for the twin too; none when nothing uniform fits, or it is the point itself
+    limited = uniform_twin(run, POINT, costs, {"params": costs(twin)["params"] - 1})
+    assert limited is not None and costs(limited)["params"] < costs(twin)["params"]
+    assert uniform_twin(run, POINT, costs, {"params": 1.0}) is None
+    assert uniform_twin(run, twin, costs, {}) is None
+    layer_run = dataclasses.replace(run, space=make_space("layer", dims, run.space.fixed_params))
+    assert uniform_twin(layer_run, POINT, costs, {}) is None  # not a member of the LAYER space
+
+
+def test_the_chooser_exports_the_better_of_a_point_and_its_uniform_twin_after_recovery(run):
+    """Recovery so short and slow that it leaves the shared weights as they are, so that which of the two scores
+    higher after it is known beforehand (their shared-weight scores on the 64 validation rows)."""
+    settings = _fast(samples=16, epochs=1, lr=1e-9)
+    costs = _param_costs(run)
+    twin = SubNetwork(heads=(3, 3, 3), units=(34, 34, 34))
+    outcomes = {}
+    for point, winner in ((SubNetwork((4, 4, 1), (48, 48, 8)), "twin"), (SubNetwork((1, 4, 4), (8, 48, 48)), "point")):
+        assert uniform_twin(run, point, costs, {}) == twin
+        chooser = TwinChooser(run, costs, {}, settings, progress=False)
+        record = {"subnet": point, "key": point.key(), "error": 0.4, "score": 0.6, "search_error": 0.45,
+                  **costs(point)}
+        got = chooser(record)
+        mine, theirs = (recover_point(run, s, settings, progress=False).info for s in (point, twin))
+        assert mine["cached"] and theirs["cached"]  # the chooser recovered both (the export reuses them)
+        assert (mine["score_after"] > theirs["score_after"]) == (winner == "point")  # as the shared weights rank
+        note = got["uniform_twin"]
+        assert (note["point"], note["twin"], note["chosen"]) == (point.key(), twin.key(), winner)
+        assert (note["point_score_after_recovery"], note["twin_score_after_recovery"]) == (mine["score_after"],
+                                                                                         theirs["score_after"])
+        if winner == "twin":
+            assert got["subnet"] == twin and got["search_error"] is None and got["latency"] == costs(twin)["latency"]
+            assert got["score"] == theirs["score_before"] and got["error"] == 1 - theirs["score_before"]
+        else:
+            assert got["subnet"] == point and {k: got[k] for k in record} == record
+        assert chooser.chosen == {point.key(): got["subnet"].key()}
+        outcomes[winner] = chooser
+    # the full network has no twin; a twin already handed out is not handed out again
+    chooser = outcomes["twin"]
+    full = run.supernet.full()
+    assert chooser({"subnet": full, "score": 0.9}) == {"subnet": full, "score": 0.9}
+    neighbour = SubNetwork((4, 4, 1), (48, 47, 8))
+    assert uniform_twin(run, neighbour, costs, {}) == twin
+    assert chooser({"subnet": neighbour, "score": 0.5}) == {"subnet": neighbour, "score": 0.5}
+    assert chooser.chosen[neighbour.key()] == neighbour.key()
+
+
+@pytest.mark.slow
+def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run, tmp_path, monkeypatch, capsys):
+    """The search and export stages over the synthetic task's run folder: every exported sub-network of the search
+    was recovered beside its uniform twin, and the one of the two that scored higher after recovery is what was
+    exported, as nasprune.json, the manifest and the report say."""
+    import shutil
+
+    from latency_models.cache import run_profile
+    from toolchain.cli import main
+
+    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "run"
+    shutil.copytree(run.folder, folder)
+    table = tmp_path / "table.json"
+    run_profile("cpu", model=run.settings["model"], out=str(table), unit_step=48, calibrate_samples=0,
+                validate_samples=0, measurement={"warmup": 1, "min_reps": 3, "min_time_s": 0.0, "max_reps": 3},
+                progress=False)
+    common = ["--latency-table", str(table), "--max-latency", "50ms", "--preset", "quick", "--precision", "fp32"]
+    assert main(["search", str(folder), *common, "--n-evals", "24", "--search-eval-samples", "48"]) == 0
+    assert main(["export", str(folder), *common, "--export", "3", "--recover-samples", "64"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    full = run.supernet.full()
+    twins = 0
+    for p in manifest["points"]:
+        info = json.loads((folder / p["path"] / "nasprune.json").read_text())
+        subnet = SubNetwork(**info["subnetwork"])
+        note = info["extra"].get("uniform_twin")
+        assert p["uniform_twin"] == note
+        if note is None:  # the unpruned network, a uniform point, or one whose twin an earlier point took
+            continue
+        twins += 1
+        assert subnet.key() == note[note["chosen"]]  # the exported sub-network is the one chosen
+        assert subnet != full and info["extra"]["recovery"]["cached"]  # recovered by the choice, reused by the export
+        assert info["extra"]["recovery"]["score_after"] == note[f"{note['chosen']}_score_after_recovery"]
+        assert (note["twin_score_after_recovery"] > note["point_score_after_recovery"]) == (note["chosen"] == "twin")
+        assert note["twin_latency_ms"] <= note["point_latency_ms"]
+    assert twins, manifest["points"]
+    html = (folder / "report.html").read_text()
+    assert "origin" in html and ("uniform twin of the search" in html) == any(
+        (p["uniform_twin"] or {}).get("chosen") == "twin" for p in manifest["points"] if p["feasible"])

@@ -230,7 +230,7 @@ def _recover_options(args) -> dict:
     """Recovery and the accuracy limit (``nasprune-compile`` and ``nasprune export``)."""
     drop = parse_points(args.max_accuracy_drop) if args.max_accuracy_drop is not None else None
     return {"recover": not args.no_recover, "recover_samples": args.recover_samples, "max_accuracy_drop": drop,
-            "min_metric": args.min_metric}
+            "min_metric": args.min_metric, "uniform_twin": not args.no_uniform_twin}
 
 
 def _compile_options(args) -> CompileOptions:
@@ -286,10 +286,8 @@ def cmd_profile(args) -> int:
 def print_manifest(manifest: dict) -> None:
     """The table of points of a ``manifest.json``: the unpruned reference first, then every exported point."""
     unpruned = manifest["settings"].get("unpruned") or {}
-    rows = [("unpruned", unpruned.get("parameters"), unpruned.get("predicted_latency_ms"),
-             unpruned.get("measured_latency_ms"), unpruned.get("measured_memory_mb"),
-             unpruned.get("metric_before_recovery"), unpruned.get("metric"),
-             unpruned.get("path"))]
+    rows = [("unpruned", *(unpruned.get(k) for k in ("parameters", "predicted_latency_ms", "measured_latency_ms",
+             "measured_memory_mb", "metric_before_recovery", "metric", "path")))]
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
               p.get("metric_before_recovery"), p["metric"],
               p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
@@ -395,6 +393,9 @@ def add_recover_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-samples", type=int, default=None,
                    help="training texts each point is distilled on (default: preset; quick 3000, default 12000, "
                         "paper all)")
+    g.add_argument("--no-uniform-twin", action="store_true",
+                   help="recover only the search's points, not also each one's uniform twin (the same share of heads "
+                        "and FFN units in every layer, predicted no slower), of which the better is exported")
 
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:

@@ -81,6 +81,8 @@ class CompileOptions:
     min_metric: float | None = None  # the task metric every shipped point must reach (e.g. 0.85 accuracy)
     recover: bool = True  # distil every exported point from the full network first (toolchain.recover)
     recover_samples: int | None = None  # training texts for recovery (preset; the preset "paper": all of them)
+    # recover each point's uniform twin too and export the better of the two (toolchain.twins)
+    uniform_twin: bool = True
     # the length latency is predicted and measured at: N tokens, or "data" (a quantile of the training lengths);
     # None: the target's (toolchain.latency_settings)
     sequence_length: int | str | None = None

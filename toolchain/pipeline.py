@@ -50,10 +50,11 @@ from toolchain.ship.export import export_point
 from toolchain.ship.manifest import write_manifest
 from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
-from toolchain.ship.selection import (Candidate, Selection, bisect_fastest, export_order, keep_non_dominated,
-                                      select_and_export)
+from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, Selection, bisect_fastest, closest_by_metric,
+                                      export_order, fastest_first, keep_non_dominated, select_and_export)
 from toolchain.ship.verify import MetricData
 from toolchain.training import TrainConfig
+from toolchain.twins import TwinChooser
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN)
     if not order:  # (under an accuracy limit)
         raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
-                              f"{floor:.4f} before recovery; closest: {_closest_by_metric(front)}")
+                              f"{floor:.4f} before recovery; closest: {closest_by_metric(front)}")
     # precision is a decision: without --precision every candidate is tried in every precision of the target (the
     # table predicts its own; the others are judged by what they measure), the unpruned network first; the shipped
     # set is the Pareto set across them (not for a table of another device: only its precision has a prediction)
@@ -345,7 +346,12 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                      "error": r["error"], "metric_shared_weights": r["score"]}
         if p is not None:  # the table is of the default precision: no prediction for this one
             predicted.update(latency_ms=None, memory_mb=None, table_precision=precision)
-        return Candidate(r["subnet"], predicted, {"search_error": r["search_error"]}, precision=p)
+        twin = {"uniform_twin": r["uniform_twin"]} if "uniform_twin" in r else {}
+        return Candidate(r["subnet"], predicted, {"search_error": r["search_error"], **twin}, precision=p)
+
+    # each point is recovered beside its uniform twin, the better exported (toolchain.twins)
+    twins = TwinChooser(run, partial(cost_metrics, table, run.space, confidence=opts.latency_confidence),
+                        opts.constraints(table), settings, opts.progress) if recover and opts.uniform_twin else None
 
     shipped, unpruned_other = set(), []  # sub-networks shipped in some precision; the unpruned one in others
 
@@ -360,9 +366,12 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
     def cands():  # lazily: the sub-networks to pick are decided once the unpruned network was tried in the others
         yield from (candidate(r, p) for r in first for p in others)
-        sub = (bisect_fastest(order, lambda r: r["subnet"].key() in shipped) if floor is not None  # accuracy limit:
-               else export_order(front, picks(), most_accurate=not unpruned_other))  # bisect for the fastest
-        yield from (candidate(r, p) for r in sub for p in [None] + others)
+        sub = (bisect_fastest(order, lambda r: chosen(r["subnet"].key()) in shipped) if floor is not None  # accuracy
+               else export_order(front, picks(), most_accurate=not unpruned_other))  # limit: bisect for the fastest
+        yield from (candidate(t, p) for r in sub for t in [twins(r) if twins else r] for p in [None] + others)
+
+    def chosen(key: str) -> str:  # the sub-network tried in place of a front point (its uniform twin, or itself)
+        return twins.chosen.get(key, key) if twins else key
 
     # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's
     slots = (lambda: picks() * (1 + len(others)) + len(unpruned_other)) if first else n * (1 + len(others))
@@ -379,23 +388,6 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         raise InfeasibleError(f"no exported point reaches the accuracy limit {floor:.4f} (the unpruned model: "
                               f"{ref_metric}); closest: {closest or 'none exported'}")
     return selection, unpruned
-
-
-#: how much recovery may lift a point's metric over its shared-weight score, for choosing what to try under an
-#: accuracy limit: a margin chosen above the largest lift seen so far (+0.05 on SST-2, README's real run), not a
-#: measured bound
-RECOVERY_GAIN = 0.1
-
-
-def fastest_first(front: list[dict], min_score: float) -> list[dict]:
-    """Under an accuracy limit: the points of the front whose shared-weight ``score`` is at least ``min_score``
-    (those recovery may lift over the limit), fastest first."""
-    return sorted((r for r in front if r["score"] >= min_score), key=lambda r: r.get("latency", 0))
-
-
-def _closest_by_metric(front: list[dict]) -> str:
-    best = sorted(front, key=lambda r: -r["score"])[:3]
-    return "; ".join(f"metric {r['score']:.4f} at {r.get('latency', 0):.2f} ms predicted" for r in best) or "none"
 
 
 # ---------------------------------------------------------------------------------- stages 4-6: ship a search

@@ -52,6 +52,8 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         # false: measured on this machine, not on the target's device; shipped by the latency table's predictions
         "measured_on_target": info.get("measured_on_target", True),
         "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
+        # the search's point and its uniform twin, both recovered, and which was exported (toolchain.twins)
+        "uniform_twin": (info.get("extra") or {}).get("uniform_twin"),
     }
 
 

@@ -80,7 +80,7 @@ def html_report(path: str | Path, *, title: str, png: Path, settings: dict, ship
     img = base64.b64encode(Path(png).read_bytes()).decode()
     cols = ["point", "precision", "parameters", "predicted latency (ms)", "measured latency (ms)",
             "drift-corrected (ms)", "measured at other lengths (tokens: ms)", "memory (MB)", "metric before recovery",
-            "metric", "path", "not shipped because"]
+            "metric", "origin", "path", "not shipped because"]
 
     def table(rows):
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -126,8 +126,8 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
                             ((res.measured_memory_mb or pred.get("memory_mb")) if x_axis == "memory"
                              else res.parameters),
                             "error": 1 - score if score is not None else pred.get("error"),  # as shipped
-                            "id": res.point_id[:2],
-                            "label": (f"{res.point_id[:2]}: {lat:.1f} ms measured" if lat else res.point_id[:2])
+                            "id": (rank := res.point_id[:2]),
+                            "label": (f"{rank}: {lat:.1f} ms measured" if lat else rank)
                             + ("" if info.get("precision") == settings.get("precision")
                                else f" ({info.get('precision')})")})
         shipped_rows.append(_row(res, folder))
@@ -182,7 +182,10 @@ def _row(res: ExportResult, folder: Path) -> dict:
     where = "" if res.info.get("measured_on_target", True) else " (here, not on the target)"
     score = (res.metric or {}).get("score")
     before = res.metric_before_recovery
-    return {"point": res.point_id, "precision": res.info.get("precision", ""),
+    twin = (res.info.get("extra") or {}).get("uniform_twin") or {}
+    origin = "search" if twin.get("chosen") != "twin" else (
+        f"uniform twin of the search's {twin['point']} ({twin['point_score_after_recovery']:.4f} after recovery)")
+    return {"point": res.point_id, "precision": res.info.get("precision", ""), "origin": origin,
             "parameters": f"{res.parameters / 1e6:.2f}M",
             "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
             "measured latency (ms)": f"{res.measured_latency_ms:.2f}{where}" if res.measured_latency_ms else "",
