@@ -302,7 +302,7 @@ def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run
     common = ["--latency-table", str(table), "--max-latency", "50ms", "--preset", "quick", "--precision", "fp32"]
     assert main(["search", str(folder), *common, "--n-evals", "24", "--search-eval-samples", "48"]) == 0
     assert main(["export", str(folder), *common, "--export", "3", "--recover-samples", "64"]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
     manifest = json.loads((folder / "manifest.json").read_text())
     full = run.supernet.full()
     twins = 0
@@ -320,6 +320,9 @@ def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run
         assert (note["twin_score_after_recovery"] > note["point_score_after_recovery"]) == (note["chosen"] == "twin")
         assert note["twin_latency_ms"] <= note["point_latency_ms"]
     assert twins, manifest["points"]
+    for p in manifest["points"]:  # the printed table says which point is a twin, and of which point
+        if (p["uniform_twin"] or {}).get("chosen") == "twin":
+            assert f"{p['uniform_twin']['twin']}: the uniform twin of the search's {p['uniform_twin']['point']}" in printed
     html = (folder / "report.html").read_text()
     assert "origin" in html and ("uniform twin of the search" in html) == any(
         (p["uniform_twin"] or {}).get("chosen") == "twin" for p in manifest["points"] if p["feasible"])

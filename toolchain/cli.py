@@ -19,6 +19,7 @@ from toolchain.errors import UsageError, nothing_shipped, report_error
 from toolchain.options import CompileOptions
 from toolchain.pipeline import compile_model, evaluate_subnet, export_run, profile_targets, search_run
 from toolchain.run import INITS, DataSettings, default_init, train_run
+from toolchain.ship.manifest import manifest_lines
 from toolchain.training import STRATEGIES, TrainConfig
 from toolchain.units import parse_latency, parse_memory, parse_params, parse_points
 
@@ -284,33 +285,7 @@ def cmd_profile(args) -> int:
 
 
 def print_manifest(manifest: dict) -> None:
-    """The table of points of a ``manifest.json``: the unpruned reference first, then every exported point."""
-    unpruned = manifest["settings"].get("unpruned") or {}
-    rows = [("unpruned", *(unpruned.get(k) for k in ("parameters", "predicted_latency_ms", "measured_latency_ms",
-             "measured_memory_mb", "metric_before_recovery", "metric", "path")))]
-    rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
-              p.get("metric_before_recovery"), p["metric"],
-              p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
-              + ("" if p.get("measured_on_target", True) else "  (not measured on the target)"))
-             for p in manifest["points"]]
-    w = max(16, *(len(r[0]) for r in rows))  # ids of other precisions end in -int8 / -fp16
-    header = (f"{'point':<{w}} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} "
-              f"{'metric':>7}  path")
-    print(header + "\n" + "-" * len(header))
-    for pid, params, pred, meas, mem, before, metric, path in rows:
-        shown = f"{before:>7.4f}" if before is not None else f"{'':>7}"
-        pred = f"{pred:>8.2f}" if pred is not None else f"{'-':>8}"  # another precision than the table's
-        print(f"{pid:<{w}} {(params or 0) / 1e6:>7.2f}M {pred} {meas or 0:>8.2f} {mem or 0:>7.1f} "
-              f"{shown} {metric or 0:>7.4f}  {path}")
-    if any(r[5] is not None for r in rows):
-        print("before: shared-weight metric before recovery; metric: the exported ONNX model's, after it")
-    if not all(p.get("measured_on_target", True) for p in manifest["points"]):
-        print(NOT_ON_TARGET)
-
-
-NOT_ON_TARGET = ("not measured on the target: the table is another device's, so 'meas ms' / 'mem MB' are this "
-                 "machine's and the budget was checked on its predictions. Measure on the device: run_profile.py "
-                 "--measure-points RUN --out measured.json, then nasprune export RUN --measured measured.json")
+    print("\n".join(manifest_lines(manifest)))
 
 
 def cmd_compile(args) -> int:

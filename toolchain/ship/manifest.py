@@ -101,3 +101,41 @@ def rewrite_points(run_dir: str | Path, shipped: list[ExportResult], rejected: l
     if unpruned:
         manifest["settings"]["unpruned"] = {**(manifest["settings"].get("unpruned") or {}), **unpruned}
     return write_json_atomic(run_dir / "manifest.json", manifest)
+
+
+NOT_ON_TARGET = ("not measured on the target: the table is another device's, so 'meas ms' / 'mem MB' are this "
+                 "machine's and the budget was checked on its predictions. Measure on the device: run_profile.py "
+                 "--measure-points RUN --out measured.json, then nasprune export RUN --measured measured.json")
+
+
+def manifest_lines(manifest: dict) -> list[str]:
+    """The table of points of a ``manifest.json`` as the CLI prints it: the unpruned reference first, then every
+    exported point, and what the table's columns and markers mean."""
+    unpruned = manifest["settings"].get("unpruned") or {}
+    rows = [("unpruned", *(unpruned.get(k) for k in ("parameters", "predicted_latency_ms", "measured_latency_ms",
+             "measured_memory_mb", "metric_before_recovery", "metric", "path")))]
+    rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
+              p.get("metric_before_recovery"), p["metric"],
+              p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
+              + ("" if p.get("measured_on_target", True) else "  (not measured on the target)"))
+             for p in manifest["points"]]
+    w = max(16, *(len(r[0]) for r in rows))  # ids of other precisions end in -int8 / -fp16
+    header = (f"{'point':<{w}} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} "
+              f"{'metric':>7}  path")
+    lines = [header, "-" * len(header)]
+    for pid, params, pred, meas, mem, before, metric, path in rows:
+        shown = f"{before:>7.4f}" if before is not None else f"{'':>7}"
+        pred = f"{pred:>8.2f}" if pred is not None else f"{'-':>8}"  # another precision than the table's
+        lines.append(f"{pid:<{w}} {(params or 0) / 1e6:>7.2f}M {pred} {meas or 0:>8.2f} {mem or 0:>7.1f} "
+                     f"{shown} {metric or 0:>7.4f}  {path}")
+    if any(r[5] is not None for r in rows):
+        lines.append("before: shared-weight metric before recovery; metric: the exported ONNX model's, after it")
+    twins = {(p["uniform_twin"]["twin"], p["uniform_twin"]["point"]): p["uniform_twin"] for p in manifest["points"]
+             if (p.get("uniform_twin") or {}).get("chosen") == "twin"}
+    for (twin, point), t in twins.items():
+        lines.append(f"{twin}: the uniform twin of the search's {point}, exported in its place ({t['metric']} "
+                     f"{t['twin_score_after_recovery']:.4f} against {t['point_score_after_recovery']:.4f} after "
+                     f"recovery)")
+    if not all(p.get("measured_on_target", True) for p in manifest["points"]):
+        lines.append(NOT_ON_TARGET)
+    return lines
