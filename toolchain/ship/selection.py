@@ -272,8 +272,9 @@ def bisect_fastest(items: list, passed: Callable[[object], bool]) -> Iterator:
 
 
 #: how much recovery may lift a point's metric over its shared-weight score, for choosing what to try under an
-#: accuracy limit: a margin chosen above the largest lift seen so far (+0.05 on SST-2, README's real run), not a
-#: measured bound
+#: accuracy limit: a margin above the lifts of the search's points seen so far (up to +0.052 on SST-2, NAS's points
+#: in the bench_equal_recovery section of docs/benchmarks.md; the uniform networks there were lifted up to +0.094),
+#: not a measured bound
 RECOVERY_GAIN = 0.1
 
 
