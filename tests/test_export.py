@@ -346,9 +346,16 @@ def test_select_skips_measured_violators_and_manifest(tmp_path):
         return ExportResult(out_dir, point_id, subnet, info)
 
     cands = [Candidate(SubNetwork(heads=(i + 1,), units=(4,)), {"latency_ms": 15.0}) for i in range(5)]
-    sel = select_and_export(cands, 2, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path,
+    drawn = []
+
+    def lazily():  # drawing a candidate may cost minutes (its recovery beside its uniform twin)
+        for c in cands:
+            drawn.append(c)
+            yield c
+
+    sel = select_and_export(lazily(), 2, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path,
                             export_fn=fake_export)
-    assert len(calls) == 4  # stopped once two feasible points were shipped
+    assert len(calls) == 4 and len(drawn) == 4  # stopped once two feasible points were shipped, drawing no more
     assert [r.measured_latency_ms for r in sel.shipped] == [12.0, 18.0]
     assert [r.measured_latency_ms for r, _ in sel.rejected] == [30.0, 25.0]
     assert "measured latency 30.00 ms > max 20 ms (predicted 15.00 ms)" in sel.rejected[0][1]
