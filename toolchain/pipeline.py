@@ -8,7 +8,8 @@ Stages (each cached or resumable), one function each; ``compile_model`` runs the
 3. search (NSGA-II by default; ``--method rfp``: :mod:`toolchain.rfp_stage`) with ``search_history.csv`` in the run
    folder (resumable)
 4. Pareto points re-evaluated on the full validation set
-5. export: slice -> ONNX -> fuse (-> int8) -> verify -> measure; a point over budget when *measured* is not shipped
+5. export: (each point of the search recovered beside its uniform twin, the better kept: :mod:`toolchain.twins`)
+   slice -> recover -> ONNX -> fuse (-> int8) -> verify -> measure; a point over budget when *measured* is not shipped
 6. report: ``manifest.json``, ``pareto.png``, ``report.html``
 
 Stages 4-6 are :func:`ship_run`, for a compile and for ``nasprune export`` alike. The run is built in

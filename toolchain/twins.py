@@ -56,7 +56,8 @@ class TwinChooser:
 
     def __init__(self, run: Run, costs: Callable[[SubNetwork], dict], constraints: dict[str, float],
                  settings: RecoverSettings, progress: bool = True):
-        self.run, self.costs, self.constraints, self.settings, self.progress = run, costs, constraints, settings, progress
+        self.run, self.costs, self.constraints = run, costs, constraints
+        self.settings, self.progress = settings, progress
         self.chosen: dict[str, str] = {}
         self._given: set[str] = set()
 
