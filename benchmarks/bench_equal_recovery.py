@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dev_halves, machine, markdown_table, publish  # noqa: E402
+from common import dev_halves, machine, markdown_table, publish, section_argument, section_name  # noqa: E402
 
 METHODS = ("NAS (nasprune)", "uniform ratio", "layer dropping")
 
@@ -42,8 +42,7 @@ def main() -> None:
     ap.add_argument("--table", required=True, help="the fp32 latency table the compile used (budgets, predictions)")
     ap.add_argument("--budgets", default="0.75,0.5,0.33,0.25", help="shares of the unpruned fp32 latency")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
-    ap.add_argument("--section", default="", help="write docs section bench_equal_recovery-SECTION instead of "
-                    "bench_equal_recovery (another super-network beside the first)")
+    section_argument(ap, "bench_equal_recovery")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -51,10 +50,11 @@ def main() -> None:
 
     from latency_models.grid import as_target, export_graph
     from latency_models.lookup_table import LatencyTable
-    from toolchain.core.subnetwork import SubNetwork, layer_drop_subnet, uniform_subnet
+    from toolchain.core.subnetwork import SubNetwork, layer_drop_subnet
     from toolchain.recover import RecoverSettings, recover_point
     from toolchain.run import load_run
     from toolchain.ship.verify import predict_onnx, predict_torch
+    from toolchain.twins import largest_uniform
 
     run = load_run(args.run)
     table = LatencyTable.load(args.table)
@@ -82,7 +82,8 @@ def main() -> None:
             fits = [s for s in front if table.predict_latency(s) <= budget]
             return max(fits, key=lambda s: shared_scores(s)[0]) if fits else None
         if method == METHODS[1]:
-            return largest([uniform_subnet(dims, r / 100) for r in range(1, 101)], budget)
+            return largest_uniform(run, lambda s: {"latency": table.predict_latency(s)},
+                                   lambda c: c["latency"] <= budget)
         return largest([layer_drop_subnet(dims, k) for k in range(1, dims.num_layers + 1)], budget)
 
     def int8_scores(model):
@@ -135,7 +136,7 @@ def main() -> None:
           f"chose on half A. s: seconds of the recovery.", ""]
     md += markdown_table(["budget", "method", "point (parameters)", "predicted ms", "before", "fp32", "int8",
                           "fp32 half A / B", "int8 half A / B", "s"], [ref_row] + rows, right={3, 4, 5, 6, 9})
-    publish("bench_equal_recovery" + (f"-{args.section}" if args.section else ""), md, write=not args.no_docs)
+    publish(section_name("bench_equal_recovery", args.section), md, write=not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dev_halves, front_arguments, front_records, machine, markdown_table, publish  # noqa: E402
+from common import (dev_halves, front_arguments, front_records, machine, markdown_table, publish,  # noqa: E402
+                    section_argument, section_name)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     front_arguments(ap)
     ap.add_argument("--settings", nargs="+", required=True, help="RecoverSettings fields as JSON, one per setting")
-    ap.add_argument("--section", default="", help="write docs section bench_recovery_settings-SECTION instead of "
-                    "bench_recovery_settings (another comparison beside the first)")
+    section_argument(ap, "bench_recovery_settings")
     args = ap.parse_args()
 
     from toolchain.core.subnetwork import SubNetwork
@@ -102,7 +102,7 @@ def main() -> None:
           f"recovery, one run each on a shared machine; half A / B: the recovered point on the two halves of the dev set "
           f"(split seed {args.split_seed}). {settings_text}.", ""]
     md += markdown_table(head, rows, right=set(range(1, len(head))))
-    publish("bench_recovery_settings" + (f"-{args.section}" if args.section else ""), md, write=not args.no_docs)
+    publish(section_name("bench_recovery_settings", args.section), md, write=not args.no_docs)
 
 
 if __name__ == "__main__":

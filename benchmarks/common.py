@@ -79,6 +79,17 @@ def front_records(front: str | Path, keys: list[str]) -> dict:
     return {k: records[k] for k in keys}
 
 
+def section_argument(ap, name: str) -> None:
+    """``--section S``: write the docs section ``name-S`` instead of ``name`` (another run beside the first)."""
+    ap.add_argument("--section", default="", help=f"write docs section {name}-SECTION instead of {name} (another "
+                    "run beside the first)")
+
+
+def section_name(name: str, section: str) -> str:
+    """The docs section of a benchmark run with ``--section section`` (:func:`section_argument`)."""
+    return name + (f"-{section}" if section else "")
+
+
 def dev_halves(run, seed: int = 0):
     """The run's dev set (``MetricData``) and ``scores(predictions) -> (half A, half B, whole)``: the task metric on
     a seeded split of it in two halves (choose on one, check on the other) and on all of it."""

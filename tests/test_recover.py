@@ -18,7 +18,7 @@ from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point
                                teacher_logits, teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
-from toolchain.twins import TwinChooser, uniform_twin
+from toolchain.twins import SHARES, TwinChooser, uniform_twin
 
 POSITIVE = ["good", "great", "superb", "lovely", "brilliant", "fine", "excellent", "wonderful"]
 NEGATIVE = ["bad", "awful", "boring", "dull", "poor", "terrible", "weak", "horrible"]
@@ -233,7 +233,7 @@ def test_the_uniform_twin_is_the_largest_uniform_network_no_slower_than_the_poin
     dims = run.supernet.dims
     assert len(set(twin.heads)) == 1 and len(set(twin.units)) == 1 and 0 not in twin.heads  # every layer, one share
     assert costs(twin)["latency"] <= costs(POINT)["latency"]
-    bigger = [s for s in (uniform_subnet(dims, r / 100) for r in range(1, 101)) if costs(s)["latency"] >
+    bigger = [s for s in (uniform_subnet(dims, share) for share in SHARES) if costs(s)["latency"] >
               costs(twin)["latency"]]
     assert bigger and all(costs(s)["latency"] > costs(POINT)["latency"] for s in bigger)
     # the search's constraints hold for the twin too; none when nothing uniform fits, or it is the point itself

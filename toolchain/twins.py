@@ -28,24 +28,32 @@ log = logging.getLogger(__name__)
 SHARES = tuple(r / 100 for r in range(1, 101))
 
 
+def largest_uniform(run: Run, costs: Callable[[SubNetwork], dict],
+                    fits: Callable[[dict], bool]) -> SubNetwork | None:
+    """The uniform member of the run's search space (one share of :data:`SHARES` of the heads and FFN units in every
+    layer) with the highest ``costs(...)["latency"]`` among those whose costs ``fits``; ``None`` when none does."""
+    best, best_latency = None, -1.0
+    for share in SHARES:
+        uniform = uniform_subnet(run.supernet.dims, share)
+        try:
+            run.space.encode(uniform)
+        except ValueError:  # not a member of the search space (e.g. LAYER)
+            continue
+        c = costs(uniform)
+        if fits(c) and c["latency"] > best_latency:
+            best, best_latency = uniform, c["latency"]
+    return best
+
+
 def uniform_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dict],
                  constraints: dict[str, float]) -> SubNetwork | None:
     """The largest uniform member of the run's search space predicted no slower than ``subnet`` (``costs``'
     ``latency``, and ``latency_bound`` when it has one) and feasible under ``constraints``; ``None`` when there is
     none or it is ``subnet`` itself."""
     mine = costs(subnet)
-    best, best_latency = None, -1.0
-    for share in SHARES:
-        twin = uniform_subnet(run.supernet.dims, share)
-        try:
-            run.space.encode(twin)
-        except ValueError:  # not a member of the search space (e.g. LAYER)
-            continue
-        c = costs(twin)
-        if (all(c[k] <= mine[k] for k in ("latency", "latency_bound") if k in mine)
-                and feasibility(c, constraints)["feasible"] and c["latency"] > best_latency):
-            best, best_latency = twin, c["latency"]
-    return None if best is None or best == subnet else best
+    twin = largest_uniform(run, costs, lambda c: all(c[k] <= mine[k] for k in ("latency", "latency_bound") if k in mine)
+                           and feasibility(c, constraints)["feasible"])
+    return None if twin == subnet else twin
 
 
 class TwinChooser:
@@ -59,19 +67,17 @@ class TwinChooser:
         self.run, self.costs, self.constraints = run, costs, constraints
         self.settings, self.progress = settings, progress
         self.chosen: dict[str, str] = {}
-        self._given: set[str] = set()
 
     def __call__(self, record: dict) -> dict:
         subnet: SubNetwork = record["subnet"]
         out = self._choose(record) if subnet != self.run.supernet.full() else record
         self.chosen[subnet.key()] = out["subnet"].key()
-        self._given.add(out["subnet"].key())
         return out
 
     def _choose(self, record: dict) -> dict:
         subnet = record["subnet"]
         twin = uniform_twin(self.run, subnet, self.costs, self.constraints)
-        if twin is None or twin.key() in self._given:
+        if twin is None or twin.key() in self.chosen.values():  # handed out already
             return record
         mine = recover_point(self.run, subnet, self.settings, progress=self.progress).info
         theirs = recover_point(self.run, twin, self.settings, progress=self.progress).info

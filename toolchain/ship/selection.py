@@ -137,15 +137,13 @@ def select_and_export(
     shipped: list[ExportResult] = []
     rejected: list[tuple[ExportResult, str]] = []
     failed: list[tuple[Candidate, str]] = []
-    drawn = iter(candidates)
-    rank = -1
+    drawn = enumerate(candidates)
     # the count is asked before the next candidate is drawn: drawing one may cost minutes (its recovery beside its
     # uniform twin, toolchain.twins)
     while len(shipped) < (n_points() if callable(n_points) else n_points):
-        cand = next(drawn, None)
+        rank, cand = next(drawn, (None, None))
         if cand is None:
             break
-        rank += 1
         pid = f"{rank:02d}-{cand.subnet.key()}" + (f"-{cand.precision}" if cand.precision else "")
         kwargs = {**export_kwargs, **({"precision": cand.precision} if cand.precision else {})}
         try:
