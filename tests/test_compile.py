@@ -103,6 +103,11 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     ref_info = json.loads((out / ref["path"] / "nasprune.json").read_text())
     ref_rec = ref_info["extra"]["recovery"]
     assert ref_rec["examples"] == 64 and not ref_rec["cached"] and ref["metric_before_recovery"] == ref_rec["score_before"]
+    # no useless point: without an accuracy limit each shipped one keeps half the unpruned model's margin over a
+    # constant prediction (the validation labels' majority class)
+    sensible = ref["metric_constant"] + 0.5 * (ref["metric"] - ref["metric_constant"])
+    assert ref["metric_sensible"] == (pytest.approx(sensible) if ref["metric"] > ref["metric_constant"] else None)
+    assert all(p["metric"] >= (ref["metric_sensible"] or -1) for p in manifest["points"] if p["feasible"])
     recoveries = []
     for p in manifest["points"]:
         info = json.loads((out / p["path"] / "nasprune.json").read_text())

@@ -380,6 +380,37 @@ def test_select_skips_measured_violators_and_manifest(tmp_path):
                             export_fn=fake_export)
     assert len(sel.shipped) == 1 and sel.exhausted and "ran out" in sel.report()
 
+    # a floor on the metric (scores 0.90, 0.89, 0.88, ...): what falls below it is rejected, saying which floor
+    calls.clear()
+    measured[:] = [5.0] * 5
+    sel = select_and_export(cands, 3, 20.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path / "c",
+                            export_fn=fake_export, min_metric=0.885, min_metric_reason="the least metric worth shipping")
+    assert [r.metric["score"] for r in sel.shipped] == [0.9, 0.89] and sel.exhausted and len(calls) == 5
+    assert all(why == f"metric {r.metric['score']:.4f} below the least metric worth shipping 0.8850"
+               for r, why in sel.rejected)
+
+
+def test_a_point_must_beat_a_constant_prediction_by_half_the_unpruned_models_margin(tokenizer):
+    """The floor of a compile without an accuracy limit: scikit-learn's dummy predictors on real label sets."""
+    from toolchain.core.data import TASKS, TextDataset
+    from toolchain.ship.selection import SENSIBLE_SHARE, sensible_floor
+
+    texts = [("a fine film",), ("dull",), ("great",), ("bad",), ("ok",)]
+    pairs = [(t[0], "and " + t[0]) for t in texts]
+
+    def data(task, labels):
+        rows = pairs if TASKS[task].text_columns[1:] else texts
+        return MetricData.from_dataset(TextDataset(rows, np.asarray(labels), TASKS[task], "test"), tokenizer, 16)
+
+    assert data("sst2", [1, 1, 1, 0, 0]).constant_score() == pytest.approx(0.6)  # accuracy of always 1
+    assert data("sst2", [0, 0, 1, 0, 0]).constant_score() == pytest.approx(0.8)  # always 0
+    assert data("mrpc", [1, 1, 1, 0, 0]).constant_score() == pytest.approx(0.75)  # F1 of always 1: 2*0.6/(1.6)
+    assert data("stsb", np.float32([0.5, 4.0, 2.5, 1.0, 3.0])).constant_score() == 0.0  # no correlation
+    assert data("cola", [1, 1, 1, 0, 0]).constant_score() == 0.0  # Matthews
+    assert SENSIBLE_SHARE == 0.5 and sensible_floor(0.81, 0.0) == pytest.approx(0.405)
+    assert sensible_floor(0.87, 0.51) == pytest.approx(0.69)
+    assert sensible_floor(0.5, 0.51) is None and sensible_floor(None, 0.5) is None  # the model learnt nothing
+
 
 def test_bisect_fastest_finds_the_fastest_point_within_a_limit_in_log_tries():
     """Under an accuracy limit only trying a point tells whether it meets it: bisect_fastest asks about each item

@@ -52,7 +52,8 @@ from toolchain.ship.manifest import write_manifest
 from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
 from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, Selection, bisect_fastest, closest_by_metric,
-                                      export_order, fastest_first, keep_non_dominated, select_and_export)
+                                      export_order, fastest_first, keep_non_dominated, select_and_export,
+                                      SENSIBLE_REASON, sensible_floor)
 from toolchain.ship.verify import MetricData
 from toolchain.training import TrainConfig
 from toolchain.twins import TwinChooser
@@ -329,6 +330,8 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                 "path": str(ref.path.relative_to(folder))}
     floor = opts.metric_floor(unpruned["metric"])
     unpruned["metric_floor"] = floor
+    unpruned["metric_constant"] = constant = validation.constant_score()  # no limit: ship no useless point
+    unpruned["metric_sensible"] = sensible = None if floor is not None else sensible_floor(unpruned["metric"], constant)
     order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN)
     if not order:  # (under an accuracy limit)
         raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
@@ -377,7 +380,9 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's
     slots = (lambda: picks() * (1 + len(others)) + len(unpruned_other)) if first else n * (1 + len(others))
     selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
-                                  min_metric=floor, model_or_supernet=run.supernet, tokenizer=run.tokenizer,
+                                  min_metric=floor if floor is not None else sensible, min_metric_reason=
+                                  "the accuracy limit" if floor is not None else SENSIBLE_REASON.format(constant),
+                                  model_or_supernet=run.supernet, tokenizer=run.tokenizer,
                                   run_dir=folder, export_fn=export_fn, on_outcome=outcome, **common)
     if others:
         selection = keep_non_dominated(selection, n, folder)

@@ -59,6 +59,24 @@ NEAR_BEST = 0.01
 NEAR_BEST_BEFORE_RECOVERY = 0.005
 
 
+#: without an accuracy limit, a shipped point keeps at least this share of the unpruned model's margin over a model
+#: that ignores its input (:meth:`~toolchain.ship.verify.MetricData.constant_score`): a default STS-B compile shipped,
+#: as the fastest pick, a point at Spearman 0.30 against the unpruned 0.81 (nothing on its front scored higher than
+#: 0.11 before recovery at that speed, and recovery could not rescue it)
+SENSIBLE_SHARE = 0.5
+SENSIBLE_REASON = ("the least metric worth shipping (half the unpruned model's margin over a constant prediction, "
+                   "{:.4f})")
+
+
+def sensible_floor(unpruned: float | None, constant: float) -> float | None:
+    """The least metric worth shipping without an accuracy limit: :data:`SENSIBLE_SHARE` of the way from the
+    ``constant`` predictor's score to the ``unpruned`` model's; ``None`` when the unpruned model does not beat it
+    (then nothing is sensible by this measure, and nothing is held back)."""
+    if unpruned is None or unpruned <= constant:
+        return None
+    return constant + SENSIBLE_SHARE * (unpruned - constant)
+
+
 def export_order(front: list[dict], n: int, most_accurate: bool = True) -> list[dict]:
     """Search records in shipping order: the ``n`` points a user would pick from the non-dominated records (lowest
     ``error``, lowest ``latency``), chosen by :func:`pick_points` (the most accurate, the fastest sensible one, the
@@ -115,6 +133,7 @@ def select_and_export(
     run_dir: str | Path,
     max_memory_mb: float | None = None,
     min_metric: float | None = None,
+    min_metric_reason: str = "the accuracy limit",
     keep_rejected: bool = True,
     export_fn: Callable[..., ExportResult] = export_point,
     on_outcome: Callable[[Candidate, ExportResult | None], None] | None = None,
@@ -127,7 +146,7 @@ def select_and_export(
     measured memory ``max_memory_mb``) is not shipped as feasible: it is logged, moved to ``run_dir/rejected/<id>``
     (``keep_rejected``; else deleted), ``nasprune.json["feasible"]`` says false, and the next candidate is tried.
     A point whose metric on the exported model is below ``min_metric`` (an accuracy limit) is rejected the same
-    way. A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
+    way (``min_metric_reason`` names the floor in the reason). A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
     ``export_fn`` (default :func:`~toolchain.ship.export.export_point`). ``on_outcome(candidate, result)`` is
     called once a candidate is decided, before the next one is drawn (an order that depends on outcomes:
     :func:`bisect_fastest`), with its export if it is shipped, else ``None``.
@@ -160,7 +179,7 @@ def select_and_export(
         score = (res.metric or {}).get("score")
         if min_metric is not None and (score is None or score < min_metric):
             low = f"metric {score:.4f}" if score is not None else "no metric"
-            why = "; ".join(w for w in (why, f"{low} below the accuracy limit {min_metric:.4f}") if w)
+            why = "; ".join(w for w in (why, f"{low} below {min_metric_reason} {min_metric:.4f}") if w)
         res.info["feasible"] = why is None
         res.info["infeasible_reason"] = why
         if on_outcome:

@@ -166,6 +166,18 @@ class MetricData:
         )
 
 
+    def constant_score(self) -> float:
+        """The main metric of a model that ignores its input, on these labels: scikit-learn's ``DummyClassifier``
+        (always the most frequent label) or, for float labels, ``DummyRegressor`` (always their mean, a correlation
+        of 0). What a shipped point must clearly beat to be of any use."""
+        from sklearn.dummy import DummyClassifier, DummyRegressor
+
+        y = np.asarray(self.labels).reshape(-1)
+        dummy = DummyRegressor() if np.issubdtype(y.dtype, np.floating) else DummyClassifier(strategy="most_frequent")
+        x = np.zeros((len(y), 1))
+        return float(self.metric(dummy.fit(x, y).predict(x), y)["score"])
+
+
 def as_metric_data(obj, tokenizer, max_length: int) -> MetricData | None:
     """Accept a :class:`MetricData`, a ``TextDataset`` (duck-typed: ``.texts``, ``.spec``) or ``None``."""
     if obj is None or isinstance(obj, MetricData):
