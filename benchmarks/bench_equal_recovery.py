@@ -7,15 +7,18 @@ ONNX model built as the export builds it, ONNX Runtime):
 
 * **NAS** (nasprune): of the compile's front (``pareto.json``) under the budget, the point with the best
   shared-weight score on dev half A (the choice is made on half A; half B checks it);
+* **retraining-free pruning** (Kwon et al., :mod:`toolchain.rfp`): the mask its Fisher-information search and
+  per-layer rearrangement choose on the super-network's full network under the budget (mask gradients on
+  ``--rfp-samples`` training examples, as ``--method rfp`` takes them); its least-squares rescaling is left out: the
+  recovery trains the kept weights instead (``bench_baselines.py`` compares the rescaled masks without recovery);
 * **uniform ratio**: the same share of heads and FFN units in every layer, the largest under the budget;
 * **layer dropping**: the first k layers at full width, the largest under the budget.
 
-Retraining-free pruning (Kwon et al.) is not here: it rescales a standard fine-tuned model instead of slicing the
-super-network, and the project ships its points without distillation (``--method rfp``); ``bench_baselines.py``
-compares it without recovery. The unpruned network itself is recovered the same way and is the reference.
+The unpruned network itself is recovered the same way and is the reference.
 
     python benchmarks/bench_equal_recovery.py --run ~/.cache/nasprune/supernets/<key> --front <pareto.json>
-        --table <latency table json> [--budgets 0.75,0.5,0.33,0.25] [--split-seed 0] [--section NAME] [--no-docs]
+        --table <latency table json> [--budgets 0.75,0.5,0.33,0.25] [--split-seed 0] [--rfp-samples 512]
+        [--section NAME] [--no-docs]
 
 Recoveries go to the super-network's own cache (a compile that ships the same point reuses them, and a rerun of
 this benchmark does too: its ``s`` column then says ``cached``).
@@ -32,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dev_halves, machine, markdown_table, publish, section_argument, section_name  # noqa: E402
 
-METHODS = ("NAS (nasprune)", "uniform ratio", "layer dropping")
+METHODS = ("NAS (nasprune)", "retraining-free (mask)", "uniform ratio", "layer dropping")
 
 
 def main() -> None:
@@ -42,6 +45,8 @@ def main() -> None:
     ap.add_argument("--table", required=True, help="the fp32 latency table the compile used (budgets, predictions)")
     ap.add_argument("--budgets", default="0.75,0.5,0.33,0.25", help="shares of the unpruned fp32 latency")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
+    ap.add_argument("--rfp-samples", type=int, default=512, help="training examples for retraining-free pruning's "
+                    "mask gradients (default: 512, the default preset's)")
     section_argument(ap, "bench_equal_recovery")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
     args = ap.parse_args()
@@ -52,6 +57,7 @@ def main() -> None:
     from latency_models.lookup_table import LatencyTable
     from toolchain.core.subnetwork import SubNetwork, layer_drop_subnet
     from toolchain.recover import RecoverSettings, recover_point
+    from toolchain.rfp import mask_gradients, rearrange_mask, search_mask
     from toolchain.run import load_run
     from toolchain.ship.verify import predict_onnx, predict_torch
     from toolchain.twins import largest_uniform
@@ -77,11 +83,23 @@ def main() -> None:
         fits = [s for s in candidates if table.predict_latency(s) <= budget]
         return max(fits, key=table.predict_latency) if fits else None
 
+    grads = []  # retraining-free pruning's mask gradients, computed once when first needed
+
+    def rfp_mask(budget):
+        if not grads:
+            train = run.encoded("train", max_samples=args.rfp_samples, seed=0)
+            grads.append(mask_gradients(run.supernet.model, train, run.spec, n_samples=args.rfp_samples))
+        if table.predict_latency(SubNetwork((0,) * dims.num_layers, (0,) * dims.num_layers)) > budget:
+            return None  # (nothing fits: search_mask's own check)
+        return rearrange_mask(grads[0], search_mask(grads[0], budget, table))
+
     def choose(method, budget):
         if method == METHODS[0]:
             fits = [s for s in front if table.predict_latency(s) <= budget]
             return max(fits, key=lambda s: shared_scores(s)[0]) if fits else None
         if method == METHODS[1]:
+            return rfp_mask(budget)
+        if method == METHODS[2]:
             return largest_uniform(run, lambda s: {"latency": table.predict_latency(s)},
                                    lambda c: c["latency"] <= budget)
         return largest([layer_drop_subnet(dims, k) for k in range(1, dims.num_layers + 1)], budget)
@@ -127,8 +145,9 @@ def main() -> None:
           + (f" --section {args.section}" if args.section else "") + f"`. Machine: {machine()}. Super-network: "
           f"{run.data.task} ({run.settings.get('train', {}).get('strategy')}); budgets: shares of the unpruned fp32 "
           f"model's predicted latency ({unpruned_ms:.2f} ms, fp32 table at the target's length). Each method's point "
-          f"(NAS: the front's best shared-weight score on dev half A under the budget; uniform ratio and layer "
-          f"dropping: the largest under it) is sliced from the super-network and recovered alike ({settings.samples}"
+          f"(NAS: the front's best shared-weight score on dev half A under the budget; retraining-free: the mask of "
+          f"Kwon et al.'s Fisher search and rearrangement on the full network, gradients on {args.rfp_samples} "
+          f"training examples, without its rescaling; uniform ratio and layer dropping: the largest under it) is sliced from the super-network and recovered alike ({settings.samples}"
           f" texts, KL to the full network's logits + labels, lr {settings.lr:g}, batch {settings.batch_size}, one "
           f"epoch), then scored on the dev set ({len(dev)} examples): fp32 in torch, int8 as the ONNX model the "
           f"export builds (per-channel dynamic int8, ONNX Runtime). In brackets: points against the recovered "
