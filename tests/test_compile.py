@@ -128,6 +128,7 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     assert [k for k in tried if k != full] and all(v == {"fp32", "int8"} for k, v in tried.items() if k != full)
     # --export 2 with the unpruned network shipping in int8: it is one of the two, so one sub-network is recovered
     assert tried[full] == {"int8"} and len(tried) == 2
+    assert "<td>the unpruned network</td>" in (out / "report.html").read_text()  # its origin, not "search"
     # the search scored with bf16 autocast where this CPU has native bf16, in a store of its own
     from toolchain.evaluation import bf16_supported
 

@@ -133,6 +133,17 @@ def test_the_hidden_state_term_brings_the_layers_closer_to_the_full_network(run,
     assert d_layered < 0.7 * d_logits, (d_layered, d_logits)
 
 
+def test_frozen_word_embeddings_stay_as_the_super_network_has_them_and_the_rest_still_recovers(run, tmp_path):
+    assert RecoverSettings(freeze_embeddings=False).key() == RecoverSettings().key() != RecoverSettings(
+        freeze_embeddings=True).key()
+    before = _teacher_distance(run, run.supernet.slice(PRUNED), False)
+    point = recover_point(run, PRUNED, _fast(alpha=1.0, freeze_embeddings=True), cache_dir=tmp_path, progress=False)
+    words = run.supernet.slice(PRUNED).get_input_embeddings().weight
+    assert torch.equal(point.model.get_input_embeddings().weight, words)
+    assert not torch.equal(point.model.classifier.weight, run.supernet.slice(PRUNED).classifier.weight)
+    assert _teacher_distance(run, point.model, False) < 0.3 * before
+
+
 def test_second_call_loads_the_cached_point(run, tmp_path):
     settings = _fast()
     first = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)

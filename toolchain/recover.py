@@ -79,6 +79,9 @@ class RecoverSettings:
     # the student's hidden states (embeddings and every kept layer's output) and the full network's at the same
     # layers, over real tokens; the teacher runs beside the student at every step. 0: off
     hidden_weight: float = 0.0
+    # keep the word embeddings as the super-network has them (half of all-MiniLM-L6-v2's weights: their gradient and
+    # AdamW update are a large share of a step); bench_recovery_settings compares it with training them
+    freeze_embeddings: bool = False
     checkpoint_every: int = 50  # optimizer steps (does not change the result, so not part of key())
 
     def __post_init__(self):
@@ -99,8 +102,9 @@ class RecoverSettings:
     def key(self) -> str:
         """A short stable hash of the settings that change the recovered weights."""
         d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
-        if not d["hidden_weight"]:  # off: the key of the settings before the term existed (caches stay valid)
-            del d["hidden_weight"]
+        for name in ("hidden_weight", "freeze_embeddings"):  # off: the key of the settings before the option
+            if not d[name]:  # existed (caches stay valid)
+                del d[name]
         return _hash(d)
 
 
@@ -287,6 +291,8 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
     encoded["index"] = torch.arange(n)
 
     model = run.supernet.slice(subnet)
+    if settings.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))

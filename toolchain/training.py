@@ -111,8 +111,9 @@ def optimizer_and_schedule(model: torch.nn.Module, lr: float, weight_decay: floa
     """AdamW (no decay on biases and LayerNorm) and a linear warm-up then linear decay to 0 over ``total_steps``.
     Fused by default: torch's default on a CPU is a loop over the parameters one tensor at a time, slower for the
     same result (``benchmarks/bench_optimizer.py`` measures one against the other); ``fused=False``: that loop."""
-    decay = [p for name, p in model.named_parameters() if not (name.endswith("bias") or "LayerNorm" in name)]
-    no_decay = [p for name, p in model.named_parameters() if name.endswith("bias") or "LayerNorm" in name]
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # (frozen ones left out)
+    decay = [p for name, p in trained if not (name.endswith("bias") or "LayerNorm" in name)]
+    no_decay = [p for name, p in trained if name.endswith("bias") or "LayerNorm" in name]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=fused,
                                   foreach=None if fused else False)

@@ -130,8 +130,8 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
                             "label": (f"{rank}: {lat:.1f} ms measured" if lat else rank)
                             + ("" if info.get("precision") == settings.get("precision")
                                else f" ({info.get('precision')})")})
-        shipped_rows.append(_row(res, folder))
-    rejected_rows = [_row(r, folder) for r, _ in selection.rejected]
+        shipped_rows.append(_row(res, folder, full))
+    rejected_rows = [_row(r, folder, full) for r, _ in selection.rejected]
     # the unpruned model as exported (recovered when the shipped points beside it are), else its shared-weight score
     if unpruned.get("metric") is None:
         unpruned_pt = next(({**r, "label": "unpruned model (shared weights)"} for r in records
@@ -175,7 +175,7 @@ def _exported(what: str, recovered: bool) -> str:
     return f"{what} (exported ONNX{', recovered' if recovered else ''})"
 
 
-def _row(res: ExportResult, folder: Path) -> dict:
+def _row(res: ExportResult, folder: Path, full) -> dict:
     pred = (res.info.get("predicted") or {}).get("latency_ms")
     meas = res.info.get("measured") or {}
     drift = meas.get("latency_drift_corrected_ms")
@@ -183,7 +183,7 @@ def _row(res: ExportResult, folder: Path) -> dict:
     score = (res.metric or {}).get("score")
     before = res.metric_before_recovery
     twin = (res.info.get("extra") or {}).get("uniform_twin") or {}
-    origin = "search" if twin.get("chosen") != "twin" else (
+    origin = "the unpruned network" if res.subnet == full else "search" if twin.get("chosen") != "twin" else (
         f"uniform twin of the search's {twin['point']} ({twin['point_score_after_recovery']:.4f} after recovery)")
     return {"point": res.point_id, "precision": res.info.get("precision", ""), "origin": origin,
             "parameters": f"{res.parameters / 1e6:.2f}M",
