@@ -145,9 +145,10 @@ def select_and_export(
     Shipped points go to ``run_dir/points/<id>``. A point whose MEASURED latency exceeds ``max_latency_ms`` (or
     measured memory ``max_memory_mb``) is not shipped as feasible: it is logged, moved to ``run_dir/rejected/<id>``
     (``keep_rejected``; else deleted), ``nasprune.json["feasible"]`` says false, and the next candidate is tried.
-    A point whose metric on the exported model is below ``min_metric`` (an accuracy limit) is rejected the same
-    way (``min_metric_reason`` names the floor in the reason). A candidate whose export fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to
-    ``export_fn`` (default :func:`~toolchain.ship.export.export_point`). ``on_outcome(candidate, result)`` is
+    A point whose metric on the exported model is below ``min_metric`` (an accuracy limit, or the least metric
+    worth shipping: ``min_metric_reason`` names it in the reason) is rejected the same way. A candidate whose export
+    fails (e.g. verification) is reported and skipped. ``export_kwargs`` go to ``export_fn`` (default
+    :func:`~toolchain.ship.export.export_point`). ``on_outcome(candidate, result)`` is
     called once a candidate is decided, before the next one is drawn (an order that depends on outcomes:
     :func:`bisect_fastest`), with its export if it is shipped, else ``None``.
     """
