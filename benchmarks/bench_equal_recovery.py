@@ -128,8 +128,9 @@ def main() -> None:
                 rows.append([f"{share:.0%} = {budget:.1f} ms", method, "-", "", "", "", "", "", "", ""])
                 continue
             r = evaluate(subnet)
+            took = r["s"] if r["s"] == "cached" else f"{r['s']} s"
             print(f"{share:.0%} {method}: {subnet.key()} {r['ms']:.2f} ms, before {r['before'][2]:.4f}, fp32 "
-                  f"{r['fp32'][2]:.4f}, int8 {r['int8'][2]:.4f} ({r['s']} s)", flush=True)
+                  f"{r['fp32'][2]:.4f}, int8 {r['int8'][2]:.4f} ({took})", flush=True)
             rows.append([f"{share:.0%} = {budget:.1f} ms", method, f"{subnet.key()} ({r['params']:.0%})",
                          f"{r['ms']:.2f}", f"{r['before'][2]:.4f}"]
                         + [f"{r[p][2]:.4f} ({100 * (r[p][2] - reference['fp32'][2]):+.1f})" for p in ("fp32", "int8")]
