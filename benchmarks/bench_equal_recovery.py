@@ -144,7 +144,7 @@ def main() -> None:
           f"`python benchmarks/bench_equal_recovery.py --run <super-network> --front <pareto.json> --table <table> "
           f"--budgets {args.budgets} --split-seed {args.split_seed}"
           + (f" --section {args.section}" if args.section else "") + f"`. Machine: {machine()}. Super-network: "
-          f"{run.data.task} ({run.settings.get('train', {}).get('strategy')}); budgets: shares of the unpruned fp32 "
+          f"{run.data.describe()} ({run.settings.get('train', {}).get('strategy')}); budgets: shares of the unpruned fp32 "
           f"model's predicted latency ({unpruned_ms:.2f} ms, fp32 table at the target's length). Each method's point "
           f"(NAS: the front's best shared-weight score on dev half A under the budget; retraining-free: the mask of "
           f"Kwon et al.'s Fisher search and rearrangement on the full network, gradients on {args.rfp_samples} "

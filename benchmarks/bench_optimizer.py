@@ -70,7 +70,7 @@ def main() -> None:
                          f"{i['final_loss']:.6f}"])
     md = ["## Recovery: AdamW fused or per tensor (`bench_optimizer.py`)", "",
           f"`python benchmarks/bench_optimizer.py --run <super-network> --ratios {args.ratios} --samples "
-          f"{args.samples} --rounds {args.rounds}`. Machine: {machine()}. Super-network: {run.data.task}; points: the "
+          f"{args.samples} --rounds {args.rounds}`. Machine: {machine()}. Super-network: {run.data.describe()}; points: the "
           "same share of heads and FFN units in every layer; one recovery per optimizer and round (default "
           "settings: KL to the full network's logits + labels, lr 1e-4, batch 32, one epoch), the two alternating; "
           "seconds of each round, their median, the speed-up over the per-tensor loop, and the first round's "

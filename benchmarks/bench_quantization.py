@@ -105,7 +105,7 @@ def main() -> None:
                        f"| {statistics.mean(x[2] for x in d):+.2f} | {min(x[2] for x in d):+.1f} |")
     md = ["## Int8 quantization variants (`bench_quantization.py`)", "",
           f"`python benchmarks/bench_quantization.py --run <super-network> --front <pareto.json> --keys {args.keys}`. "
-          f"Machine: {machine()}. Super-network: {run.data.task}; points: the unpruned network and sub-networks of a "
+          f"Machine: {machine()}. Super-network: {run.data.describe()}; points: the unpruned network and sub-networks of a "
           f"default compile's front, each recovered as compile recovers it and exported in fp32 as compile does; "
           f"metric: {run.spec.metric} on the dev set ({len(dev)} examples) and on its two halves (split seed "
           f"{args.split_seed}); ms: median of 3 rounds, each beside the unpruned fp32 model (speed-up: its median "

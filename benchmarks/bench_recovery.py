@@ -69,7 +69,7 @@ def main() -> None:
           f"`python benchmarks/bench_recovery.py --run <super-network> --samples {args.samples} --ratios "
           f"{args.ratios}" + (" --random-batches" if args.random_batches else "") + f"`. Machine: {machine()}. "
           f"Super-network: {run.settings.get('model') or 'all-MiniLM-L6-v2'} on "
-          f"{run.data.task} ({run.settings.get('train', {}).get('strategy')}, init "
+          f"{run.data.describe()} ({run.settings.get('train', {}).get('strategy')}, init "
           f"{run.settings.get('init', 'pretrained')}); its full network scores {unpruned:.4f} ({run.spec.metric}, "
           f"dev, {len(run.data.load('validation'))} examples). Points: the same share of heads and FFN units in "
           "every layer. Recovery: KL to the full network's logits + labels (50/50), lr 1e-4, batch 32, one epoch "

@@ -95,7 +95,7 @@ def main() -> None:
     md = ["## Recovery settings side by side (`bench_recovery_settings.py`)", "",
           f"`python benchmarks/bench_recovery_settings.py --run <super-network> --front <pareto.json> --keys "
           f"{args.keys} --settings " + " ".join(f"'{s}'" for s in args.settings) + f"`. Machine: {machine()}. "
-          f"Super-network: {run.data.task}, {run.settings.get('train', {}).get('strategy')}; points: sub-networks of "
+          f"Super-network: {run.data.describe()}, {run.settings.get('train', {}).get('strategy')}; points: sub-networks of "
           f"a default compile's front (predicted fp32 latency at the target's length). Metric: {run.spec.metric} on "
           f"the dev set ({len(dev)} examples), before (shared weights) and after recovery "
           f"(KL to the full network's logits + labels, 50/50, lr 1e-4, batch 32, one epoch); s: seconds of the "

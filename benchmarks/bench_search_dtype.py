@@ -66,7 +66,7 @@ def main() -> None:
           f"`python benchmarks/bench_search_dtype.py --run <super-network>"
           + (" --front <pareto.json>" if args.front else "") + f" --random {args.random} --samples {args.samples}`. "
           f"Machine: {machine()}; native bf16 (AVX512-BF16/AMX): {'yes' if bf16_supported() else 'no'}. "
-          f"Super-network: {run.data.task}, {run.settings.get('space', run.space.__class__.__name__)} space; "
+          f"Super-network: {run.data.describe()}, {run.settings.get('space', run.space.__class__.__name__)} space; "
           f"{len(subnets)} sub-networks ({len(subnets) - args.random} of the front, {args.random} random), each "
           f"scored ({run.spec.metric}) on {len(enc['labels'])} dev examples with the shared weights both ways, "
           f"alternating; one dev example is {1 / len(enc['labels']):.4f} of accuracy.", ""]

@@ -315,6 +315,9 @@ def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run
     assert main(["export", str(folder), *common, "--export", "3", "--recover-samples", "64"]) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((folder / "manifest.json").read_text())
+    # a user's files are called what they are, not the default GLUE task
+    assert manifest["settings"]["task"] == "custom" and manifest["settings"]["data"] == "custom (train.csv, val.csv)"
+    assert "custom on cpu" in (folder / "report.html").read_text()
     full = run.supernet.full()
     twins = 0
     for p in manifest["points"]:

@@ -191,10 +191,9 @@ class CompileOptions:
         return RecoverSettings(samples=self.budget("recover_samples"), seed=self.seed)
 
     def default_output(self) -> Path:
-        task = "custom" if self.data.train_file else self.data.task
         target = Path(self.target).stem
         budget = f"-{self.max_latency:g}ms" if self.max_latency else ""
-        return Path("nasprune-out") / f"{task}-{target}{budget}"
+        return Path("nasprune-out") / f"{self.data.name}-{target}{budget}"
 
     def for_run(self, run: Run) -> CompileOptions:
         """These options over a trained run folder (``nasprune search`` / ``export``): model, data, search space and

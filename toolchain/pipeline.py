@@ -448,7 +448,8 @@ def run_settings(opts: CompileOptions, run: Run, table, target: Target, precisio
     """The settings a run records (``run.json``, ``manifest.json``, ``report.html``)."""
     supernet = Path(run.settings["supernet_dir"]).parent if "supernet_dir" in run.settings else run.folder
     return {
-        "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.task, "target": target.name,
+        "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.name, "data": opts.data.describe(),
+        "target": target.name,
         "precision": precision, "batch_size": target.batch_size, "sequence_length": target.sequence_length,
         "max_latency_ms": opts.max_latency, "max_memory_mb": opts.max_memory, "max_params": opts.max_params,
         "objectives": list(opts.objectives), "space": opts.space, "strategy": opts.strategy,

@@ -62,6 +62,16 @@ class DataSettings:
             del d["holdout"]
         return d
 
+    @property
+    def name(self) -> str:
+        """What the data is called in settings, reports and folder names: the GLUE task, or ``custom`` for files."""
+        return "custom" if self.train_file or self.validation_file else self.task
+
+    def describe(self) -> str:
+        """For tables and messages: the GLUE task, or ``custom (train.csv, dev.csv)`` (the files' names)."""
+        files = [Path(f).name for f in (self.train_file, self.validation_file) if f]
+        return f"custom ({', '.join(files)})" if files else self.task
+
     def spec(self) -> TaskSpec:
         if self.train_file or self.validation_file:
             return self.load("validation").spec
