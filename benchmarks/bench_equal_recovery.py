@@ -115,7 +115,8 @@ def main() -> None:
         return {"subnet": subnet, "ms": table.predict_latency(subnet),
                 "params": space.num_parameters(subnet) / full_params, "before": shared_scores(subnet),
                 "fp32": scores(predict_torch(point.model, dev.inputs)), "int8": int8_scores(point.model),
-                "s": "cached" if point.info.get("cached") else f"{point.info['seconds']:.0f}"}
+                "s": "cached" if point.info.get("cached") else f"{point.info['seconds']:.0f}",
+                "texts": point.info["examples"]}
 
     reference = evaluate(full)
     print(f"unpruned: fp32 {reference['fp32'][2]:.4f}, int8 {reference['int8'][2]:.4f}", flush=True)
@@ -148,8 +149,8 @@ def main() -> None:
           f"model's predicted latency ({unpruned_ms:.2f} ms, fp32 table at the target's length). Each method's point "
           f"(NAS: the front's best shared-weight score on dev half A under the budget; retraining-free: the mask of "
           f"Kwon et al.'s Fisher search and rearrangement on the full network, gradients on {args.rfp_samples} "
-          f"training examples, without its rescaling; uniform ratio and layer dropping: the largest under it) is sliced from the super-network and recovered alike ({settings.samples}"
-          f" texts, KL to the full network's logits + labels, lr {settings.lr:g}, batch {settings.batch_size}, one "
+          f"training examples, without its rescaling; uniform ratio and layer dropping: the largest under it) is "
+          f"sliced from the super-network and recovered alike ({reference['texts']} texts, KL to the full network's logits + labels, lr {settings.lr:g}, batch {settings.batch_size}, one "
           f"epoch), then scored on the dev set ({len(dev)} examples): fp32 in torch, int8 as the ONNX model the "
           f"export builds (per-channel dynamic int8, ONNX Runtime). In brackets: points against the recovered "
           f"unpruned model in fp32. Half A / B: the two halves of the dev set (split seed {args.split_seed}); NAS "
