@@ -18,7 +18,8 @@ from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point
                                teacher_logits, teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
-from toolchain.twins import SHARES, TwinChooser, uniform_twin
+from toolchain.ship.manifest import TWINS
+from toolchain.twins import SHARES, TwinChooser, fisher_twin, uniform_twin
 
 POSITIVE = ["good", "great", "superb", "lovely", "brilliant", "fine", "excellent", "wonderful"]
 NEGATIVE = ["bad", "awful", "boring", "dull", "poor", "terrible", "weak", "horrible"]
@@ -293,6 +294,30 @@ def test_the_chooser_exports_the_better_of_a_point_and_its_uniform_twin_after_re
     assert chooser.chosen[neighbour.key()] == neighbour.key()
 
 
+def test_the_fisher_twin_is_retraining_free_prunings_mask_at_the_points_cost_and_the_best_of_three_is_exported(run):
+    """The mask of Kwon et al.'s search at the point's cost (parameters here), then the best of the point, its
+    uniform twin and that mask after a recovery that leaves the shared weights as they are."""
+    settings = _fast(samples=16, epochs=1, lr=1e-9)
+    costs = _param_costs(run)
+    point = SubNetwork((4, 4, 1), (48, 48, 8))
+    chooser = TwinChooser(run, costs, {}, settings, progress=False, fisher_samples=32)
+    grads = chooser.grads()  # of the full network, on 32 training rows
+    assert grads.head_importance().shape == (3, 4) and chooser.grads() is grads  # once
+    mask = fisher_twin(run, point, costs, {}, grads)
+    assert mask is not None and mask.head_index is not None  # which heads and units: chosen by their importance
+    assert costs(point)["latency"] - 100 <= costs(mask)["latency"] <= costs(point)["latency"]  # the budget, used up
+    assert fisher_twin(run, point, costs, {"params": costs(point)["params"] / 2}, grads) is None  # infeasible
+    record = {"subnet": point, "key": point.key(), "error": 0.4, "score": 0.6, "search_error": 0.45, **costs(point)}
+    got = chooser(record)
+    note = got["uniform_twin"]
+    assert (note["fisher"], note["twin"]) == (mask.key(), uniform_twin(run, point, costs, {}).key())
+    after = {n: recover_point(run, SubNetwork(**note[f"{n}_subnet"]) if n != "point" else point, settings,
+                              progress=False).info["score_after"] for n in ("point", "twin", "fisher")}
+    assert after == {n: note[f"{n}_score_after_recovery"] for n in after}
+    assert note["chosen"] == max(after, key=after.get) and got["subnet"].key() == note[note["chosen"]]
+    assert TwinChooser(run, costs, {}, settings, progress=False, uniform=False)(record) == record  # both off
+
+
 @pytest.mark.slow
 def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run, tmp_path, monkeypatch, capsys):
     """The search and export stages over the synthetic task's run folder: every exported sub-network of the search
@@ -331,12 +356,14 @@ def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run
         assert subnet.key() == note[note["chosen"]]  # the exported sub-network is the one chosen
         assert subnet != full and info["extra"]["recovery"]["cached"]  # recovered by the choice, reused by the export
         assert info["extra"]["recovery"]["score_after"] == note[f"{note['chosen']}_score_after_recovery"]
-        assert (note["twin_score_after_recovery"] > note["point_score_after_recovery"]) == (note["chosen"] == "twin")
-        assert note["twin_latency_ms"] <= note["point_latency_ms"]
+        after = {n: note[f"{n}_score_after_recovery"] for n in ("point", *TWINS) if f"{n}_score_after_recovery" in note}
+        assert note["chosen"] == max(after, key=after.get)  # the best after recovery (the point on a tie)
+        assert set(after) > {"point"} and all(note[f"{n}_latency_ms"] <= note["point_latency_ms"] for n in after
+                                              if n != "point")
     assert twins, manifest["points"]
     for p in manifest["points"]:  # the printed table says which point is a twin, and of which point
-        if (p["uniform_twin"] or {}).get("chosen") == "twin":
-            assert f"{p['uniform_twin']['twin']}: the uniform twin of the search's {p['uniform_twin']['point']}" in printed
+        if (t := p["uniform_twin"] or {}).get("chosen") in TWINS:
+            assert f"{t[t['chosen']]}: the {TWINS[t['chosen']]} of the search's {t['point']}" in printed
     html = (folder / "report.html").read_text()
-    assert "origin" in html and ("uniform twin of the search" in html) == any(
-        (p["uniform_twin"] or {}).get("chosen") == "twin" for p in manifest["points"] if p["feasible"])
+    assert "origin" in html and ("twin of the search" in html) == any(
+        (p["uniform_twin"] or {}).get("chosen") in TWINS for p in manifest["points"] if p["feasible"])

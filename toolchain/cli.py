@@ -231,7 +231,8 @@ def _recover_options(args) -> dict:
     """Recovery and the accuracy limit (``nasprune-compile`` and ``nasprune export``)."""
     drop = parse_points(args.max_accuracy_drop) if args.max_accuracy_drop is not None else None
     return {"recover": not args.no_recover, "recover_samples": args.recover_samples, "max_accuracy_drop": drop,
-            "min_metric": args.min_metric, "uniform_twin": not args.no_uniform_twin}
+            "min_metric": args.min_metric, "uniform_twin": not args.no_uniform_twin,
+            "fisher_twin": not args.no_fisher_twin}
 
 
 def _compile_options(args) -> CompileOptions:
@@ -371,6 +372,8 @@ def add_recover_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-uniform-twin", action="store_true",
                    help="recover only the search's points, not also each one's uniform twin (the same share of heads "
                         "and FFN units in every layer, predicted no slower), of which the better is exported")
+    g.add_argument("--no-fisher-twin", action="store_true",
+                   help="do not also recover each point's Fisher twin (retraining-free pruning's mask at its latency)")
 
 
 def add_compile_options(p: argparse.ArgumentParser) -> None:

@@ -83,6 +83,8 @@ class CompileOptions:
     recover_samples: int | None = None  # training texts for recovery (preset; the preset "paper": all of them)
     # recover each point's uniform twin too and export the better of the two (toolchain.twins)
     uniform_twin: bool = True
+    # and its Fisher twin (retraining-free pruning's mask at the point's latency, gradients on rfp_samples texts)
+    fisher_twin: bool = True
     # the length latency is predicted and measured at: N tokens, or "data" (a quantile of the training lengths);
     # None: the target's (toolchain.latency_settings)
     sequence_length: int | str | None = None

@@ -8,7 +8,7 @@ Stages (each cached or resumable), one function each; ``compile_model`` runs the
 3. search (NSGA-II by default; ``--method rfp``: :mod:`toolchain.rfp_stage`) with ``search_history.csv`` in the run
    folder (resumable)
 4. Pareto points re-evaluated on the full validation set
-5. export: (each point of the search recovered beside its uniform twin, the better kept: :mod:`toolchain.twins`)
+5. export: (each point of the search recovered beside its uniform and Fisher twins, the best kept: :mod:`toolchain.twins`)
    slice -> recover -> ONNX -> fuse (-> int8) -> verify -> measure; a point over budget when *measured* is not shipped
 6. report: ``manifest.json``, ``pareto.png``, ``report.html``
 
@@ -355,7 +355,8 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
     # each point is recovered beside its uniform twin, the better exported (toolchain.twins)
     twins = TwinChooser(run, partial(cost_metrics, table, run.space, confidence=opts.latency_confidence),
-                        opts.constraints(table), settings, opts.progress) if recover and opts.uniform_twin else None
+                        opts.constraints(table), settings, opts.progress, uniform=opts.uniform_twin, fisher_samples=
+                        opts.budget("rfp_samples") if opts.fisher_twin else None) if recover else None
 
     shipped, unpruned_other = set(), []  # sub-networks shipped in some precision; the unpruned one in others
 

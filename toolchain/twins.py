@@ -1,4 +1,4 @@
-"""The uniform twin of a point about to be shipped (issue #17): recover both, export the better by validation metric.
+"""The twins of a point about to be shipped (issue #17): recover them beside it, export the best by validation metric.
 
 With the same recovery, a plain uniform shrink (the same share of heads and FFN units in every layer) recovered to
 more than the point NAS picked from its shared-weight front at most budgets below 75 % of the unpruned latency
@@ -10,6 +10,15 @@ table predicts no slower than the point and that meets the search's constraints 
 on the validation set after recovery is exported (the point on a tie). The choice is recorded in the exported
 point's ``nasprune.json`` (``extra.uniform_twin``). One recovery more per point tried; ``--no-uniform-twin`` turns
 it off.
+
+Its *Fisher twin* is the mask of retraining-free pruning (Kwon et al., :mod:`toolchain.rfp`: diagonal Fisher search
+and per-layer rearrangement, on the super-network's full network, gradients once per run) at the point's predicted
+latency. Recovered the same way, it was the best of NAS's point, the uniform network and the mask at three of four
+budgets on SST-2, but not on STS-B or QNLI as a custom CSV (section ``bench_equal_recovery`` and its ``-stsb`` and
+``-custom-csv``): no one structure wins everywhere, so all three are recovered and the best on the validation set
+is exported. Its figures go beside the uniform twin's in the same note (``fisher``, ``fisher_subnet``,
+``fisher_score_after_recovery``, ``fisher_latency_ms``; ``chosen``: ``point``, ``twin`` or ``fisher``);
+``--no-fisher-twin`` turns it off.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from collections.abc import Callable
 
 from toolchain.core.subnetwork import SubNetwork, uniform_subnet
 from toolchain.recover import RecoverSettings, recover_point
+from toolchain.rfp import MaskGradients, mask_gradients, rearrange_mask, search_mask
 from toolchain.run import Run
 from toolchain.search.objectives import feasibility
 
@@ -56,6 +66,22 @@ def uniform_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dic
     return None if twin == subnet else twin
 
 
+def fisher_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dict], constraints: dict[str, float],
+                grads: MaskGradients) -> SubNetwork | None:
+    """Retraining-free pruning's mask (:func:`~toolchain.rfp.search_mask`, then
+    :func:`~toolchain.rfp.rearrange_mask`) with ``costs``' ``latency`` at most ``subnet``'s, when it is no slower by
+    ``latency_bound`` too and feasible under ``constraints``; ``None`` otherwise, or when it is ``subnet``."""
+    mine = costs(subnet)
+    try:
+        mask = rearrange_mask(grads, search_mask(grads, mine["latency"], lambda s: costs(s)["latency"]))
+    except ValueError:  # no mask that cheap
+        return None
+    c = costs(mask)
+    fits = all(c[k] <= mine[k] for k in ("latency", "latency_bound") if k in mine) and feasibility(c, constraints)[
+        "feasible"]
+    return mask if fits and mask != subnet else None
+
+
 class TwinChooser:
     """``chooser(record)``: a front record (``subnet``, ``latency``, ``memory``, ``error``, ``score``, ...), or the
     record of its uniform twin when the twin scores higher after recovery. A twin already handed out (the twin of an
@@ -63,10 +89,22 @@ class TwinChooser:
     key of the sub-network given in its place."""
 
     def __init__(self, run: Run, costs: Callable[[SubNetwork], dict], constraints: dict[str, float],
-                 settings: RecoverSettings, progress: bool = True):
+                 settings: RecoverSettings, progress: bool = True, *, uniform: bool = True,
+                 fisher_samples: int | None = None):
         self.run, self.costs, self.constraints = run, costs, constraints
         self.settings, self.progress = settings, progress
+        self.uniform, self.fisher_samples = uniform, fisher_samples  # fisher_samples None: no Fisher twin
         self.chosen: dict[str, str] = {}
+        self._grads: MaskGradients | None = None
+
+    def grads(self) -> MaskGradients:
+        """The mask gradients of the super-network's full network (once per chooser)."""
+        if self._grads is None:
+            n = self.fisher_samples
+            train = self.run.encoded("train", max_samples=n, seed=self.settings.seed)
+            self._grads = mask_gradients(self.run.supernet.model, train, self.run.spec, n_samples=n,
+                                         seed=self.settings.seed, progress=self.progress)
+        return self._grads
 
     def __call__(self, record: dict) -> dict:
         subnet: SubNetwork = record["subnet"]
@@ -76,22 +114,32 @@ class TwinChooser:
 
     def _choose(self, record: dict) -> dict:
         subnet = record["subnet"]
-        twin = uniform_twin(self.run, subnet, self.costs, self.constraints)
-        if twin is None or twin.key() in self.chosen.values():  # handed out already
+        handed = set(self.chosen.values())  # a twin handed out already is not handed out again
+        twins = {}
+        if self.uniform:
+            twins["twin"] = uniform_twin(self.run, subnet, self.costs, self.constraints)
+        if self.fisher_samples:
+            twins["fisher"] = fisher_twin(self.run, subnet, self.costs, self.constraints, self.grads())
+        twins = {name: t for name, t in twins.items() if t is not None and t.key() not in handed}
+        if twins.get("fisher") is not None and twins["fisher"] == twins.get("twin"):
+            del twins["fisher"]
+        if not twins:
             return record
-        mine = recover_point(self.run, subnet, self.settings, progress=self.progress).info
-        theirs = recover_point(self.run, twin, self.settings, progress=self.progress).info
-        c = self.costs(twin)
-        note = {"point": subnet.key(), "point_score_after_recovery": mine["score_after"],
-                "point_latency_ms": record.get("latency"), "twin": twin.key(), "twin_subnet": twin.to_dict(),
-                "twin_score_after_recovery": theirs["score_after"], "twin_latency_ms": c["latency"],
-                "metric": mine["metric"]}
-        won = theirs["score_after"] > mine["score_after"]
-        log.info("%s %s: %.4f after recovery; its uniform twin %s (%.2f ms predicted, not slower): %.4f -> exporting "
-                 "the %s", subnet.key(), mine["metric"], mine["score_after"], twin.key(), c["latency"],
-                 theirs["score_after"], "twin" if won else "point")
-        if not won:
+        after = {name: recover_point(self.run, s, self.settings, progress=self.progress).info
+                 for name, s in {"point": subnet, **twins}.items()}
+        note = {"point": subnet.key(), "point_score_after_recovery": after["point"]["score_after"],
+                "point_latency_ms": record.get("latency"), "metric": after["point"]["metric"]}
+        costs = {name: self.costs(t) for name, t in twins.items()}
+        for name, t in twins.items():
+            note.update({name: t.key(), f"{name}_subnet": t.to_dict(),
+                         f"{name}_score_after_recovery": after[name]["score_after"],
+                         f"{name}_latency_ms": costs[name]["latency"]})
+        best = max(after, key=lambda name: after[name]["score_after"])  # the first of equals: the point on a tie
+        log.info("%s %s after recovery: %s -> exporting the %s", subnet.key(), after["point"]["metric"],
+                 ", ".join(f"{name} {after[name]['score_after']:.4f}" for name in after), best)
+        if best == "point":
             return {**record, "uniform_twin": {**note, "chosen": "point"}}
-        score = theirs["score_before"]  # shared weights, full validation set: what validate_front gives a point
+        twin, c = twins[best], costs[best]
+        score = after[best]["score_before"]  # shared weights, full validation set: what validate_front gives a point
         return {**c, "subnet": twin, "key": twin.key(), "error": 1 - score, "score": score,
-                "search_error": None, "uniform_twin": {**note, "chosen": "twin"}}
+                "search_error": None, "uniform_twin": {**note, "chosen": best}}

@@ -108,6 +108,10 @@ NOT_ON_TARGET = ("not measured on the target: the table is another device's, so 
                  "--measure-points RUN --out measured.json, then nasprune export RUN --measured measured.json")
 
 
+#: what each alternative to a search's point is called (``uniform_twin["chosen"]``; toolchain.twins)
+TWINS = {"twin": "uniform twin", "fisher": "Fisher twin"}
+
+
 def manifest_lines(manifest: dict) -> list[str]:
     """The table of points of a ``manifest.json`` as the CLI prints it: the unpruned reference first, then every
     exported point, and what the table's columns and markers mean."""
@@ -130,12 +134,13 @@ def manifest_lines(manifest: dict) -> list[str]:
                      f"{shown} {metric or 0:>7.4f}  {path}")
     if any(r[5] is not None for r in rows):
         lines.append("before: shared-weight metric before recovery; metric: the exported ONNX model's, after it")
-    twins = {(p["uniform_twin"]["twin"], p["uniform_twin"]["point"]): p["uniform_twin"] for p in manifest["points"]
-             if (p.get("uniform_twin") or {}).get("chosen") == "twin"}
+    twins = {(t[t["chosen"]], t["point"]): t for p in manifest["points"]
+             if (t := p.get("uniform_twin") or {}).get("chosen") in TWINS}
     for (twin, point), t in twins.items():
-        lines.append(f"{twin}: the uniform twin of the search's {point}, exported in its place ({t['metric']} "
-                     f"{t['twin_score_after_recovery']:.4f} against {t['point_score_after_recovery']:.4f} after "
-                     f"recovery)")
+        others = ", ".join(f"{name} {t[f'{name}_score_after_recovery']:.4f}" for name in ("point", *TWINS)
+                           if name != t["chosen"] and f"{name}_score_after_recovery" in t)
+        lines.append(f"{twin}: the {TWINS[t['chosen']]} of the search's {point}, exported in its place ({t['metric']} "
+                     f"{t[t['chosen'] + '_score_after_recovery']:.4f} after recovery; {others})")
     if not all(p.get("measured_on_target", True) for p in manifest["points"]):
         lines.append(NOT_ON_TARGET)
     return lines
