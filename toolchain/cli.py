@@ -370,8 +370,8 @@ def add_recover_options(p: argparse.ArgumentParser) -> None:
                    help="training texts each point is distilled on (default: preset; quick 3000, default 12000, "
                         "paper all)")
     g.add_argument("--no-uniform-twin", action="store_true",
-                   help="recover only the search's points, not also each one's uniform twin (the same share of heads "
-                        "and FFN units in every layer, predicted no slower), of which the better is exported")
+                   help="do not also recover each point's uniform twin (the same share of heads and FFN units in "
+                        "every layer, predicted no slower); of a point and its twins the best is exported")
     g.add_argument("--no-fisher-twin", action="store_true",
                    help="do not also recover each point's Fisher twin (retraining-free pruning's mask at its latency)")
 
