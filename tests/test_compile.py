@@ -118,7 +118,8 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
         assert rec["examples"] == 64 and rec["steps"] >= 1
         assert p["metric_before_recovery"] == rec["score_before"] and p["metric"] is not None
         recoveries.append((info["precision"], rec["cached"]))
-    assert ("fp32", False) in recoveries and all(cached for precision, cached in recoveries if precision == "int8")
+    # (a sub-network is recovered before its export when its twins are, so its fp32 export may find it cached too)
+    assert "fp32" in {p for p, _ in recoveries} and all(cached for precision, cached in recoveries if precision == "int8")
     assert {p["precision"] for p in manifest["points"]} == {"fp32", "int8"}
     # each chosen sub-network is tried in both precisions (an unpruned int8 candidate takes no slot of theirs)
     tried: dict = {}
