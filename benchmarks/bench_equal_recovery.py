@@ -57,10 +57,9 @@ def main() -> None:
     from latency_models.lookup_table import LatencyTable
     from toolchain.core.subnetwork import SubNetwork, layer_drop_subnet
     from toolchain.recover import RecoverSettings, recover_point
-    from toolchain.rfp import mask_gradients, rearrange_mask, search_mask
     from toolchain.run import load_run
     from toolchain.ship.verify import predict_onnx, predict_torch
-    from toolchain.twins import largest_uniform
+    from toolchain.twins import fisher_gradients, fisher_mask, largest_uniform
 
     run = load_run(args.run)
     table = LatencyTable.load(args.table)
@@ -87,11 +86,8 @@ def main() -> None:
 
     def rfp_mask(budget):
         if not grads:
-            train = run.encoded("train", max_samples=args.rfp_samples, seed=0)
-            grads.append(mask_gradients(run.supernet.model, train, run.spec, n_samples=args.rfp_samples))
-        if table.predict_latency(SubNetwork((0,) * dims.num_layers, (0,) * dims.num_layers)) > budget:
-            return None  # (nothing fits: search_mask's own check)
-        return rearrange_mask(grads[0], search_mask(grads[0], budget, table))
+            grads.append(fisher_gradients(run, args.rfp_samples))
+        return fisher_mask(grads[0], budget, table.predict_latency)
 
     def choose(method, budget):
         if method == METHODS[0]:
@@ -150,8 +146,9 @@ def main() -> None:
           f"(NAS: the front's best shared-weight score on dev half A under the budget; retraining-free: the mask of "
           f"Kwon et al.'s Fisher search and rearrangement on the full network, gradients on {args.rfp_samples} "
           f"training examples, without its rescaling; uniform ratio and layer dropping: the largest under it) is "
-          f"sliced from the super-network and recovered alike ({reference['texts']} texts, KL to the full network's logits + labels, lr {settings.lr:g}, batch {settings.batch_size}, one "
-          f"epoch), then scored on the dev set ({len(dev)} examples): fp32 in torch, int8 as the ONNX model the "
+          f"sliced from the super-network and recovered alike ({reference['texts']} texts, KL to the full network's "
+          f"logits + labels, lr {settings.lr:g}, batch {settings.batch_size}, one epoch), then scored on the dev set "
+          f"({len(dev)} examples): fp32 in torch, int8 as the ONNX model the "
           f"export builds (per-channel dynamic int8, ONNX Runtime). In brackets: points against the recovered "
           f"unpruned model in fp32. Half A / B: the two halves of the dev set (split seed {args.split_seed}); NAS "
           f"chose on half A. s: seconds of the recovery.", ""]

@@ -353,7 +353,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         twin = {"uniform_twin": r["uniform_twin"]} if "uniform_twin" in r else {}
         return Candidate(r["subnet"], predicted, {"search_error": r["search_error"], **twin}, precision=p)
 
-    # each point is recovered beside its uniform twin, the better exported (toolchain.twins)
+    # each point is recovered beside its uniform and Fisher twins, the best exported (toolchain.twins)
     twins = TwinChooser(run, partial(cost_metrics, table, run.space, confidence=opts.latency_confidence),
                         opts.constraints(table), settings, opts.progress, uniform=opts.uniform_twin, fisher_samples=
                         opts.budget("rfp_samples") if opts.fisher_twin else None) if recover else None

@@ -61,9 +61,31 @@ def uniform_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dic
     ``latency``, and ``latency_bound`` when it has one) and feasible under ``constraints``; ``None`` when there is
     none or it is ``subnet`` itself."""
     mine = costs(subnet)
-    twin = largest_uniform(run, costs, lambda c: all(c[k] <= mine[k] for k in ("latency", "latency_bound") if k in mine)
-                           and feasibility(c, constraints)["feasible"])
+    twin = largest_uniform(run, costs, lambda c: _no_slower_and_feasible(c, mine, constraints))
     return None if twin == subnet else twin
+
+
+def _no_slower_and_feasible(c: dict, mine: dict, constraints: dict[str, float]) -> bool:
+    """Costs ``c`` predict no slower than ``mine`` (``latency``, and ``latency_bound`` when there is one) and meet
+    ``constraints``."""
+    return all(c[k] <= mine[k] for k in ("latency", "latency_bound") if k in mine) and feasibility(
+        c, constraints)["feasible"]
+
+
+def fisher_gradients(run: Run, n_samples: int, seed: int = 0, progress: bool = True) -> MaskGradients:
+    """Retraining-free pruning's mask gradients of the super-network's full network on ``n_samples`` training
+    examples (seeded)."""
+    train = run.encoded("train", max_samples=n_samples, seed=seed)
+    return mask_gradients(run.supernet.model, train, run.spec, n_samples=n_samples, seed=seed, progress=progress)
+
+
+def fisher_mask(grads: MaskGradients, budget: float, cost: Callable[[SubNetwork], float]) -> SubNetwork | None:
+    """Retraining-free pruning's mask with ``cost`` at most ``budget`` (:func:`~toolchain.rfp.search_mask`, then
+    :func:`~toolchain.rfp.rearrange_mask`); ``None`` when even removing every head and unit costs more."""
+    try:
+        return rearrange_mask(grads, search_mask(grads, budget, cost))
+    except ValueError:  # no mask that cheap
+        return None
 
 
 def fisher_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dict], constraints: dict[str, float],
@@ -72,19 +94,14 @@ def fisher_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dict
     :func:`~toolchain.rfp.rearrange_mask`) with ``costs``' ``latency`` at most ``subnet``'s, when it is no slower by
     ``latency_bound`` too and feasible under ``constraints``; ``None`` otherwise, or when it is ``subnet``."""
     mine = costs(subnet)
-    try:
-        mask = rearrange_mask(grads, search_mask(grads, mine["latency"], lambda s: costs(s)["latency"]))
-    except ValueError:  # no mask that cheap
-        return None
-    c = costs(mask)
-    fits = all(c[k] <= mine[k] for k in ("latency", "latency_bound") if k in mine) and feasibility(c, constraints)[
-        "feasible"]
+    mask = fisher_mask(grads, mine["latency"], lambda s: costs(s)["latency"])
+    fits = mask is not None and _no_slower_and_feasible(costs(mask), mine, constraints)
     return mask if fits and mask != subnet else None
 
 
 class TwinChooser:
     """``chooser(record)``: a front record (``subnet``, ``latency``, ``memory``, ``error``, ``score``, ...), or the
-    record of its uniform twin when the twin scores higher after recovery. A twin already handed out (the twin of an
+    record of its uniform or Fisher twin when that twin scores highest after recovery. A twin already handed out (the twin of an
     earlier point) is not handed out again; the full network has no twin. ``chosen`` maps each point's key to the
     key of the sub-network given in its place."""
 
@@ -100,10 +117,7 @@ class TwinChooser:
     def grads(self) -> MaskGradients:
         """The mask gradients of the super-network's full network (once per chooser)."""
         if self._grads is None:
-            n = self.fisher_samples
-            train = self.run.encoded("train", max_samples=n, seed=self.settings.seed)
-            self._grads = mask_gradients(self.run.supernet.model, train, self.run.spec, n_samples=n,
-                                         seed=self.settings.seed, progress=self.progress)
+            self._grads = fisher_gradients(self.run, self.fisher_samples, self.settings.seed, self.progress)
         return self._grads
 
     def __call__(self, record: dict) -> dict:
