@@ -15,7 +15,7 @@ from toolchain.core.data import tokenize
 from toolchain.core.search_space import make_space
 from toolchain.core.subnetwork import SubNetwork, uniform_subnet
 from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point_dir, recover_point, recovery_data,
-                               teacher_logits, teacher_path)
+                               screen_point, teacher_logits, teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
 from toolchain.ship.manifest import TWINS
@@ -150,7 +150,8 @@ def test_second_call_loads_the_cached_point(run, tmp_path):
     first = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)
     folder = point_dir(run, PRUNED, settings, cache_dir=tmp_path)
     assert first.info["score_after"] > first.info["score_before"]  # labels + teacher on all the training text
-    assert first.path == folder and {p.name for p in folder.iterdir()} == {"model.safetensors", "info.json"}
+    assert first.path == folder and {p.name for p in folder.iterdir()} == {"model.safetensors", "info.json",
+                                                                           "screen.json"}
     again = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)
     assert first.info["cached"] is False and again.info["cached"] is True
     assert again.info["score_after"] == first.info["score_after"] and again.info["steps"] == first.info["steps"]
@@ -215,6 +216,37 @@ def test_interrupted_recovery_resumes_from_its_checkpoint(run, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+def test_a_screened_recovery_goes_on_to_the_weights_of_one_without_the_stop(run, tmp_path):
+    """screen_point trains to its share of the steps, records the score and keeps the checkpoint; recover_point
+    then goes on from it and ends where a recovery that never stopped ends, which records the same score."""
+    settings = _fast(checkpoint_every=7, screen=0.3)  # 30 steps: scored after 9
+    folder = point_dir(run, PRUNED, settings, cache_dir=tmp_path / "a")
+    screened = screen_point(run, PRUNED, settings, cache_dir=tmp_path / "a", progress=False)
+    assert (screened["step"], screened["total_steps"], screened["cached"]) == (9, 30, False)
+    assert json.loads((folder / "checkpoint" / "state.json").read_text())["step"] == 9
+    assert not (folder / "info.json").exists()
+    again = screen_point(run, PRUNED, settings, cache_dir=tmp_path / "a", progress=False)
+    assert again["cached"] and again["score"] == screened["score"]
+    seen = []
+    resumed = recover_point(run, PRUNED, settings, cache_dir=tmp_path / "a", progress=False, on_step=seen.append)
+    assert resumed.info["resumed_from"] == 9 and seen == list(range(10, 31)) and not (folder / "checkpoint").exists()
+    whole = recover_point(run, PRUNED, settings, cache_dir=tmp_path / "b", progress=False)
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # the recovery that never stopped scored the same step the same way; a screening of it trains nothing more
+    other = screen_point(run, PRUNED, settings, cache_dir=tmp_path / "b", progress=False)
+    assert other["cached"] and other["score"] == pytest.approx(screened["score"], abs=1e-9)
+    # another share is scored again (on from the start), and the finished point is left as it was
+    later = screen_point(run, PRUNED, dataclasses.replace(settings, screen=0.5), cache_dir=tmp_path / "b",
+                         progress=False)
+    assert (later["step"], later["cached"]) == (15, False)
+    assert recover_point(run, PRUNED, settings, cache_dir=tmp_path / "b", progress=False).info["cached"]
+    assert not (point_dir(run, PRUNED, settings, cache_dir=tmp_path / "b") / "checkpoint").exists()
+    with pytest.raises(RecoverError, match="screen"):
+        RecoverSettings(screen=0.0)
+
+
 def test_recovery_texts_are_the_whole_training_split_without_the_holdout(run):
     full = recovery_data(run, RecoverSettings(samples=None))
     assert len(full) == N_TRAIN and len(run.data.load("train")) == LIMIT
@@ -259,7 +291,8 @@ def test_the_uniform_twin_is_the_largest_uniform_network_no_slower_than_the_poin
 
 def test_the_chooser_exports_the_better_of_a_point_and_its_uniform_twin_after_recovery(run):
     """Recovery so short and slow that it leaves the shared weights as they are, so that which of the two scores
-    higher after it is known beforehand (their shared-weight scores on the 64 validation rows)."""
+    higher after it is known beforehand (their shared-weight scores on the 64 validation rows). Both are scored
+    after the screening share of their recovery; only the better one is recovered to the end."""
     settings = _fast(samples=16, epochs=1, lr=1e-9)
     costs = _param_costs(run)
     twin = SubNetwork(heads=(3, 3, 3), units=(34, 34, 34))
@@ -270,16 +303,24 @@ def test_the_chooser_exports_the_better_of_a_point_and_its_uniform_twin_after_re
         record = {"subnet": point, "key": point.key(), "error": 0.4, "score": 0.6, "search_error": 0.45,
                   **costs(point)}
         got = chooser(record)
-        mine, theirs = (recover_point(run, s, settings, progress=False).info for s in (point, twin))
-        assert mine["cached"] and theirs["cached"]  # the chooser recovered both (the export reuses them)
-        assert (mine["score_after"] > theirs["score_after"]) == (winner == "point")  # as the shared weights rank
+        screened = {n: screen_point(run, s, settings, progress=False) for n, s in (("point", point), ("twin", twin))}
+        assert all(r["cached"] for r in screened.values())  # the chooser scored both
+        assert (screened["point"]["score"] > screened["twin"]["score"]) == (winner == "point")  # as the shared weights
         note = got["uniform_twin"]
         assert (note["point"], note["twin"], note["chosen"]) == (point.key(), twin.key(), winner)
-        assert (note["point_score_after_recovery"], note["twin_score_after_recovery"]) == (mine["score_after"],
-                                                                                         theirs["score_after"])
+        assert (note["point_screen_score"], note["twin_screen_score"]) == (screened["point"]["score"],
+                                                                           screened["twin"]["score"])
+        assert note["screen_steps"] == [screened["point"]["step"], screened["point"]["total_steps"]] == [1, 1]
+        chosen, other = (twin, point) if winner == "twin" else (point, twin)
+        mine = recover_point(run, chosen, settings, progress=False).info
+        assert mine["cached"] and note[f"{winner}_score_after_recovery"] == mine["score_after"]  # the export reuses it
+        loser = "point" if winner == "twin" else "twin"
+        assert f"{loser}_score_after_recovery" not in note  # not recovered further, its checkpoint not kept
+        names = {p.name for p in point_dir(run, other, settings).iterdir()}
+        assert "checkpoint" not in names and (names == {"screen.json"} or winner == "point")  # (the twin: done before)
         if winner == "twin":
             assert got["subnet"] == twin and got["search_error"] is None and got["latency"] == costs(twin)["latency"]
-            assert got["score"] == theirs["score_before"] and got["error"] == 1 - theirs["score_before"]
+            assert got["score"] == mine["score_before"] and got["error"] == 1 - mine["score_before"]
         else:
             assert got["subnet"] == point and {k: got[k] for k in record} == record
         assert chooser.chosen == {point.key(): got["subnet"].key()}
@@ -296,8 +337,9 @@ def test_the_chooser_exports_the_better_of_a_point_and_its_uniform_twin_after_re
 
 def test_the_fisher_twin_is_retraining_free_prunings_mask_at_the_points_cost_and_the_best_of_three_is_exported(run):
     """The mask of Kwon et al.'s search at the point's cost (parameters here), then the best of the point, its
-    uniform twin and that mask after a recovery that leaves the shared weights as they are."""
-    settings = _fast(samples=16, epochs=1, lr=1e-9)
+    uniform twin and that mask after a recovery that leaves the shared weights as they are (all three recovered to
+    the end: no screening)."""
+    settings = _fast(samples=16, epochs=1, lr=1e-9, screen=1.0)
     costs = _param_costs(run)
     point = SubNetwork((4, 4, 1), (48, 48, 8))
     chooser = TwinChooser(run, costs, {}, settings, progress=False, fisher_samples=32)
@@ -313,7 +355,7 @@ def test_the_fisher_twin_is_retraining_free_prunings_mask_at_the_points_cost_and
     assert (note["fisher"], note["twin"]) == (mask.key(), uniform_twin(run, point, costs, {}).key())
     after = {n: recover_point(run, SubNetwork(**note[f"{n}_subnet"]) if n != "point" else point, settings,
                               progress=False).info["score_after"] for n in ("point", "twin", "fisher")}
-    assert after == {n: note[f"{n}_score_after_recovery"] for n in after}
+    assert after == {n: note[f"{n}_score_after_recovery"] for n in after} and "screen_steps" not in note
     assert note["chosen"] == max(after, key=after.get) and got["subnet"].key() == note[note["chosen"]]
     assert TwinChooser(run, costs, {}, settings, progress=False, uniform=False)(record) == record  # both off
 
@@ -356,10 +398,10 @@ def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run
         assert subnet.key() == note[note["chosen"]]  # the exported sub-network is the one chosen
         assert subnet != full and info["extra"]["recovery"]["cached"]  # recovered by the choice, reused by the export
         assert info["extra"]["recovery"]["score_after"] == note[f"{note['chosen']}_score_after_recovery"]
-        after = {n: note[f"{n}_score_after_recovery"] for n in ("point", *TWINS) if f"{n}_score_after_recovery" in note}
-        assert note["chosen"] == max(after, key=after.get)  # the best after recovery (the point on a tie)
-        assert set(after) > {"point"} and all(note[f"{n}_latency_ms"] <= note["point_latency_ms"] for n in after
-                                              if n != "point")
+        ranked = {n: note[f"{n}_screen_score"] for n in ("point", *TWINS) if f"{n}_screen_score" in note}
+        assert note["chosen"] == max(ranked, key=ranked.get)  # the best after screening (the point on a tie)
+        assert set(ranked) > {"point"} and all(note[f"{n}_latency_ms"] <= note["point_latency_ms"] for n in ranked
+                                               if n != "point")
     assert twins, manifest["points"]
     for p in manifest["points"]:  # the printed table says which point is a twin, and of which point
         if (t := p["uniform_twin"] or {}).get("chosen") in TWINS:

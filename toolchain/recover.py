@@ -17,6 +17,8 @@ Everything is cached beside the super-network (``<folder of supernet/>``, i.e. t
                                    a recovered point; complete only when info.json exists. ``<key>`` is
                                    ``<subnet.key()>-<hash of super-network identity, settings.key(), data selection>``
     recovered/<key>/checkpoint/    while it trains: model + optimizer + scheduler + step (resume), removed when done
+    recovered/<key>/screen.json    the validation score after the first ``settings.screen`` share of the steps
+                                   (:func:`screen_point`), recorded by every recovery that passes that step
 
 Determinism and resume follow :mod:`toolchain.training`: the data order of epoch ``e`` comes from ``seed + e`` and
 the dropout of step ``s`` from ``(seed, s)``, so an interrupted recovery resumed from its checkpoint ends where an
@@ -51,7 +53,7 @@ from toolchain.training import CheckpointError, ckpt_exists, load_checkpoint, op
 log = logging.getLogger(__name__)
 
 # fields of RecoverSettings that do not change the recovered weights (left out of ``key()``)
-_NOT_IN_KEY = ("checkpoint_every",)
+_NOT_IN_KEY = ("checkpoint_every", "screen")
 
 
 class RecoverError(ValueError):
@@ -82,7 +84,12 @@ class RecoverSettings:
     # keep the word embeddings as the super-network has them (half of all-MiniLM-L6-v2's weights: their gradient and
     # AdamW update are a large share of a step); bench_recovery_settings compares it with training them
     freeze_embeddings: bool = False
-    checkpoint_every: int = 50  # optimizer steps (does not change the result, so not part of key())
+    # optimizer steps (does not change the result, so not part of key()); a checkpoint of all-MiniLM-L6-v2 with its
+    # optimizer state is 260 MB, 0.3-2.5 s to write here: every 125 steps of a 375-step recovery, not every 50
+    checkpoint_every: int = 125
+    # the share of the steps after which a recovery's validation score is recorded (screen.json), to rank candidates
+    # before recovering only the best of them to the end (toolchain.twins); does not change the weights
+    screen: float = 0.25
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
@@ -95,6 +102,8 @@ class RecoverSettings:
             raise RecoverError("recovery checkpoint_every must be >= 1")
         if self.hidden_weight < 0:
             raise RecoverError("recovery hidden_weight must be >= 0")
+        if not 0.0 < self.screen <= 1.0:
+            raise RecoverError(f"recovery screen must be in (0, 1], got {self.screen}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,13 +276,63 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
     run's validation split with ``score`` = the official metric, ``score_before`` / ``score_after``, ``steps``,
     ``resumed_from``, ``examples``, ``seconds`` (of the recovery), ``cached`` (+ ``load_seconds`` when it is), ...
     """
-    from safetensors.torch import save_file
-
     settings = settings or RecoverSettings()
     folder = point_dir(run, subnet, settings, cache_dir=cache_dir)
     done = _load_point(run, subnet, folder)
     if done is not None:
+        shutil.rmtree(folder / "checkpoint", ignore_errors=True)  # left by a screening after the point was done
         return done
+    return _recover(run, subnet, settings, folder, cache_dir=cache_dir, progress=progress, on_step=on_step)
+
+
+def screen_step(settings: RecoverSettings, total_steps: int) -> int:
+    """The step after which a recovery of ``total_steps`` records its screening score."""
+    return min(total_steps, max(1, round(settings.screen * total_steps)))
+
+
+def _read_screen(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "screen.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def screen_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None = None, *,
+                 cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """The validation metrics of ``subnet`` after the first ``settings.screen`` share of its recovery's steps.
+
+    The recovery trains to that step (resuming from a checkpoint), records the score in ``screen.json`` and keeps
+    its checkpoint there, so that :func:`recover_point` goes on from it to the same weights a recovery without the
+    stop ends with; a point scored before (by a screening or a whole recovery) is not trained again. Returns
+    ``step``, ``total_steps``, ``score`` (the official metric), ``metric`` (all of the task's), ``cached``.
+    """
+    settings = settings or RecoverSettings()
+    folder = point_dir(run, subnet, settings, cache_dir=cache_dir)
+    for _ in range(2):
+        screen = _read_screen(folder)
+        if screen:
+            step = screen_step(settings, screen["total_steps"])
+            if str(step) in screen["scores"]:
+                return {**screen["scores"][str(step)], "step": step, "total_steps": screen["total_steps"],
+                        "cached": True}
+        result = _recover(run, subnet, settings, folder, cache_dir=cache_dir, progress=progress, screen_only=True)
+        if result is not None:
+            return {**result, "cached": False}
+    raise RecoverError(f"the screening of {folder} did not record its score")  # not reached
+
+
+def drop_checkpoint(run: Run, subnet: SubNetwork, settings: RecoverSettings | None = None, *,
+                    cache_dir: str | Path | None = None) -> None:
+    """Remove the checkpoint a screening left in ``subnet``'s folder (its ``screen.json`` stays)."""
+    shutil.rmtree(point_dir(run, subnet, settings, cache_dir=cache_dir) / "checkpoint", ignore_errors=True)
+
+
+def _recover(run: Run, subnet: SubNetwork, settings: RecoverSettings, folder: Path, *,
+             cache_dir: str | Path | None, progress: bool, on_step: Callable[[int], None] | None = None,
+             screen_only: bool = False) -> RecoveredPoint | dict | None:
+    """Train (or go on training) one recovery; ``screen_only``: stop after its screening step and return the
+    screening's result, ``None`` when the checkpoint is already past that step (the checkpoint is then removed)."""
+    from safetensors.torch import save_file
 
     t0 = time.time()
     key = folder.name
@@ -301,11 +360,17 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
 
     ckpt = folder / "checkpoint"
     step, losses, resumed_from = 0, [], None
+    screen = screen_step(settings, total_steps)
     if ckpt_exists(ckpt):
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         if state.get("key") != key or state.get("total_steps") != total_steps:
             raise CheckpointError(f"checkpoint {ckpt} belongs to another recovery; delete it to start again")
         step, losses, resumed_from = state["step"], state["losses"], state["step"]
+        if screen_only and step > screen:  # past the step to score (by an older version): start again
+            shutil.rmtree(ckpt)
+            return None
+        if screen_only and step == screen:  # stopped there before its score was recorded
+            return _record_screen(folder, model, validation, spec, step, total_steps)
         log.info("resuming recovery %s from step %d/%d", key, step, total_steps)
 
     model.train()
@@ -344,10 +409,15 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
                 losses.append(float(loss.item()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-                if step % settings.checkpoint_every == 0 or step >= total_steps:
+                stop = screen_only and step == screen
+                if step % settings.checkpoint_every == 0 or step >= total_steps or stop:
                     save_checkpoint(ckpt, model, optimizer, scheduler,
                                      {"step": step, "total_steps": total_steps, "losses": losses, "key": key,
                                       "settings": settings.to_dict()})
+                if step == screen:
+                    scored = _record_screen(folder, model, validation, spec, step, total_steps)
+                    if stop:
+                        return scored
                 if on_step is not None:
                     on_step(step)
                 if step >= total_steps or step % steps_per_epoch == 0:
@@ -387,6 +457,22 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
     log.info("recovered %s: %s %.4f -> %.4f (%d steps, %.1f s)", key, spec.metric, before["score"],
              after["score"], step, info["seconds"])
     return RecoveredPoint(model, {**info, "cached": False}, folder)
+
+
+def _record_screen(folder: Path, model: torch.nn.Module, validation: dict, spec, step: int, total_steps: int) -> dict:
+    """Score the model in training on the validation set and add it to ``screen.json`` (the model stays in training
+    mode; the dropout of each step is seeded, so scoring changes nothing that follows)."""
+    model.eval()
+    metric = score_model(model, validation, spec)
+    model.train()
+    screen = _read_screen(folder)
+    if screen.get("total_steps") != total_steps:
+        screen = {"total_steps": total_steps, "scores": {}}
+    screen["scores"][str(step)] = {"score": metric["score"], "metric": metric}
+    write_json_atomic(folder / "screen.json", screen, indent=1)
+    log.info("screening %s: %s %.4f after %d of %d steps", folder.name, spec.metric, metric["score"], step,
+             total_steps)
+    return {"score": metric["score"], "metric": metric, "step": step, "total_steps": total_steps}
 
 
 def recovery_summary(point: RecoveredPoint) -> dict:

@@ -7,7 +7,7 @@ docs/benchmarks.md): the shared-weight score the search ranks by is not the scor
 search's point is exported, its *uniform twin* -- the largest uniform network of the search space that the latency
 table predicts no slower than the point and that meets the search's constraints -- is recovered too
 (:func:`toolchain.recover.recover_point`, cached like any recovered point), and whichever of the two scores higher
-on the validation set after recovery is exported (the point on a tie). The choice is recorded in the exported
+on the validation set in recovery (see below) is exported (the point on a tie). The choice is recorded in the exported
 point's ``nasprune.json`` (``extra.uniform_twin``). One recovery more per point tried; ``--no-uniform-twin`` turns
 it off.
 
@@ -15,10 +15,17 @@ Its *Fisher twin* is the mask of retraining-free pruning (Kwon et al., :mod:`too
 and per-layer rearrangement, on the super-network's full network, gradients once per run) at the point's predicted
 latency. Recovered the same way, it was the best of NAS's point, the uniform network and the mask at three of four
 budgets on SST-2, but not on STS-B or QNLI as a custom CSV (section ``bench_equal_recovery`` and its ``-stsb`` and
-``-custom-csv``): no one structure wins everywhere, so all three are recovered and the best on the validation set
-is exported. Its figures go beside the uniform twin's in the same note (``fisher``, ``fisher_subnet``,
-``fisher_score_after_recovery``, ``fisher_latency_ms``; ``chosen``: ``point``, ``twin`` or ``fisher``);
-``--no-fisher-twin`` turns it off.
+``-custom-csv``): no one structure wins everywhere, so all three are tried and the best on the validation set is
+exported. Its figures go beside the uniform twin's in the same note (``fisher``, ``fisher_subnet``,
+``fisher_latency_ms``; ``chosen``: ``point``, ``twin`` or ``fisher``); ``--no-fisher-twin`` turns it off.
+
+Trying a candidate does not mean recovering it to the end: each is recovered for the first ``settings.screen`` share
+of its steps (a quarter by default; :func:`toolchain.recover.screen_point`) and scored on the validation set
+(``<name>_screen_score``, ``screen_steps`` = [step, of steps]); only the leader is recovered to the end
+(``<name>_score_after_recovery``), going on from where its screening stopped, so it ends with the weights a recovery
+without the stop gives. On the compiles of ``benchmarks/bench_screening.py`` (docs/benchmarks.md) the leader after a
+quarter was the leader at the end in most groups; it costs 1.5 recoveries a point of three candidates instead of 3.
+``settings.screen = 1``: every candidate recovered to the end and the best after recovery exported.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import logging
 from collections.abc import Callable
 
 from toolchain.core.subnetwork import SubNetwork, uniform_subnet
-from toolchain.recover import RecoverSettings, recover_point
+from toolchain.recover import RecoverSettings, drop_checkpoint, recover_point, screen_point
 from toolchain.rfp import MaskGradients, mask_gradients, rearrange_mask, search_mask
 from toolchain.run import Run
 from toolchain.search.objectives import feasibility
@@ -139,21 +146,32 @@ class TwinChooser:
             del twins["fisher"]
         if not twins:
             return record
-        after = {name: recover_point(self.run, s, self.settings, progress=self.progress).info
-                 for name, s in {"point": subnet, **twins}.items()}
-        note = {"point": subnet.key(), "point_score_after_recovery": after["point"]["score_after"],
-                "point_latency_ms": record.get("latency"), "metric": after["point"]["metric"]}
-        costs = {name: self.costs(t) for name, t in twins.items()}
+        candidates = {"point": subnet, **twins}
+        note = {"point": subnet.key(), "point_latency_ms": record.get("latency")}
         for name, t in twins.items():
-            note.update({name: t.key(), f"{name}_subnet": t.to_dict(),
-                         f"{name}_score_after_recovery": after[name]["score_after"],
-                         f"{name}_latency_ms": costs[name]["latency"]})
-        best = max(after, key=lambda name: after[name]["score_after"])  # the first of equals: the point on a tie
-        log.info("%s %s after recovery: %s -> exporting the %s", subnet.key(), after["point"]["metric"],
-                 ", ".join(f"{name} {after[name]['score_after']:.4f}" for name in after), best)
+            note.update({name: t.key(), f"{name}_subnet": t.to_dict(), f"{name}_latency_ms": self.costs(t)["latency"]})
+        if self.settings.screen < 1.0:  # rank after a share of the recovery, recover only the best to the end
+            screened = {name: screen_point(self.run, s, self.settings, progress=self.progress)
+                        for name, s in candidates.items()}
+            note.update({f"{name}_screen_score": r["score"] for name, r in screened.items()},
+                        screen_steps=[screened["point"]["step"], screened["point"]["total_steps"]])
+            best = max(screened, key=lambda name: screened[name]["score"])  # the first of equals: the point
+            after = {best: recover_point(self.run, candidates[best], self.settings, progress=self.progress).info}
+        else:  # every candidate recovered to the end
+            after = {name: recover_point(self.run, s, self.settings, progress=self.progress).info
+                     for name, s in candidates.items()}
+            best = max(after, key=lambda name: after[name]["score_after"])
+        for name, s in candidates.items():
+            if name != best:
+                drop_checkpoint(self.run, s, self.settings)
+        note.update({f"{name}_score_after_recovery": a["score_after"] for name, a in after.items()},
+                    metric=after[best]["metric"])
+        log.info("%s: %s -> exporting the %s (%s %.4f after recovery)", subnet.key(),
+                 ", ".join(f"{n} {note[n + '_screen_score']:.4f}" for n in candidates) if len(after) == 1 else "",
+                 best, after[best]["metric"], after[best]["score_after"])
         if best == "point":
             return {**record, "uniform_twin": {**note, "chosen": "point"}}
-        twin, c = twins[best], costs[best]
+        twin, c = twins[best], self.costs(twins[best])
         score = after[best]["score_before"]  # shared weights, full validation set: what validate_front gives a point
         return {**c, "subnet": twin, "key": twin.key(), "error": 1 - score, "score": score,
                 "search_error": None, "uniform_twin": {**note, "chosen": best}}

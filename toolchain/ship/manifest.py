@@ -112,6 +112,17 @@ NOT_ON_TARGET = ("not measured on the target: the table is another device's, so 
 TWINS = {"twin": "uniform twin", "fisher": "Fisher twin"}
 
 
+def twin_comparison(note: dict, chosen: bool = False) -> str:
+    """How a point and its twins compared (``extra.uniform_twin``): their scores after the screening share of the
+    recovery, or after all of it; the chosen one's only with ``chosen``."""
+    names = [n for n in ("point", *TWINS) if n in note and (chosen or n != note["chosen"])]
+    if "screen_steps" in note:
+        step, total = note["screen_steps"]
+        return (", ".join(f"{n} {note[n + '_screen_score']:.4f}" for n in names)
+                + f" after {step} of {total} recovery steps")
+    return ", ".join(f"{n} {note[n + '_score_after_recovery']:.4f}" for n in names) + " after recovery"
+
+
 def manifest_lines(manifest: dict) -> list[str]:
     """The table of points of a ``manifest.json`` as the CLI prints it: the unpruned reference first, then every
     exported point, and what the table's columns and markers mean."""
@@ -137,10 +148,8 @@ def manifest_lines(manifest: dict) -> list[str]:
     twins = {(t[t["chosen"]], t["point"]): t for p in manifest["points"]
              if (t := p.get("uniform_twin") or {}).get("chosen") in TWINS}
     for (twin, point), t in twins.items():
-        others = ", ".join(f"{name} {t[f'{name}_score_after_recovery']:.4f}" for name in ("point", *TWINS)
-                           if name != t["chosen"] and f"{name}_score_after_recovery" in t)
         lines.append(f"{twin}: the {TWINS[t['chosen']]} of the search's {point}, exported in its place ({t['metric']} "
-                     f"{t[t['chosen'] + '_score_after_recovery']:.4f} after recovery; {others})")
+                     f"{t[t['chosen'] + '_score_after_recovery']:.4f} after recovery; {twin_comparison(t)})")
     if not all(p.get("measured_on_target", True) for p in manifest["points"]):
         lines.append(NOT_ON_TARGET)
     return lines

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from toolchain.ship.export import ExportResult  # noqa: E402
 from toolchain.ship.selection import Selection  # noqa: E402
-from toolchain.ship.manifest import TWINS  # noqa: E402
+from toolchain.ship.manifest import TWINS, twin_comparison  # noqa: E402
 
 # candidates and front at the table's prediction; exported points (shipped, the unpruned star) at what they measured
 AXIS_LABELS = {"latency": "latency on target (ms): predicted; exported points: measured",
@@ -185,8 +185,7 @@ def _row(res: ExportResult, folder: Path, full) -> dict:
     before = res.metric_before_recovery
     twin = (res.info.get("extra") or {}).get("uniform_twin") or {}
     origin = "the unpruned network" if res.subnet == full else "search" if twin.get("chosen") not in TWINS else (
-        f"{TWINS[twin['chosen']]} of the search's {twin['point']} ({twin['point_score_after_recovery']:.4f} after "
-        "recovery)")
+        f"{TWINS[twin['chosen']]} of the search's {twin['point']} ({twin_comparison(twin, chosen=True)})")
     return {"point": res.point_id, "precision": res.info.get("precision", ""), "origin": origin,
             "parameters": f"{res.parameters / 1e6:.2f}M",
             "predicted latency (ms)": f"{pred:.2f}" if pred is not None else "",
