@@ -51,6 +51,8 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         "infeasible_reason": info.get("infeasible_reason"),
         # false: measured on this machine, not on the target's device; shipped by the latency table's predictions
         "measured_on_target": info.get("measured_on_target", True),
+        # true: measured while the machine was busy, its budget judged by the drift-corrected latency
+        "judged_drift_corrected": bool(info.get("judged_drift_corrected", False)),
         "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
         # the search's point and its uniform twin, both recovered, and which was exported (toolchain.twins)
         "uniform_twin": (info.get("extra") or {}).get("uniform_twin"),
@@ -132,7 +134,9 @@ def manifest_lines(manifest: dict) -> list[str]:
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
               p.get("metric_before_recovery"), p["metric"],
               p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
-              + ("" if p.get("measured_on_target", True) else "  (not measured on the target)"))
+              + ("" if p.get("measured_on_target", True) else "  (not measured on the target)")
+              + (f"  (machine busy: judged at {p['measured_latency_drift_corrected_ms']:.2f} ms drift-corrected)"
+                 if p.get("judged_drift_corrected") else ""))
              for p in manifest["points"]]
     w = max(16, *(len(r[0]) for r in rows))  # ids of other precisions end in -int8 / -fp16
     header = (f"{'point':<{w}} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} "
