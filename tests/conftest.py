@@ -29,10 +29,20 @@ def data_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def shared_tables(tmp_path_factory):
+    """The latency tables of the whole session: profiled once (the first compile of a tiny model), then found by
+    every module's cache, as a user's later compiles find theirs."""
+    return tmp_path_factory.mktemp("nasprune-tables")
+
+
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    """One nasprune cache per test module: its latency tables and super-networks are built once, then reused."""
-    return tmp_path_factory.mktemp("nasprune-cache")
+def shared_cache(tmp_path_factory, shared_tables):
+    """One nasprune cache per test module: its super-networks are built once, then reused; its ``tables`` folder
+    is the session's (:func:`shared_tables`)."""
+    cache = tmp_path_factory.mktemp("nasprune-cache")
+    (cache / "tables").symlink_to(shared_tables, target_is_directory=True)
+    return cache
 
 
 @pytest.fixture
