@@ -108,8 +108,9 @@ def fisher_twin(run: Run, subnet: SubNetwork, costs: Callable[[SubNetwork], dict
 
 class TwinChooser:
     """``chooser(record)``: a front record (``subnet``, ``latency``, ``memory``, ``error``, ``score``, ...), or the
-    record of its uniform or Fisher twin when that twin scores highest after recovery. A twin already handed out (the twin of an
-    earlier point) is not handed out again; the full network has no twin. ``chosen`` maps each point's key to the
+    record of its uniform or Fisher twin when that twin scores highest on the validation set after the screening share
+    of its recovery (after all of it when ``settings.screen`` is 1). A twin already handed out (the twin of an earlier
+    point) is not handed out again; the full network has no twin. ``chosen`` maps each point's key to the
     key of the sub-network given in its place."""
 
     def __init__(self, run: Run, costs: Callable[[SubNetwork], dict], constraints: dict[str, float],
@@ -166,9 +167,10 @@ class TwinChooser:
                 drop_checkpoint(self.run, s, self.settings)
         note.update({f"{name}_score_after_recovery": a["score_after"] for name, a in after.items()},
                     metric=after[best]["metric"])
+        ranked = {n: note.get(f"{n}_screen_score", note.get(f"{n}_score_after_recovery")) for n in candidates}
         log.info("%s: %s -> exporting the %s (%s %.4f after recovery)", subnet.key(),
-                 ", ".join(f"{n} {note[n + '_screen_score']:.4f}" for n in candidates) if len(after) == 1 else "",
-                 best, after[best]["metric"], after[best]["score_after"])
+                 ", ".join(f"{n} {v:.4f}" for n, v in ranked.items()), best, after[best]["metric"],
+                 after[best]["score_after"])
         if best == "point":
             return {**record, "uniform_twin": {**note, "chosen": "point"}}
         twin, c = twins[best], self.costs(twins[best])
