@@ -149,9 +149,10 @@ class TwinChooser:
         if not twins:
             return record
         candidates = {"point": subnet, **twins}
+        costs = {name: self.costs(t) for name, t in twins.items()}
         note = {"point": subnet.key(), "point_latency_ms": record.get("latency")}
         for name, t in twins.items():
-            note.update({name: t.key(), f"{name}_subnet": t.to_dict(), f"{name}_latency_ms": self.costs(t)["latency"]})
+            note.update({name: t.key(), f"{name}_subnet": t.to_dict(), f"{name}_latency_ms": costs[name]["latency"]})
         if self.settings.screen < 1.0:  # rank after a share of the recovery, recover only the best to the end
             screened = {name: screen_point(self.run, s, self.settings, progress=self.progress)
                         for name, s in candidates.items()}
@@ -159,13 +160,13 @@ class TwinChooser:
                         screen_steps=[screened["point"]["step"], screened["point"]["total_steps"]])
             best = max(screened, key=lambda name: screened[name]["score"])  # the first of equals: the point
             after = {best: recover_point(self.run, candidates[best], self.settings, progress=self.progress).info}
+            for name, s in candidates.items():  # the others' screenings left checkpoints: not to be chosen here
+                if name != best:
+                    drop_checkpoint(self.run, s, self.settings)
         else:  # every candidate recovered to the end
             after = {name: recover_point(self.run, s, self.settings, progress=self.progress).info
                      for name, s in candidates.items()}
             best = max(after, key=lambda name: after[name]["score_after"])
-        for name, s in candidates.items():
-            if name != best:
-                drop_checkpoint(self.run, s, self.settings)
         note.update({f"{name}_score_after_recovery": a["score_after"] for name, a in after.items()},
                     metric=after[best]["metric"])
         ranked = {n: note.get(f"{n}_screen_score", note.get(f"{n}_score_after_recovery")) for n in candidates}
@@ -174,7 +175,7 @@ class TwinChooser:
                  after[best]["score_after"])
         if best == "point":
             return {**record, "uniform_twin": {**note, "chosen": "point"}}
-        twin, c = twins[best], self.costs(twins[best])
+        twin, c = twins[best], costs[best]
         score = after[best]["score_before"]  # shared weights, full validation set: what validate_front gives a point
         return {**c, "subnet": twin, "key": twin.key(), "error": 1 - score, "score": score,
                 "search_error": None, "uniform_twin": {**note, "chosen": best}}

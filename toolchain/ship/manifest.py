@@ -54,7 +54,7 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         # true: measured while the machine was busy, its budget judged by the drift-corrected latency
         "judged_drift_corrected": bool(info.get("judged_drift_corrected", False)),
         "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
-        # the search's point and its uniform twin, both recovered, and which was exported (toolchain.twins)
+        # the search's point and its twins, how they scored in recovery, and which was exported (toolchain.twins)
         "uniform_twin": (info.get("extra") or {}).get("uniform_twin"),
     }
 
