@@ -276,6 +276,14 @@ QUIET_PASSES = 2
 QUIET_MIN_SETTLED = 0.5
 
 
+def disturbed(reference_ms: float, usual_ms: float, tolerance: float = QUIET_TOLERANCE) -> bool:
+    """Whether a measurement was taken while the machine was disturbed: the unpruned network read beside it
+    (``reference_ms``) more than ``tolerance`` off its usual latency ``usual_ms``, either way. The one criterion of
+    the retakes (:func:`retake_disturbed`, the export's :func:`toolchain.ship.verify.measure_exported`) and of
+    judging a reading by its drift-corrected figure (:func:`toolchain.ship.selection.disturbed_reading`)."""
+    return abs(reference_ms / usual_ms - 1.0) > tolerance
+
+
 def retake_disturbed(results: dict, measure_again, group=lambda key: None, tolerance: float = QUIET_TOLERANCE,
                      passes: int = QUIET_PASSES, on_retake=None, min_settled: float = QUIET_MIN_SETTLED) -> int:
     """Take again the measurements of a run that were made while the machine was disturbed.
@@ -301,7 +309,7 @@ def retake_disturbed(results: dict, measure_again, group=lambda key: None, toler
 
     n = 0
     for _ in range(max(0, int(passes))):
-        todo = [k for k, r in results.items() if off(k, r) > tolerance]
+        todo = [k for k, r in results.items() if disturbed(r["reference_ms"], usual[group(k)], tolerance)]
         if not todo:
             break
         if on_retake:
@@ -313,7 +321,8 @@ def retake_disturbed(results: dict, measure_again, group=lambda key: None, toler
             results[k] = {**keep, "disturbed_ms": old.get("disturbed_ms", []) + [drop["reference_ms"]],
                           "retaken": old.get("retaken", 0) + 1}
             n += 1
-        if sum(off(k, results[k]) <= tolerance for k in todo) < min_settled * len(todo):
+        if sum(not disturbed(results[k]["reference_ms"], usual[group(k)], tolerance) for k in todo) \
+                < min_settled * len(todo):
             break
     return n
 

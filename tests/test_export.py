@@ -394,13 +394,14 @@ def test_a_reading_taken_while_the_machine_was_busy_is_judged_drift_corrected(tm
     """The unpruned network beside a point read three times its usual speed: the point's raw reading (29.2 ms) is
     the machine's load, and its drift-corrected latency (9.2 ms) decides the 12 ms budget; a quiet reading is
     judged raw, and a busy one that is over budget even drift-corrected is still rejected."""
-    from toolchain.ship.selection import busy_reading
+    from toolchain.ship.selection import disturbed_reading
 
     def measured(raw, beside, corrected):
         return {"latency_ms": raw, "memory_mb": 90.0, "latency_drift_corrected_ms": corrected,
                 "reference": {"model": "unpruned", "latency_ms": beside, "speed_ms": 14.66}}
 
     readings = [measured(29.18, 46.34, 9.23), measured(12.5, 14.9, 12.3), measured(40.0, 46.0, 12.7)]
+    readings[2]["memory_mb"] = 90.0 + 10.0
 
     def fake_export(model, subnet, tokenizer, out_dir, *, predicted, extra, point_id, overwrite, **kw):
         out_dir.mkdir(parents=True)
@@ -412,17 +413,21 @@ def test_a_reading_taken_while_the_machine_was_busy_is_judged_drift_corrected(tm
 
     cands = [Candidate(SubNetwork(heads=(i + 1,), units=(4,)), {"latency_ms": 8.0}) for i in range(3)]
     sel = select_and_export(cands, 3, 12.0, model_or_supernet=None, tokenizer=None, run_dir=tmp_path,
-                            export_fn=fake_export)
+                            export_fn=fake_export, max_memory_mb=95.0)
     assert [r.point_id[:2] for r in sel.shipped] == ["00"] and sel.shipped[0].info["judged_drift_corrected"]
     (quiet, why_quiet), (busy, why_busy) = sel.rejected
     assert "measured latency 12.50 ms > max 12 ms" in why_quiet and not quiet.info["judged_drift_corrected"]
     assert "measured (drift-corrected: the unpruned network read 46.00 ms beside it against 14.66 ms" in why_busy
-    assert "12.70 ms > max 12 ms" in why_busy
-    assert busy_reading(measured(5.0, 14.0, 5.1)) is None and busy_reading({"latency_ms": 5.0}) is None
+    assert "12.70 ms > max 12 ms" in why_busy and "measured memory 100.0 MB > max 95 MB" in why_busy  # raw
+    assert disturbed_reading(measured(5.0, 14.0, 5.1)) is None and disturbed_reading({"latency_ms": 5.0}) is None
+    fast = measured(5.0, 12.0, 6.1)  # a machine faster than usual: judged by the (higher) drift-corrected figure
+    assert "12.00 ms beside it against 14.66 ms, the machine was faster than usual" in disturbed_reading(fast)
+    assert disturbed_reading({**busy.info["measured"], "reference": {**busy.info["measured"]["reference"],
+                                                                      "disturbed": False}}) is None  # as recorded
     path = write_manifest(tmp_path, {"max_latency_ms": 12.0}, {}, None, sel)
     entry = next(e for e in json.loads(path.read_text())["points"] if e["feasible"])
     assert entry["judged_drift_corrected"] and entry["measured_latency_ms"] == 29.18
-    assert "machine busy: judged at 9.23 ms drift-corrected" in "\n".join(manifest_lines(json.loads(path.read_text())))
+    assert "machine disturbed: judged at 9.23 ms drift-corrected" in "\n".join(manifest_lines(json.loads(path.read_text())))
 
 
 def test_a_point_must_beat_a_constant_prediction_by_half_the_unpruned_models_margin(tokenizer):

@@ -137,6 +137,7 @@ def test_a_disturbed_export_measurement_is_taken_again(exported, target, tiny):
     m = measure_exported(point.path / "model.onnx", settings, vocab, reference=onnx_ref, memory=False,
                          measurement=runs)
     assert m["reference"]["retaken"] == 1 and len(m["reference"]["disturbed_ms"]) == 1
+    assert m["reference"]["disturbed"] is True  # still far from 1000 ms after the retake: recorded for the gate
     assert m["reference"]["latency_ms"] >= max(m["reference"]["disturbed_ms"])  # the closer to 1000 ms is kept
     assert m["latency_drift_corrected_ms"] == pytest.approx(m["latency_ms"] * 1000.0 / m["reference"]["latency_ms"])
     quiet = measure_exported(point.path / "model.onnx", settings, vocab, reference=onnx_ref, memory=False,

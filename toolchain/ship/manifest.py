@@ -135,7 +135,7 @@ def manifest_lines(manifest: dict) -> list[str]:
               p.get("metric_before_recovery"), p["metric"],
               p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
               + ("" if p.get("measured_on_target", True) else "  (not measured on the target)")
-              + (f"  (machine busy: judged at {p['measured_latency_drift_corrected_ms']:.2f} ms drift-corrected)"
+              + (f"  (machine disturbed: judged at {p['measured_latency_drift_corrected_ms']:.2f} ms drift-corrected)"
                  if p.get("judged_drift_corrected") else ""))
              for p in manifest["points"]]
     w = max(16, *(len(r[0]) for r in rows))  # ids of other precisions end in -int8 / -fp16

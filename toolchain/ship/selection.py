@@ -104,26 +104,29 @@ def measured_on_target(info: dict) -> bool:
     return all(same_device(device, w) for w in where if w)
 
 
-def busy_reading(measured: dict) -> str | None:
-    """Why a point's latency reading (``measured``: its ``nasprune.json["measured"]``) is the machine's load rather
+def disturbed_reading(measured: dict) -> str | None:
+    """Why a point's latency reading (``measured``: its ``nasprune.json["measured"]``) is the machine's state rather
     than the network's, or ``None``: the unpruned network measured beside it (after the retakes) read more than
-    :data:`~targets.meter.QUIET_TOLERANCE` slower than the export's reference speed. Its budget is then judged by
-    the drift-corrected figure: a transient load on a shared machine must not reject a point (one compile read
-    29.2 ms for a network predicted at 8.1 ms, the unpruned network beside it 46.3 ms against 14.7)."""
-    from targets.meter import QUIET_TOLERANCE
+    :data:`~targets.meter.QUIET_TOLERANCE` off the export's reference speed, either way (the measurement's own
+    ``reference.disturbed``, :func:`targets.meter.disturbed`). Its budget is then judged by the drift-corrected
+    figure: a transient load on a shared machine must not reject a point (one compile read 29.2 ms for a network
+    predicted at 8.1 ms, the unpruned network beside it 46.3 ms against 14.7), nor a machine faster than usual pass
+    one (there the drift-corrected figure is the higher)."""
+    from targets.meter import disturbed
 
     ref = measured.get("reference") or {}
     speed, beside = ref.get("speed_ms"), ref.get("latency_ms")
     if not speed or not beside or measured.get("latency_drift_corrected_ms") is None:
         return None
-    if beside <= speed * (1 + QUIET_TOLERANCE):
+    if not ref.get("disturbed", disturbed(beside, speed)):  # (read by the criterion when it was not recorded)
         return None
-    return f"the unpruned network read {beside:.2f} ms beside it against {speed:.2f} ms, the machine was busy"
+    state = "busy" if beside > speed else "faster than usual"
+    return f"the unpruned network read {beside:.2f} ms beside it against {speed:.2f} ms, the machine was {state}"
 
 
 def constraint_violation(result: ExportResult, max_latency_ms: float | None, max_memory_mb: float | None) -> str | None:
     """Why a point breaks the constraints (``None`` if it meets them): by its figures measured on the target (its
-    latency drift-corrected when the reading was the machine's load: :func:`busy_reading`, recorded in ``info`` as
+    latency drift-corrected when the reading was the machine's state: :func:`disturbed_reading`, recorded in ``info`` as
     ``judged_drift_corrected``), or, when it was not measured on the target (:func:`measured_on_target`, recorded in
     ``info``), by the latency table's predictions."""
     on_target = result.info["measured_on_target"] = measured_on_target(result.info)
@@ -132,13 +135,14 @@ def constraint_violation(result: ExportResult, max_latency_ms: float | None, max
     word = "measured" if on_target else "predicted (not measured on the target)"
     why = []
     lat, mem = figures.get("latency_ms"), figures.get("memory_mb")
-    busy = busy_reading(figures) if on_target else None
-    result.info["judged_drift_corrected"] = busy is not None
-    if busy is not None:  # the unpruned network beside it read far slower than usual: the raw reading is the
-        lat, word = figures["latency_drift_corrected_ms"], f"measured (drift-corrected: {busy})"  # machine's load
+    lat_word = word
+    state = disturbed_reading(figures) if on_target else None
+    result.info["judged_drift_corrected"] = state is not None
+    if state is not None:  # the unpruned network beside it read far off its usual speed: the raw reading is the
+        lat, lat_word = figures["latency_drift_corrected_ms"], f"measured (drift-corrected: {state})"  # machine's
     if max_latency_ms is not None and lat is not None and lat > max_latency_ms:
         pred = predicted.get("latency_ms") if on_target else None
-        why.append(f"{word} latency {lat:.2f} ms > max {max_latency_ms:g} ms"
+        why.append(f"{lat_word} latency {lat:.2f} ms > max {max_latency_ms:g} ms"
                    + (f" (predicted {pred:.2f} ms)" if pred is not None else ""))
     if max_memory_mb is not None and mem is not None and mem > max_memory_mb:
         why.append(f"{word} memory {mem:.1f} MB > max {max_memory_mb:g} MB")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from targets.meter import (E2E_ROUNDS, MEMORY_METHOD, QUIET_TOLERANCE, drift_corrected, measure_isolated,
+from targets.meter import (E2E_ROUNDS, MEMORY_METHOD, disturbed, drift_corrected, measure_isolated,
                           time_session)
 from targets.session import device_fingerprint, open_session as open_target_session, physical_cores
 
@@ -316,9 +316,10 @@ def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, 
     latency at each of ``lengths`` (one round, beside the reference); memory (the first round's).
 
     A measurement whose reference read more than :data:`~targets.meter.QUIET_TOLERANCE` off ``speed_ms`` was taken
-    while the machine was disturbed (a busy machine does not slow every network alike, so rescaling alone leaves it
-    off): the latency at the settings' length is taken again, up to ``retakes`` times, and the one whose reference
-    is closest to ``speed_ms`` is kept (``reference.disturbed_ms``: the discarded references; ``retaken``)."""
+    while the machine was disturbed (:func:`targets.meter.disturbed`; a busy machine does not slow every network
+    alike, so rescaling alone leaves it off): the latency at the settings' length is taken again, up to ``retakes``
+    times, and the one whose reference is closest to ``speed_ms`` is kept (``reference.disturbed_ms``: the discarded
+    references; ``retaken``). ``reference.disturbed`` says whether the kept one was still disturbed."""
     rounds = reference.rounds if latency and reference is not None else 1
     r = measure_isolated(onnx_path, settings, vocab_size, measurement, timeout, rounds=rounds,
                          reference=reference.onnx if latency and reference is not None else None,
@@ -328,14 +329,14 @@ def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, 
     def off(m: dict) -> float:  # how far the reference read from the calibration's speed
         return abs(m["reference_ms"] / speed - 1.0)
 
-    disturbed: list[float] = []
+    discarded: list[float] = []
     for _ in range(retakes if speed else 0):
-        if off(r) <= QUIET_TOLERANCE:
+        if not disturbed(r["reference_ms"], speed):
             break
         again = measure_isolated(onnx_path, settings, vocab_size, measurement, timeout, rounds=rounds,
                                  reference=reference.onnx)
         keep, drop = (again, r) if off(again) < off(r) else (r, again)
-        disturbed.append(drop["reference_ms"])
+        discarded.append(drop["reference_ms"])
         r = {**r, **{k: keep[k] for k in ("latency_ms", "reference_ms", "rounds_ms", "reference_rounds_ms",
                                           *LATENCY_KEYS) if k in keep}}
     out: dict[str, Any] = {"latency_ms": None, "memory_mb": None}
@@ -346,8 +347,9 @@ def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, 
                                                  if speed else None)
             out["reference"] = {"model": reference.name if reference.onnx else "itself",
                                 "latency_ms": r["reference_ms"], "rounds_ms": r["reference_rounds_ms"],
-                                "speed_ms": speed, **({"disturbed_ms": disturbed, "retaken": len(disturbed)}
-                                                      if disturbed else {})}
+                                "speed_ms": speed,
+                                "disturbed": bool(speed) and disturbed(r["reference_ms"], speed),
+                                **({"disturbed_ms": discarded, "retaken": len(discarded)} if discarded else {})}
         if r.get("by_length"):
             by_length = {**r["by_length"], str(settings["sequence_length"]): r}
             order = sorted(by_length, key=int)
