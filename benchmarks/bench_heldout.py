@@ -1,0 +1,169 @@
+"""Do a compile's dev figures hold on data it never saw? (issue: accurate at speed; "choose by validation data").
+
+A compile chooses on the task's dev set: which of a point and its twins is recovered to the end (the screening), which
+precision of a sub-network is shipped, whether a point is within ``--max-accuracy-drop``. The dev metric it reports for
+a shipped point is therefore a little optimistic. This benchmark scores a compile's shipped ONNX models and its
+unpruned reference, with plain onnxruntime and each folder's own ``tokenizer.json``, on labelled examples of the
+task's training split that the compile never used: neither the super-network's training subset
+(``max_train_samples``) nor the recovery's texts (``recovery.examples``, seeded like the compile), nor any example
+whose text is one of theirs. It prints, per shipped point, the loss against the unpruned model on dev (as the compile
+reported it) and on those held-out examples, with a paired bootstrap 95 % interval (scipy) of the held-out loss.
+
+    python benchmarks/bench_heldout.py --compile OUT [--compile OUT2 ...] [--samples 2000] [--seed 1]
+        [--min-words N] [--section NAME] [--no-docs]
+
+``OUT``: a compile's output folder (``run.json``, ``manifest.json``, ``points/``, ``reference/unpruned``). Data:
+``NASPRUNE_DATA_DIR`` as for the compile. On SST-2 the training split holds phrases of the training reviews (many
+short, some parts of others), the dev split whole sentences of other reviews: the held-out examples are of the same
+distribution as the training data, not as dev; a held-out phrase may be part of a training one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, markdown_table, publish, section_argument, section_name  # noqa: E402
+
+
+def held_out(out: Path, n: int, seed: int, min_words: int = 0):
+    """The compile's data settings, ``n`` labelled training examples (seeded) it never used, by text, of at least
+    ``min_words`` words, and how many there were."""
+    from toolchain.recover import RecoverSettings, recovery_data
+    from toolchain.run import load_run
+
+    run = load_run(out)
+    data = run.data
+    examples = {json.loads(p.read_text()).get("extra", {}).get("recovery", {}).get("examples")
+                for p in out.glob("points/*/nasprune.json")} - {None}
+    if len(examples) > 1:
+        sys.exit(f"{out}: points recovered on different numbers of texts ({sorted(examples)})")
+    used = {t for t in data.load("train").texts}
+    if examples:
+        seed_of_compile = json.loads((out / "run.json").read_text())["compile"]["seed"]
+        used |= set(recovery_data(run, RecoverSettings(samples=examples.pop(), seed=seed_of_compile)).texts)
+    full = replace(data, max_train_samples=None).load("train")
+    unseen = [i for i, t in enumerate(full.texts) if t not in used and len(" ".join(t).split()) >= min_words]
+    if len(unseen) < n:
+        sys.exit(f"{out}: only {len(unseen)} training examples unused by the compile, {n} asked")
+    pick = np.sort(np.random.default_rng([seed, 17]).permutation(unseen)[:n]) if len(unseen) > n else unseen
+    return data, full.subset(pick), len(unseen)
+
+
+def predict(folder: Path, texts: list[tuple[str, ...]], max_length: int, batch: int = 32) -> np.ndarray:
+    """Logits of ``folder/model.onnx`` on ``texts``: plain onnxruntime, the folder's own tokenizer, batches padded
+    to their longest text (sorted by length)."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_truncation(max_length)
+    tok.enable_padding()
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    inputs = [t if len(t) > 1 else t[0] for t in texts]
+    order = np.argsort([len(" ".join(t)) for t in texts], kind="stable")  # batches of similar length pad little
+    out = [None] * len(texts)
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        enc = tok.encode_batch([inputs[i] for i in idx])
+        feed = {"input_ids": np.array([e.ids for e in enc], np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+        logits = sess.run(None, {k: v for k, v in feed.items() if k in names})[0]
+        for i, row in zip(idx, logits):
+            out[i] = row
+    return np.stack(out)
+
+
+def paired_interval(metric_name: str, ref: np.ndarray, point: np.ndarray, labels: np.ndarray, seed: int):
+    """A 95 % bootstrap interval (scipy, paired resampling of the examples) of ``metric(point) - metric(ref)``."""
+    from scipy.stats import bootstrap
+
+    from toolchain.core.data import compute_metrics
+
+    def loss(i):
+        i = i.astype(int)
+        return (compute_metrics(metric_name, point[i], labels[i])["score"]
+                - compute_metrics(metric_name, ref[i], labels[i])["score"])
+
+    res = bootstrap((np.arange(len(labels)),), loss, n_resamples=1000, vectorized=False, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return res.confidence_interval.low, res.confidence_interval.high
+
+
+def label(out: Path) -> str:
+    """A compile's name in the table: its folder's last two parts (``out`` alone names nothing)."""
+    return "/".join(out.parts[-2:])
+
+
+def compile_rows(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list[list], dict]:
+    from toolchain.core.data import compute_metrics
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    unpruned = manifest["settings"]["unpruned"]
+    data, held, n_unseen = held_out(out, n, seed, min_words)
+    metric_name = next(p["metric_name"] for p in manifest["points"])
+    ref_logits = predict(out / unpruned["path"], held.texts, data.max_length)
+    ref_score = compute_metrics(metric_name, ref_logits, held.labels)["score"]
+    speed = unpruned.get("measured_latency_drift_corrected_ms") or unpruned["measured_latency_ms"]
+    rows = [[label(out), "unpruned fp32", "1.00x", f"{unpruned['metric']:.4f}", "", f"{ref_score:.4f}", "", ""]]
+    for p in manifest["points"]:
+        if not p["feasible"]:
+            continue
+        logits = predict(out / p["path"], held.texts, data.max_length)
+        score = compute_metrics(metric_name, logits, held.labels)["score"]
+        low, high = paired_interval(metric_name, ref_logits, logits, held.labels, seed)
+        lat = p.get("measured_latency_drift_corrected_ms") or p["measured_latency_ms"]
+        rows.append([label(out), f"{p['id']} {p['precision']}", f"{speed / lat:.2f}x", f"{p['metric']:.4f}",
+                     f"{100 * (p['metric'] - unpruned['metric']):+.1f}", f"{score:.4f}",
+                     f"{100 * (score - ref_score):+.1f}", f"[{100 * low:+.1f}, {100 * high:+.1f}]"])
+        print(" | ".join(rows[-1]), flush=True)
+    lengths = [len(" ".join(t).split()) for t in held.texts]
+    dev_lengths = [len(" ".join(t).split()) for t in data.load("validation").texts]
+    about = {"task": data.task or data.train_file, "metric": metric_name, "unseen": n_unseen, "n": len(held),
+             "words": float(np.median(lengths)), "dev_words": float(np.median(dev_lengths))}
+    return rows, about
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compile", action="append", required=True, help="a compile's output folder (repeatable)")
+    ap.add_argument("--samples", type=int, default=2000, help="held-out examples scored per compile")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the held-out draw and of the bootstrap")
+    ap.add_argument("--min-words", type=int, default=0, help="only held-out examples of at least this many words "
+                    "(SST-2's training phrases are shorter than its dev sentences)")
+    section_argument(ap, "bench_heldout")
+    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    args = ap.parse_args()
+    rows, abouts = [], []
+    longer = f" of at least {args.min_words} words" if args.min_words else ""
+    for c in args.compile:
+        r, about = compile_rows(Path(c), args.samples, args.seed, args.min_words)
+        rows += r
+        abouts.append(f"`{label(Path(c))}`: {about['task']}, {about['metric']}, {about['n']} of the {about['unseen']} "
+                      f"training examples{longer} the compile never used (median {about['words']:g} words; dev "
+                      f"{about['dev_words']:g})")
+    command = " ".join(["python benchmarks/bench_heldout.py", *(f"--compile {label(Path(c))}" for c in args.compile),
+                        f"--samples {args.samples} --seed {args.seed}",
+                        *([f"--min-words {args.min_words}"] if args.min_words else [])])
+    lines = [f"Command: `{command}` (compile output folders). Machine: {machine()}.", "",
+             "Each compile's shipped ONNX models and its unpruned reference, scored with plain onnxruntime on "
+             "labelled examples of the task's training split that the compile never used (neither the "
+             "super-network's training subset nor the recovery's texts); loss in points against the unpruned model "
+             "on dev (as the compile reported it, and chose on) and on those held-out examples, with a paired "
+             "bootstrap 95 % interval (1000 resamples). Speed-up: measured by the compile, drift-corrected.", "",
+             *[f"- {a}" for a in abouts], "",
+             *markdown_table(["compile", "point", "speed-up", "dev", "dev loss", "held-out", "held-out loss",
+                              "95 % interval"], rows, right={2, 3, 4, 5, 6})]
+    publish(section_name("bench_heldout", args.section), lines, write=not args.no_docs)
+
+
+if __name__ == "__main__":
+    main()
