@@ -23,37 +23,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, publish, section_argument, section_name  # noqa: E402
+from common import machine, markdown_table, publish, section_argument, section_name, unused_training  # noqa: E402
 
 
 def held_out(out: Path, n: int, seed: int, min_words: int = 0):
     """The compile's data settings, ``n`` labelled training examples (seeded) it never used, by text, of at least
-    ``min_words`` words, and how many there were."""
-    from toolchain.recover import RecoverSettings, recovery_data
+    ``min_words`` words, and how many there were (:func:`common.unused_training`)."""
+    from toolchain.recover import RecoverSettings
     from toolchain.run import load_run
 
     run = load_run(out)
-    data = run.data
     examples = {json.loads(p.read_text()).get("extra", {}).get("recovery", {}).get("examples")
                 for p in out.glob("points/*/nasprune.json")} - {None}
     if len(examples) > 1:
         sys.exit(f"{out}: points recovered on different numbers of texts ({sorted(examples)})")
-    used = {t for t in data.load("train").texts}
-    if examples:
-        seed_of_compile = json.loads((out / "run.json").read_text())["compile"]["seed"]
-        used |= set(recovery_data(run, RecoverSettings(samples=examples.pop(), seed=seed_of_compile)).texts)
-    full = replace(data, max_train_samples=None).load("train")
-    unseen = [i for i, t in enumerate(full.texts) if t not in used and len(" ".join(t).split()) >= min_words]
-    if len(unseen) < n:
-        sys.exit(f"{out}: only {len(unseen)} training examples unused by the compile, {n} asked")
-    pick = np.sort(np.random.default_rng([seed, 17]).permutation(unseen)[:n]) if len(unseen) > n else unseen
-    return data, full.subset(pick), len(unseen)
+    seed_of_compile = json.loads((out / "run.json").read_text())["compile"]["seed"]
+    recoveries = [RecoverSettings(samples=e, seed=seed_of_compile) for e in examples]
+    held, n_unseen = unused_training(run, recoveries, n, seed, min_words)
+    return run.data, held, n_unseen
 
 
 def predict(folder: Path, texts: list[tuple[str, ...]], max_length: int, batch: int = 32) -> np.ndarray:

@@ -26,13 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (dev_halves, front_arguments, front_records, machine, markdown_table, publish,  # noqa: E402
-                    section_argument, section_name)
+                    section_argument, section_name, unused_training)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     front_arguments(ap)
     ap.add_argument("--settings", nargs="+", required=True, help="RecoverSettings fields as JSON, one per setting")
+    ap.add_argument("--heldout", type=int, default=0, help="also score each recovered point on this many training "
+                    "examples that neither the super-network nor any setting's recovery used (0: dev only)")
+    ap.add_argument("--heldout-min-words", type=int, default=15, help="the held-out examples' least length in words")
     section_argument(ap, "bench_recovery_settings")
     args = ap.parse_args()
 
@@ -52,6 +55,17 @@ def main() -> None:
     def half_scores(model) -> tuple[float, float]:
         return split_scores(predict_torch(model, dev.inputs))[:2]
 
+    held = None
+    if args.heldout:
+        from toolchain.ship.verify import MetricData
+
+        examples, n_unused = unused_training(run, [RecoverSettings(**kw) for kw in variants], args.heldout,
+                                             args.split_seed, args.heldout_min_words)
+        held = MetricData.from_dataset(examples, run.tokenizer, run.data.max_length)
+
+    def held_score(model) -> float | None:
+        return None if held is None else float(held.metric(predict_torch(model, held.inputs), held.labels)["score"])
+
     results: dict[tuple[int, str], dict] = {}
     teacher_s = []
     for v, kw in enumerate(variants):
@@ -63,7 +77,7 @@ def main() -> None:
         for key in keys:
             subnet = SubNetwork(**records[key]["subnet"])
             point = recover_point(run, subnet, settings, cache_dir=cache, progress=False)
-            info = results[v, key] = {**point.info, "halves": half_scores(point.model)}
+            info = results[v, key] = {**point.info, "halves": half_scores(point.model), "held": held_score(point.model)}
             print(f"{json.dumps(kw)} {key}: {info['score_before']:.4f} -> {info['score_after']:.4f} "
                   f"({info['steps']} steps, {info['seconds']:.0f} s)", flush=True)
 
@@ -74,7 +88,7 @@ def main() -> None:
 
     head = ["point", "parameters", "predicted ms", "before"]
     for kw in variants:
-        head += [f"after: {label(kw)}", "half A / B", "s"]
+        head += [f"after: {label(kw)}", "half A / B", *(["held-out"] if held else []), "s"]
     rows = []
     for key in keys:
         r = records[key]
@@ -82,14 +96,16 @@ def main() -> None:
         for v in range(len(variants)):
             i = results[v, key]
             row += [f"{i['score_after']:.4f} ({100 * (i['score_after'] - i['score_before']):+.1f})",
-                    " / ".join(f"{h:.4f}" for h in i["halves"]), f"{i['seconds']:.0f}"]
+                    " / ".join(f"{h:.4f}" for h in i["halves"]), *([f"{i['held']:.4f}"] if held else []),
+                    f"{i['seconds']:.0f}"]
         rows.append(row)
     means = ["mean change (halves: mean metric)", "", "", ""]
     for v in range(len(variants)):
         gain = sum(results[v, k]["score_after"] - results[v, k]["score_before"] for k in keys) / len(keys)
         secs = sum(results[v, k]["seconds"] for k in keys) / len(keys)
         halves_mean = [sum(results[v, k]["halves"][h] for k in keys) / len(keys) for h in (0, 1)]
-        means += [f"{100 * gain:+.1f}", " / ".join(f"{h:.4f}" for h in halves_mean), f"{secs:.0f}"]
+        held_mean = [f"{sum(results[v, k]['held'] for k in keys) / len(keys):.4f}"] if held else []
+        means += [f"{100 * gain:+.1f}", " / ".join(f"{h:.4f}" for h in halves_mean), *held_mean, f"{secs:.0f}"]
     rows.append(means)
     settings_text = "; ".join(f"{label(kw)}: teacher logits {s:.0f} s" for kw, s in zip(variants, teacher_s))
     md = ["## Recovery settings side by side (`bench_recovery_settings.py`)", "",
@@ -100,7 +116,10 @@ def main() -> None:
           f"the dev set ({len(dev)} examples), before (shared weights) and after recovery "
           f"(KL to the full network's logits + labels, 50/50, lr 1e-4, batch 32, one epoch); s: seconds of the "
           f"recovery, one run each on a shared machine; half A / B: the recovered point on the two halves of the dev set "
-          f"(split seed {args.split_seed}). {settings_text}.", ""]
+          f"(split seed {args.split_seed}). {settings_text}."
+          + (f" Held-out: {len(held)} of the {n_unused} training examples of at least {args.heldout_min_words} "
+             f"words that neither the super-network nor any setting's recovery used (`--heldout {args.heldout}`)."
+             if held else ""), ""]
     md += markdown_table(head, rows, right=set(range(1, len(head))))
     publish(section_name("bench_recovery_settings", args.section), md, write=not args.no_docs)
 

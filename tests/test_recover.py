@@ -14,7 +14,8 @@ import torch
 from toolchain.core.data import tokenize
 from toolchain.core.search_space import make_space
 from toolchain.core.subnetwork import SubNetwork, uniform_subnet
-from toolchain.recover import (RecoverError, RecoverSettings, hidden_loss, point_dir, recover_point, recovery_data,
+from toolchain.core.distill import hidden_loss
+from toolchain.recover import (RecoverError, RecoverSettings, point_dir, recover_point, recovery_data,
                                screen_point, teacher_logits, teacher_path)
 from toolchain.run import DataSettings, train_run
 from toolchain.training import TrainConfig
@@ -189,6 +190,35 @@ def test_teacher_logits_are_computed_once(run, tmp_path):
     assert path.stat().st_mtime_ns == stamp and list(path.parent.iterdir()) == [path]
     # other texts, another teacher file
     assert teacher_path(run, dataclasses.replace(settings, samples=50), cache_dir=tmp_path) != path
+
+
+def test_the_recovered_full_network_can_be_the_teacher(run, tmp_path):
+    """``teacher="recovered"``: the full network is recovered first (from the super-network's, as the unpruned
+    reference is), and its logits on the recovery texts are what a point distils; keys and logits of the default
+    teacher are those of before the option."""
+    settings = _fast(samples=100, epochs=1, teacher="recovered")
+    assert RecoverSettings(teacher="supernet").key() == RecoverSettings().key() != settings.key()
+    with pytest.raises(RecoverError, match="teacher must be one of"):
+        RecoverSettings(teacher="oracle")
+    with pytest.raises(RecoverError, match="needs teacher 'supernet'"):
+        RecoverSettings(teacher="recovered", hidden_weight=1.0)
+    plain = dataclasses.replace(settings, teacher="supernet")
+    assert teacher_path(run, settings, cache_dir=tmp_path) != teacher_path(run, plain, cache_dir=tmp_path)
+    full = run.supernet.full()
+    # the full network itself is recovered from the super-network's: the same point either way
+    assert point_dir(run, full, plain, cache_dir=tmp_path) == recover_point(
+        run, full, settings, cache_dir=tmp_path, progress=False).path
+    recovered = recover_point(run, full, plain, cache_dir=tmp_path, progress=False)
+    assert recovered.info["cached"] is True
+    logits = teacher_logits(run, settings, cache_dir=tmp_path, progress=False)
+    enc = tokenize(recovery_data(run, settings), run.tokenizer, run.data.max_length)
+    with torch.no_grad():
+        direct = recovered.model(**{k: v[:7] for k, v in enc.items() if k != "labels"}).logits.numpy()
+        shared = run.supernet(None, **{k: v[:7] for k, v in enc.items() if k != "labels"}).logits.numpy()
+    assert np.allclose(logits[:7], direct, atol=1e-5) and not np.allclose(logits[:7], shared, atol=1e-3)
+    point = recover_point(run, PRUNED, settings, cache_dir=tmp_path, progress=False)
+    assert point.info["teacher"] == str(teacher_path(run, settings, cache_dir=tmp_path))
+    assert point.path != point_dir(run, PRUNED, plain, cache_dir=tmp_path)
 
 
 def test_interrupted_recovery_resumes_from_its_checkpoint(run, tmp_path):

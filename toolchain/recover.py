@@ -6,7 +6,7 @@ subset the super-network trained on (``DataSettings.max_train_samples`` does not
 out, since a search scores candidates on it). ``RecoverSettings.samples`` training texts are drawn (seeded) from
 it. The loss mixes ``alpha`` x distillation (KL to the teacher's softened logits; MSE to its output for a regression
 task such as STS-B) with ``1 - alpha`` x the label loss (cross-entropy; MSE to the label for regression), plus
-``hidden_weight`` x a hidden-state term (:func:`hidden_loss`; off by default: no gain on three points of a default
+``hidden_weight`` x a hidden-state term (:func:`toolchain.core.distill.hidden_loss`; off by default: no gain on three points of a default
 compile for a third more time, docs/benchmarks.md).
 
 Everything is cached beside the super-network (``<folder of supernet/>``, i.e. the run folder, or ``cache_dir``):
@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from toolchain.core.atomic import write_atomic, write_json_atomic
 from toolchain.core.data import TextDataset, batches, tokenize
+from toolchain.core.distill import hidden_loss, recovery_loss
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, score_model
 from toolchain.run import Run
@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 
 # fields of RecoverSettings that do not change the recovered weights (left out of ``key()``)
 _NOT_IN_KEY = ("checkpoint_every", "screen")
+
+
+#: what :attr:`RecoverSettings.teacher` may be
+TEACHERS = ("supernet", "recovered")
 
 
 class RecoverError(ValueError):
@@ -90,6 +94,9 @@ class RecoverSettings:
     # the share of the steps after which a recovery's validation score is recorded (screen.json), to rank candidates
     # before recovering only the best of them to the end (toolchain.twins); does not change the weights
     screen: float = 0.25
+    # whose logits a point distils: "supernet", the super-network's full network as trained; "recovered", the full
+    # network after its own recovery (the unpruned reference; it is recovered from the super-network's, once)
+    teacher: str = "supernet"
 
     def __post_init__(self):
         if self.samples is not None and self.samples < 1:
@@ -104,6 +111,11 @@ class RecoverSettings:
             raise RecoverError("recovery hidden_weight must be >= 0")
         if not 0.0 < self.screen <= 1.0:
             raise RecoverError(f"recovery screen must be in (0, 1], got {self.screen}")
+        if self.teacher not in TEACHERS:
+            raise RecoverError(f"recovery teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
+        if self.teacher != "supernet" and self.hidden_weight > 0:
+            raise RecoverError("recovery hidden_weight distils the super-network's hidden states: it needs teacher "
+                               "'supernet'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +123,8 @@ class RecoverSettings:
     def key(self) -> str:
         """A short stable hash of the settings that change the recovered weights."""
         d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_KEY}
+        if d["teacher"] == "supernet":  # the default: the key of the settings before the option existed
+            del d["teacher"]
         for name in ("hidden_weight", "freeze_embeddings"):  # off: the key of the settings before the option
             if not d[name]:  # existed (caches stay valid)
                 del d[name]
@@ -137,7 +151,16 @@ def cache_root(run: Run, cache_dir: str | Path | None = None) -> Path:
 def _selection(run: Run, settings: RecoverSettings) -> dict:
     """What decides the recovery texts, their tokenization and the teacher's logits on them."""
     data = {k: v for k, v in run.data.to_dict().items() if k not in ("max_train_samples", "max_eval_samples")}
-    return {"data": data, "samples": settings.samples, "seed": settings.seed, "supernet": run.weights_stamp()}
+    out = {"data": data, "samples": settings.samples, "seed": settings.seed, "supernet": run.weights_stamp()}
+    if settings.teacher != "supernet":  # (the default: the key of the logits before the option existed)
+        out["teacher"] = {"kind": settings.teacher, "recovered": _teacher_settings(settings).key()}
+    return out
+
+
+def _teacher_settings(settings: RecoverSettings) -> RecoverSettings:
+    """The settings of the full network's recovery when it is the teacher (``teacher="recovered"``): the same,
+    distilled from the super-network's full network."""
+    return replace(settings, teacher="supernet")
 
 
 def teacher_path(run: Run, settings: RecoverSettings | None = None, *, cache_dir: str | Path | None = None) -> Path:
@@ -182,8 +205,10 @@ def _logits(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size
 
 def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_dir: str | Path | None = None,
                    progress: bool = True, encoded: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-    """The full network's logits on :func:`recovery_data` (float32, one row per text), computed once and cached
-    in :func:`teacher_path`. ``encoded``: the tokenized recovery data, when the caller has it already."""
+    """The teacher's logits on :func:`recovery_data` (float32, one row per text), computed once and cached in
+    :func:`teacher_path`: the super-network's full network, or (``settings.teacher == "recovered"``) the full network
+    after its own recovery (:func:`recover_point`, cached as any point). ``encoded``: the tokenized recovery data,
+    when the caller has it already."""
     settings = settings or RecoverSettings()
     path = teacher_path(run, settings, cache_dir=cache_dir)
     if encoded is None:
@@ -199,8 +224,12 @@ def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_d
             log.warning("teacher logits %s are unreadable (%s); recomputed", path, e)
     supernet = run.supernet
     supernet.model.eval()
-    with supernet.use(supernet.full()) as model:
-        logits = _logits(model, encoded, desc="teacher", progress=progress).astype(np.float32)
+    if settings.teacher == "recovered":
+        full = recover_point(run, supernet.full(), _teacher_settings(settings), cache_dir=cache_dir, progress=progress)
+        logits = _logits(full.model, encoded, desc="teacher", progress=progress).astype(np.float32)
+    else:
+        with supernet.use(supernet.full()) as model:
+            logits = _logits(model, encoded, desc="teacher", progress=progress).astype(np.float32)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -208,37 +237,6 @@ def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_d
 
     write_atomic(path, save)
     return logits
-
-
-# ------------------------------------------------------------------------------------------------------ losses
-def recovery_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, regression: bool,
-                  alpha: float, temperature: float = 1.0) -> torch.Tensor:
-    """``alpha`` x distillation + ``(1 - alpha)`` x label loss (only distillation without labels).
-
-    Classification: KL(teacher || student) on temperature-softened logits (scaled by T^2) + cross-entropy.
-    Regression: MSE to the teacher's output + MSE to the label."""
-    if regression:
-        kd = F.mse_loss(student.float(), teacher.float())
-    else:
-        t = temperature
-        kd = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
-    if labels is None or alpha >= 1.0:
-        return kd
-    if regression:
-        label = F.mse_loss(student.view(-1).float(), labels.view(-1).float())
-    else:
-        label = F.cross_entropy(student, labels.long())
-    return alpha * kd + (1.0 - alpha) * label
-
-
-def hidden_loss(student: tuple, teacher: tuple, kept_layers: tuple[int, ...], mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference between the student's hidden states (``output_hidden_states``: the embeddings, then
-    each kept layer's output) and the teacher's at the same layers of the full network, over the real tokens of
-    ``mask`` (batch x sequence) and averaged over those layers."""
-    pairs = [(student[0], teacher[0])] + [(student[j + 1], teacher[i + 1]) for j, i in enumerate(kept_layers)]
-    m = mask.unsqueeze(-1).float()
-    denom = m.sum() * student[0].shape[-1]
-    return sum(((s.float() - t.float()) ** 2 * m).sum() / denom for s, t in pairs) / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------------- recovery
@@ -277,6 +275,8 @@ def recover_point(run: Run, subnet: SubNetwork, settings: RecoverSettings | None
     ``resumed_from``, ``examples``, ``seconds`` (of the recovery), ``cached`` (+ ``load_seconds`` when it is), ...
     """
     settings = settings or RecoverSettings()
+    if settings.teacher == "recovered" and subnet == run.supernet.full():  # the teacher itself: from the super-network
+        settings = _teacher_settings(settings)
     folder = point_dir(run, subnet, settings, cache_dir=cache_dir)
     done = _load_point(run, subnet, folder)
     if done is not None:

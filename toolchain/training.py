@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from toolchain.core.atomic import write_json_atomic
 from toolchain.core.data import batches
+from toolchain.core.distill import distill_loss
 from toolchain.core.search_space import SearchSpace
 from toolchain.core.supernet import SuperNetwork
 
@@ -72,12 +72,6 @@ class TrainConfig:
             raise TrainingError("epochs, batch size, gradient accumulation and learning rate must be positive")
 
 
-def _distill(student: torch.Tensor, teacher: torch.Tensor, regression: bool, t: float) -> torch.Tensor:
-    if regression:
-        return F.mse_loss(student, teacher)
-    return F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
-
-
 def step_loss(supernet: SuperNetwork, space: SearchSpace, batch: dict, cfg: TrainConfig, step: int) -> float:
     """Forward + backward of one micro-batch under the strategy; returns the summed loss value."""
     regression = supernet.config.problem_type == "regression"
@@ -97,7 +91,7 @@ def step_loss(supernet: SuperNetwork, space: SearchSpace, batch: dict, cfg: Trai
         if mode == "label":
             loss = out.loss
         else:
-            kd = _distill(out.logits, teacher, regression, cfg.temperature)
+            kd = distill_loss(out.logits, teacher, regression, cfg.temperature)
             loss = kd if mode == "kd" else 0.5 * out.loss + 0.5 * kd
         if teacher is None:
             teacher = out.logits.detach()
