@@ -155,11 +155,8 @@ class LatencyTable:
         diff = self.fingerprint_differences(fp)
         if diff:
             lines = ", ".join(f"{k}: table {a!r} vs now {b!r}" for k, b_a in diff.items() for a, b in [b_a])
-            warnings.warn(
-                f"latency table {self.path or ''} was measured under different conditions ({lines}); "
-                "predictions may be off -- re-profile with nasprune-profile",
-                FingerprintMismatchWarning, stacklevel=2,
-            )
+            warnings.warn(f"latency table {self.path or ''} was measured under different conditions ({lines}); "
+                          "predictions may be off -- re-profile with nasprune-profile", FingerprintMismatchWarning, 2)
         return diff
 
     def check_model(self, dims) -> None:
@@ -274,18 +271,19 @@ class LatencyTable:
         measures, the peak resident size while it serves minus the resident size before its session existed."""
         return self._calibrated("memory", self.raw_memory(subnet))
 
-    def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1) -> dict:
-        """Fit ``measured ~ a * raw + b`` (a pure scale for < 3 samples); ``degree=2`` adds ``c * raw**2`` (with >= 6
-        samples, and only where the fit rises over the whole range up to the largest sample; otherwise the line).
-        Robust: scipy's ``least_squares`` on relative residuals with a soft-L1 loss (``f_scale`` 2 %), started from
-        the least-squares fit, so that one sample measured while the machine was busy (+60 % at 32 tokens in one
-        bench_latency run) does not tilt a fit on 9 samples."""
+    def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1,
+                        weights: list[float] | None = None) -> dict:
+        """Fit ``measured ~ a * raw + b`` (a pure scale for < 3 samples; ``weights``: how many samples each one counts
+        as); ``degree=2`` adds ``c * raw**2`` (with >= 6 samples, where the fit rises up to the largest sample). Robust:
+        scipy's ``least_squares`` on relative residuals, soft-L1 loss (``f_scale`` 2 %), from the least-squares fit:
+        one sample taken on a busy machine (+60 % in one bench_latency run) does not tilt a fit on 9 samples."""
         x, y = np.asarray(raw, float), np.asarray(measured, float)
+        w = np.ones_like(x) if weights is None else np.asarray(weights, float)
         c = 0.0
         if len(x) >= 3 and np.ptp(x) > 0:
-            a, b = _robust_polyfit(x, y, 1)
+            a, b = _robust_polyfit(x, y, 1, w)
             if degree == 2 and len(x) >= 6:
-                c2, a2, b2 = _robust_polyfit(x, y, 2)
+                c2, a2, b2 = _robust_polyfit(x, y, 2, w)
                 if min(a2, a2 + 2 * c2 * x.max()) > 0:  # rising from 0 to the largest sample
                     c, a, b = c2, a2, b2
         elif len(x):
@@ -294,8 +292,9 @@ class LatencyTable:
             a, b = 1.0, 0.0
         method = ("robust (soft-L1 on relative residuals, scipy least_squares) measured = "
                   + ("c * raw^2 + a * raw + b" if c else "a * raw + b"))
-        cal = {"a": float(a), "b": float(b), "c": float(c), "n": int(len(x)), "method": method,
-               "samples": [{"raw": float(r), "measured": float(m)} for r, m in zip(x, y)]}
+        samples = [{"raw": float(r), "measured": float(m), **({"weight": float(v)} if v != 1 else {})}
+                   for r, m, v in zip(x, y, w)]
+        cal = {"a": float(a), "b": float(b), "c": float(c), "n": int(len(x)), "method": method, "samples": samples}
         self.calibration[kind] = cal
         return cal
 
@@ -309,13 +308,14 @@ class LatencyTable:
         end-to-end ``rows``: ``(subnet, result)`` with ``latency_ms`` measured beside the unpruned network
         (``reference_ms``) and ``memory_mb``. The latencies are drift-corrected to the reference's speed on the
         machine undisturbed (:func:`targets.meter.quiet_latency`), which also anchors the top of the fit as the
-        unpruned network's own measurement."""
+        unpruned network's own measurement, which counts as many samples as there are: it rests on the readings
+        beside every sample (unweighted, a fit missed it by 3.5 %: ``benchmarks/bench_calibration_anchor.py``)."""
         refs = [r["reference_ms"] for _, r in rows]
         speed = quiet_latency(refs)  # the unpruned network's latency at calibration time, machine undisturbed
         full = self._unpruned()
         lat = self.set_calibration("latency", [self.raw_latency(s) for s, _ in rows] + [self.raw_latency(full)],
                                    drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed],
-                                   degree=2)
+                                   degree=2, weights=[1.0] * len(rows) + [float(max(1, len(rows)))])
         lat["reference_ms"] = speed
         for sample, (s, r) in zip(lat["samples"], rows):
             sample.update(subnet=s.to_dict(), measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
@@ -468,13 +468,14 @@ RESIDUALS_DRIFT_CORRECTED = ("measured x (unpruned latency at calibration / unpr
 RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
 
 
-def _robust_polyfit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
-    """Coefficients (highest power first) of ``y ~ poly(x)``, fitted on relative residuals with a soft-L1 loss."""
+def _robust_polyfit(x: np.ndarray, y: np.ndarray, degree: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Coefficients (highest power first) of ``y ~ poly(x)``, on relative residuals (times ``sqrt(weights)``)."""
     from scipy.optimize import least_squares
 
+    root = np.sqrt(np.ones_like(x) if weights is None else weights)
     scale = np.maximum(np.abs(y), 1e-9)
-    p0 = np.polyfit(x, y, degree)
-    return least_squares(lambda p: (np.polyval(p, x) - y) / scale, p0, loss="soft_l1", f_scale=0.02).x
+    p0 = np.polyfit(x, y, degree, w=root)
+    return least_squares(lambda p: root * (np.polyval(p, x) - y) / scale, p0, loss="soft_l1", f_scale=0.02).x
 
 
 def residuals_of(samples: list[dict], speed_ms: float | None) -> tuple[list[float], str]:

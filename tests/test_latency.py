@@ -82,6 +82,7 @@ def test_profile_writes_a_complete_table(setup, table):
     for sample in samples:
         assert sample["measured"] == pytest.approx(sample["measured_raw"] * cal["reference_ms"] / sample["reference_ms"])
     assert anchor["reference"] and anchor["measured"] == cal["reference_ms"]
+    assert anchor["weight"] == len(samples) and all("weight" not in x for x in samples)  # rests on every reading
     assert anchor["subnet"] == SubNetwork.full(3, 2, 16).to_dict()
     dc = data["validation"]["latency"]["drift_corrected"]
     assert dc["n"] == 2 and 0 <= dc["within_5"] <= dc["within_10"] <= 1
@@ -108,6 +109,13 @@ def test_quadratic_calibration(table):
     cal = t.set_calibration("latency", raw9, busy)
     assert cal["a"] == pytest.approx(2.0, rel=0.02) and cal["b"] == pytest.approx(1.0, abs=0.05)
     assert abs(np.polyfit(raw9, busy, 1)[0] - 2.0) > 0.3 and "robust" in cal["method"]
+    # a sample that counts as many (the unpruned network: its reading rests on those beside every sample) pulls the
+    # fit to itself; unweighted, the fit goes by the others
+    off = [2 * r + 1 for r in raw9[:-1]] + [2 * raw9[-1] + 1 + 0.5]
+    plain = t.set_calibration("latency", raw9, off, degree=2)
+    heavy = t.set_calibration("latency", raw9, off, degree=2, weights=[1.0] * 8 + [8.0])
+    miss = [abs(c["c"] * 25 + c["a"] * 5 + c["b"] - off[-1]) for c in (plain, heavy)]
+    assert miss[1] < 0.25 * miss[0] and heavy["samples"][-1]["weight"] == 8.0
 
 
 def test_calibration_samples_span_the_sizes():
