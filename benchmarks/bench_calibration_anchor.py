@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, publish, section_argument, section_name  # noqa: E402
+from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
 
 
 def fits(table, weights: list[str]):
@@ -54,8 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", action="append", required=True, help="a latency table (JSON; repeatable)")
     ap.add_argument("--weights", default="1,5,n,100", help="the anchor's weights to compare (n: the samples' count)")
-    section_argument(ap, "bench_calibration_anchor")
-    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    docs_arguments(ap, "bench_calibration_anchor")
     args = ap.parse_args()
 
     from latency_models.lookup_table import LatencyTable

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dev_halves, machine, markdown_table, publish, section_argument, section_name  # noqa: E402
+from common import dev_halves, docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
 
 METHODS = ("NAS (nasprune)", "retraining-free (mask)", "uniform ratio", "layer dropping")
 
@@ -47,8 +47,7 @@ def main() -> None:
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
     ap.add_argument("--rfp-samples", type=int, default=512, help="training examples for retraining-free pruning's "
                     "mask gradients (default: 512, the default preset's)")
-    section_argument(ap, "bench_equal_recovery")
-    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    docs_arguments(ap, "bench_equal_recovery")
     args = ap.parse_args()
 
     import onnxruntime as ort

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, publish, section_argument, section_name, unused_training  # noqa: E402
+from common import docs_arguments, machine, markdown_table, publish, section_name, unused_training  # noqa: E402
 
 
 def held_out(out: Path, n: int, seed: int, min_words: int = 0):
@@ -131,8 +131,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="seed of the held-out draw and of the bootstrap")
     ap.add_argument("--min-words", type=int, default=0, help="only held-out examples of at least this many words "
                     "(SST-2's training phrases are shorter than its dev sentences)")
-    section_argument(ap, "bench_heldout")
-    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    docs_arguments(ap, "bench_heldout")
     args = ap.parse_args()
     rows, abouts = [], []
     longer = f" of at least {args.min_words} words" if args.min_words else ""

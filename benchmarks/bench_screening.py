@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, publish, section_argument, section_name  # noqa: E402
+from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
 
 
 def groups(out: Path) -> list[dict]:
@@ -53,8 +53,7 @@ def main() -> None:
     ap.add_argument("--compile", action="append", required=True, help="a compile's output folder (repeatable)")
     ap.add_argument("--shares", default="0.125,0.25,0.5", help="shares of the recovery's steps to rank after")
     ap.add_argument("--cache", help="where the screenings go (default: the super-network's cache)")
-    section_argument(ap, "bench_screening")
-    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+    docs_arguments(ap, "bench_screening")
     args = ap.parse_args()
     shares = [float(s) for s in args.shares.split(",")]
 

@@ -85,6 +85,12 @@ def section_argument(ap, name: str) -> None:
                     "run beside the first)")
 
 
+def docs_arguments(ap, name: str) -> None:
+    """``--section S`` (:func:`section_argument`) and ``--no-docs`` (print only)."""
+    section_argument(ap, name)
+    ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
+
+
 def section_name(name: str, section: str) -> str:
     """The docs section of a benchmark run with ``--section section`` (:func:`section_argument`)."""
     return name + (f"-{section}" if section else "")
