@@ -146,9 +146,9 @@ def main(argv=None) -> int:
         "unpruned network (the reference): *drift-corrected* scales each measurement by the reference's latency at "
         "calibration (the machine undisturbed: the 10th percentile of the run's reference readings) over its "
         "latency at that moment, which removes the slow drift of a shared machine's speed (not the noise of the "
-        "measurement itself); a sub-network whose reference read more than 5 % slower than undisturbed is measured "
-        "again at the end of the run (at most twice); the calibration is fitted robustly (soft-L1) on "
-        "drift-corrected values, with the unpruned network as one more point.",
+        "measurement itself); a sub-network whose reference read more than 5 % off undisturbed, either way, is "
+        "measured again at the end of the run (at most twice); the calibration is fitted robustly (soft-L1) on "
+        "drift-corrected values, with the unpruned network as one more point that counts as many as the samples.",
         "",
         "| target (threads) | precision | length | grid points | profiling wall time | latency MAPE | lat. within ±5% | lat. within ±10% | "
         "drift-corrected: MAPE / ±5% / ±10% | memory MAPE | mem. within ±5% | mem. within ±10% | "
