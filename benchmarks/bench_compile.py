@@ -6,7 +6,8 @@ Runs, in one fresh cache (so the first compile includes profiling and training):
 2. a recompile with another budget, reusing the cached latency table and super-network
 3. the quick preset in another fresh cache
 
-and checks that every shipped point's *measured* latency is under its budget.
+and checks that every shipped point's *measured* latency is under its budget, and how much each shipped point loses
+on training examples the compile never used (``bench_heldout.py``) beside the dev loss it reported.
 
     python benchmarks/bench_compile.py [--budgets 20ms,10ms] [--skip-quick] [--extra "--sequence-length data"]
                                        [--cache DIR]
@@ -74,6 +75,19 @@ def check(manifest: dict, budget_ms: float) -> str:
             + prediction_check(manifest))
 
 
+def heldout_check(manifest: dict, n: int = 2000) -> str:
+    """Each shipped point's loss against the unpruned model on ``n`` training examples the compile never used
+    (``bench_heldout.py``: plain onnxruntime), beside the dev loss the compile reported."""
+    from bench_heldout import score_compile
+
+    try:
+        scored, about = score_compile(Path(manifest["output"]), n, seed=1)
+    except SystemExit as e:  # too few training examples left unused (a small task)
+        return f"held-out: {e}"
+    losses = ", ".join(f"{100 * p['held_loss']:+.1f}" for p in scored if p["id"] != "unpruned")
+    return f"held-out loss on {about['n']} unused training examples (bench_heldout): {losses} pt"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="20ms,10ms", help="first compile, then recompile budgets")
@@ -93,7 +107,8 @@ def main() -> None:
         label = ("first compile (profile + train + search + export)" if not args.cache else
                  "first compile (given cache)") if i == 0 else "recompile, new budget (caches reused)"
         ms = float(budget.rstrip("ms"))
-        rows.append((f"`--max-latency {budget} --preset {args.preset}`: {label}", wall, manifest["timings"], check(manifest, ms)))
+        rows.append((f"`--max-latency {budget} --preset {args.preset}`: {label}", wall, manifest["timings"],
+                     check(manifest, ms) + "; " + heldout_check(manifest)))
         outputs[budget] = stdout
         print(f"{label}: {wall:.0f} s; {rows[-1][3]}", flush=True)
         if i == 0 and args.keep:
@@ -104,7 +119,7 @@ def main() -> None:
         wall, manifest, stdout = compile_once(["--target", "cpu", "--max-latency", budgets[0], "--preset", "quick",
                                                "-o", "quick-run"], work / "cache-quick", work)
         rows.append((f"`--max-latency {budgets[0]} --preset quick`, fresh cache", wall, manifest["timings"],
-                     check(manifest, float(budgets[0].rstrip("ms")))))
+                     check(manifest, float(budgets[0].rstrip("ms"))) + "; " + heldout_check(manifest)))
         print(f"quick preset: {wall:.0f} s; {rows[-1][3]}", flush=True)
     extra = f' --extra "{args.extra}"' if args.extra else ""
     md = ["## nasprune-compile wall time", "",

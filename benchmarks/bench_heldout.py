@@ -95,7 +95,10 @@ def label(out: Path) -> str:
     return "/".join(out.parts[-2:])
 
 
-def compile_rows(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list[list], dict]:
+def score_compile(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list[dict], dict]:
+    """The unpruned reference and every shipped point of the compile ``out``, each with its dev metric and loss (as
+    the compile reported them), its held-out metric and loss with the loss's 95 % interval, and its drift-corrected
+    speed-up; and what the held-out examples were."""
     from toolchain.core.data import compute_metrics
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -105,22 +108,35 @@ def compile_rows(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list
     ref_logits = predict(out / unpruned["path"], held.texts, data.max_length)
     ref_score = compute_metrics(metric_name, ref_logits, held.labels)["score"]
     speed = unpruned.get("measured_latency_drift_corrected_ms") or unpruned["measured_latency_ms"]
-    rows = [[label(out), "unpruned fp32", "1.00x", f"{unpruned['metric']:.4f}", "", f"{ref_score:.4f}", "", ""]]
+    scored = [{"id": "unpruned", "precision": "fp32", "speedup": 1.0, "dev": unpruned["metric"], "held": ref_score}]
     for p in manifest["points"]:
         if not p["feasible"]:
             continue
         logits = predict(out / p["path"], held.texts, data.max_length)
         score = compute_metrics(metric_name, logits, held.labels)["score"]
-        low, high = paired_interval(metric_name, ref_logits, logits, held.labels, seed)
         lat = p.get("measured_latency_drift_corrected_ms") or p["measured_latency_ms"]
-        rows.append([label(out), f"{p['id']} {p['precision']}", f"{speed / lat:.2f}x", f"{p['metric']:.4f}",
-                     f"{100 * (p['metric'] - unpruned['metric']):+.1f}", f"{score:.4f}",
-                     f"{100 * (score - ref_score):+.1f}", f"[{100 * low:+.1f}, {100 * high:+.1f}]"])
-        print(" | ".join(rows[-1]), flush=True)
+        scored.append({"id": p["id"], "precision": p["precision"], "speedup": speed / lat, "dev": p["metric"],
+                       "dev_loss": p["metric"] - unpruned["metric"], "held": score, "held_loss": score - ref_score,
+                       "interval": paired_interval(metric_name, ref_logits, logits, held.labels, seed)})
     lengths = [len(" ".join(t).split()) for t in held.texts]
     dev_lengths = [len(" ".join(t).split()) for t in data.load("validation").texts]
     about = {"task": data.task or data.train_file, "metric": metric_name, "unseen": n_unseen, "n": len(held),
              "words": float(np.median(lengths)), "dev_words": float(np.median(dev_lengths))}
+    return scored, about
+
+
+def compile_rows(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list[list], dict]:
+    """:func:`score_compile` as rows of the table."""
+    scored, about = score_compile(out, n, seed, min_words)
+    rows = []
+    for p in scored:
+        if p["id"] == "unpruned":
+            rows.append([label(out), "unpruned fp32", "1.00x", f"{p['dev']:.4f}", "", f"{p['held']:.4f}", "", ""])
+            continue
+        low, high = p["interval"]
+        rows.append([label(out), f"{p['id']} {p['precision']}", f"{p['speedup']:.2f}x", f"{p['dev']:.4f}",
+                     f"{100 * p['dev_loss']:+.1f}", f"{p['held']:.4f}", f"{100 * p['held_loss']:+.1f}",
+                     f"[{100 * low:+.1f}, {100 * high:+.1f}]"])
     return rows, about
 
 
