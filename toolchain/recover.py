@@ -6,8 +6,8 @@ subset the super-network trained on (``DataSettings.max_train_samples`` does not
 out, since a search scores candidates on it). ``RecoverSettings.samples`` training texts are drawn (seeded) from
 it. The loss mixes ``alpha`` x distillation (KL to the teacher's softened logits; MSE to its output for a regression
 task such as STS-B) with ``1 - alpha`` x the label loss (cross-entropy; MSE to the label for regression), plus
-``hidden_weight`` x a hidden-state term (:func:`toolchain.core.distill.hidden_loss`; off by default: no gain on three points of a default
-compile for a third more time, docs/benchmarks.md).
+``hidden_weight`` x a hidden-state term (:func:`toolchain.core.distill.hidden_loss`; off by default: no gain on three
+points of a default compile for a third more time, docs/benchmarks.md).
 
 Everything is cached beside the super-network (``<folder of supernet/>``, i.e. the run folder, or ``cache_dir``):
 
