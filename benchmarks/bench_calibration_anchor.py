@@ -46,7 +46,7 @@ def fits(table, weights: list[str]):
             for s in held:
                 predicted = trial.predict_latency(SubNetwork.from_dict(s["subnet"]))
                 out[w][0].append(s["measured"] * speed / s["reference_ms"] / predicted - 1)
-            out[w][1].append(speed / trial._calibrated("latency", raw[-1]) - 1)
+            out[w][1].append(speed / trial.predict_latency(SubNetwork.from_dict(samples[-1]["subnet"])) - 1)
     return out
 
 

@@ -82,7 +82,7 @@ def heldout_check(manifest: dict, n: int = 2000) -> str:
 
     try:
         scored, about = score_compile(Path(manifest["output"]), n, seed=1)
-    except SystemExit as e:  # too few training examples left unused (a small task)
+    except ValueError as e:  # too few training examples left unused (a small task)
         return f"held-out: {e}"
     losses = ", ".join(f"{100 * p['held_loss']:+.1f}" for p in scored if p["id"] != "unpruned")
     return f"held-out loss on {about['n']} unused training examples (bench_heldout): {losses} pt"

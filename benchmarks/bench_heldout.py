@@ -152,7 +152,10 @@ def main() -> None:
     rows, abouts = [], []
     longer = f" of at least {args.min_words} words" if args.min_words else ""
     for c in args.compile:
-        r, about = compile_rows(Path(c), args.samples, args.seed, args.min_words)
+        try:
+            r, about = compile_rows(Path(c), args.samples, args.seed, args.min_words)
+        except ValueError as e:  # too few training examples left unused (a small task)
+            sys.exit(f"{c}: {e}")
         rows += r
         abouts.append(f"`{label(Path(c))}`: {about['task']}, {about['metric']}, {about['n']} of the {about['unseen']} "
                       f"training examples{longer} the compile never used (median {about['words']:g} words; dev "

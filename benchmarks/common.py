@@ -126,7 +126,7 @@ def front_arguments(ap) -> None:
 def unused_training(run, recoveries, n: int, seed: int, min_words: int = 0):
     """``n`` labelled examples (seeded draw) of ``run``'s training split that neither its super-network's training
     subset nor any of ``recoveries`` (``RecoverSettings``) used, by text, of at least ``min_words`` words; and how
-    many such examples there were. Exits when there are fewer than ``n``."""
+    many such examples there were. ``ValueError`` when there are fewer than ``n``."""
     from dataclasses import replace
 
     import numpy as np
@@ -139,6 +139,6 @@ def unused_training(run, recoveries, n: int, seed: int, min_words: int = 0):
     full = replace(run.data, max_train_samples=None).load("train")
     unseen = [i for i, t in enumerate(full.texts) if t not in used and len(" ".join(t).split()) >= min_words]
     if len(unseen) < n:
-        sys.exit(f"only {len(unseen)} training examples unused by the run, {n} asked")
+        raise ValueError(f"only {len(unseen)} training examples unused by the run, {n} asked")
     return full.subset(np.sort(np.random.default_rng([seed, 17]).permutation(unseen)[:n])), len(unseen)
 

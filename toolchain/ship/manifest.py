@@ -51,7 +51,8 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         "infeasible_reason": info.get("infeasible_reason"),
         # false: measured on this machine, not on the target's device; shipped by the latency table's predictions
         "measured_on_target": info.get("measured_on_target", True),
-        # true: measured while the machine was busy, its budget judged by the drift-corrected latency
+        # true: measured while the machine was disturbed (busy, or faster than usual), its budget judged by the
+        # drift-corrected latency (selection.disturbed_reading)
         "judged_drift_corrected": bool(info.get("judged_drift_corrected", False)),
         "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
         # the search's point and its twins, how they scored in recovery, and which was exported (toolchain.twins)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from targets import same_device
+from targets.meter import disturbed
 from toolchain.core.pareto import non_dominated
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.ship.export import ExportResult, export_point
@@ -112,8 +113,6 @@ def disturbed_reading(measured: dict) -> str | None:
     figure: a transient load on a shared machine must not reject a point (one compile read 29.2 ms for a network
     predicted at 8.1 ms, the unpruned network beside it 46.3 ms against 14.7), nor a machine faster than usual pass
     one (there the drift-corrected figure is the higher)."""
-    from targets.meter import disturbed
-
     ref = measured.get("reference") or {}
     speed, beside = ref.get("speed_ms"), ref.get("latency_ms")
     if not speed or not beside or measured.get("latency_drift_corrected_ms") is None:
