@@ -7,6 +7,7 @@ minutes of calibration and validation can be told apart from prediction error (:
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def samples(space, n: int, seed: int) -> list:
     return [out[i] for i in rng.permutation(n)]  # sizes in no particular order
 
 
+#: the exported samples kept on disk for the retakes (bytes); beyond it, a sample is exported again to be retaken
+KEEP_BYTES = 4 << 30
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
 #: end-to-end samples measured at each of a table's other lengths (one round each), of the calibration and of the
 #: validation samples: the first ones, whose sizes are spread (:func:`samples`)
 LENGTH_SAMPLES = 8
@@ -85,16 +94,31 @@ def _measure_samples(table, model, space, n, seed, target, worker, progress, des
         return lambda path: worker.measure(path, target, model.config.vocab_size, None, length=length)
 
     results: dict = {}  # (sample index, length or None: the table's own) -> result
+    kept: dict = {}  # sample index -> (its ONNX file, weight bytes), kept for the retakes (KEEP_BYTES in all)
+
+    def graph(i, tmp):
+        """Sample ``i``'s ONNX model: exported once, kept for a retake while the kept files fit in KEEP_BYTES
+        (exporting is a third of a sample's time, and on a busy machine a third of the samples are taken again)."""
+        if i not in kept:
+            folder = Path(tmp) / f"sample-{i}"
+            folder.mkdir()
+            dst = export_graph(slice_model(model, subnets[i]), folder / "model.onnx", table.precision, target)
+            kept[i] = (dst, onnx_weight_bytes(dst))
+        return kept[i]
+
+    def release(i):
+        if sum(_size(p.parent) for p, _ in kept.values()) > KEEP_BYTES:
+            shutil.rmtree(kept.pop(i)[0].parent)
 
     def measure(keys, tmp, ref):
         """Measure the samples ``keys`` name (each exported once), beside the reference."""
         out = {}
         for i in sorted({i for i, _ in keys}):
-            dst = export_graph(slice_model(model, subnets[i]), Path(tmp) / "sample.onnx", table.precision, target)
-            weight_bytes = onnx_weight_bytes(dst)
+            dst, weight_bytes = graph(i, tmp)
             for length in [x for j, x in keys if j == i]:  # reference and sample alternate: the same machine speed
                 r = measure_beside(at(length), dst, ref, E2E_ROUNDS if length is None else 1)
                 out[(i, length)] = {**r, "weight_bytes": weight_bytes}
+            release(i)
         return out
 
     try:

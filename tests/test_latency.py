@@ -134,6 +134,33 @@ def test_calibration_samples_span_the_sizes():
     assert _samples(space, 10, 0) == a  # seeded
 
 
+def test_retaken_samples_are_not_exported_again(setup, table, monkeypatch):
+    """A sample taken again (here every one: no reference reading counts as quiet) is measured from the file exported
+    the first time; the export is a third of a sample's time. Beyond KEEP_BYTES a sample is exported again."""
+    import latency_models.calibration as cal
+
+    d, target, cfg, dims = setup
+    torch.manual_seed(0)
+    model = model_from_config(copy.deepcopy(cfg)).eval()
+    space = make_space("medium", dims)
+    exported = []
+    real_export = cal.export_graph
+    monkeypatch.setattr(cal, "export_graph", lambda m, dst, *a, **k: exported.append(dst) or real_export(m, dst, *a,
+                                                                                                          **k))
+    real_retake = cal.retake_disturbed
+    retaken = []
+    monkeypatch.setattr(cal, "retake_disturbed",
+                        lambda *a, **k: retaken.append(real_retake(*a, **{**k, "tolerance": -1.0, "passes": 1})))
+    t = copy.deepcopy(table)
+    cal.validate(t, model, space, 2, target=target)
+    others = len([n for n in t.lengths() if n != t.sequence_length])
+    assert retaken == [2 + 2 * others] and len(exported) == 1 + 2  # the reference and each sample, once
+    exported.clear()
+    monkeypatch.setattr(cal, "KEEP_BYTES", 0)
+    cal.validate(t, model, space, 2, target=target)
+    assert len(exported) == 1 + 2 + 2  # kept none: each sample exported again for its retake
+
+
 def test_predictions_are_sane(setup, table):
     d, target, cfg, dims = setup
     full = SubNetwork.full(3, 2, 16)
