@@ -439,3 +439,12 @@ def test_nasprune_export_ships_the_better_of_each_point_and_its_uniform_twin(run
     html = (folder / "report.html").read_text()
     assert "origin" in html and ("twin of the search" in html) == any(
         (p["uniform_twin"] or {}).get("chosen") in TWINS for p in manifest["points"] if p["feasible"])
+
+
+def test_a_run_tokenizes_each_selection_once(run):
+    """Recoveries, screenings and evaluations of one compile share the tokenized texts; each gets its own dict."""
+    a = run.encoded("validation")
+    a["index"] = torch.arange(len(a["input_ids"]))
+    b = run.encoded("validation")
+    assert "index" not in b and b["input_ids"] is a["input_ids"]
+    assert run.encoded("validation", max_samples=3)["input_ids"].shape[0] == 3

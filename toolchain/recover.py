@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from toolchain.core.atomic import write_atomic, write_json_atomic
-from toolchain.core.data import TextDataset, batches, tokenize
+from toolchain.core.data import TextDataset, batches
 from toolchain.core.distill import hidden_loss, recovery_loss
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, score_model
@@ -212,7 +212,7 @@ def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_d
     settings = settings or RecoverSettings()
     path = teacher_path(run, settings, cache_dir=cache_dir)
     if encoded is None:
-        encoded = tokenize(recovery_data(run, settings), run.tokenizer, run.data.max_length)
+        encoded = run.encode(("recovery", settings.samples, settings.seed), lambda: recovery_data(run, settings))
     n = len(encoded["input_ids"])
     if path.is_file():
         try:
@@ -342,11 +342,10 @@ def _recover(run: Run, subnet: SubNetwork, settings: RecoverSettings, folder: Pa
     before = Evaluator(run.supernet, validation, spec, param_count=run.space.num_parameters,
                        store=run.evaluation_store("validation"))(subnet)
 
-    data = recovery_data(run, settings)
-    encoded = tokenize(data, run.tokenizer, run.data.max_length)
+    encoded = run.encode(("recovery", settings.samples, settings.seed), lambda: recovery_data(run, settings))
     teacher = torch.from_numpy(teacher_logits(run, settings, cache_dir=cache_dir, progress=progress,
                                               encoded=encoded))
-    n = len(data)
+    n = len(encoded["input_ids"])
     encoded["index"] = torch.arange(n)
 
     model = run.supernet.slice(subnet)
@@ -410,7 +409,7 @@ def _recover(run: Run, subnet: SubNetwork, settings: RecoverSettings, folder: Pa
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
                 stop = screen_only and step == screen
-                if step % settings.checkpoint_every == 0 or step >= total_steps or stop:
+                if (step % settings.checkpoint_every == 0 and step < total_steps) or stop:  # the last: the weights
                     save_checkpoint(ckpt, model, optimizer, scheduler,
                                      {"step": step, "total_steps": total_steps, "losses": losses, "key": key,
                                       "settings": settings.to_dict()})

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -121,8 +122,19 @@ class Run:
     def spec(self) -> TaskSpec:
         return self.data.spec()
 
+    #: what :meth:`encode` tokenized, by key (per Run: recoveries, screenings and evaluations share it)
+    _encoded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def encoded(self, split: str = "validation", max_samples: int | None = None, seed: int = 0) -> dict:
-        return tokenize(self.data.load(split).sample(max_samples, seed), self.tokenizer, self.data.max_length)
+        """A seeded subset of ``split`` tokenized at the run's ``max_length`` (:meth:`encode`)."""
+        return self.encode(("split", split, max_samples, seed), lambda: self.data.load(split).sample(max_samples, seed))
+
+    def encode(self, key, texts: Callable[[], TextDataset]) -> dict:
+        """``texts()`` tokenized at the run's ``max_length``, once per ``key`` and Run; a new dict of the same
+        tensors each call (add keys to it freely; the tensors are shared, do not change them in place)."""
+        if key not in self._encoded:
+            self._encoded[key] = tokenize(texts(), self.tokenizer, self.data.max_length)
+        return dict(self._encoded[key])
 
     @property
     def weights(self) -> Path:
