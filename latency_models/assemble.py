@@ -8,6 +8,7 @@ on a device, copied into a profiling bundle as ``nasprune_assemble.py`` next to 
 from __future__ import annotations
 
 import time
+from math import nan
 
 try:  # inside nasprune
     from targets.meter import DEFAULT_MEASUREMENT, MB, MEMORY_METHOD
@@ -68,6 +69,22 @@ def additive_fit(grid, skip=((0, 0),), iters: int = 20):
     return fit.tolist()
 
 
+def fill_cross(grid, heads, units) -> list:
+    """``grid`` (heads x units, ``nan`` where a cell was not measured) with every missing cell put together from the
+    cross: ``C(h, u) = C(h, 0) + C(0, u) - C0``, a layer's cost being additive in its attention and its FFN, with
+    ``C0`` (what a one-layer graph costs whatever it keeps) the median over the measured :func:`diagonal` cells of
+    ``C(h, 0) + C(0, u) - C(h, u)``. Measured cells stay as measured (the additive fit and the smoothing of the
+    table come after). numpy only: a device assembles its table too."""
+    import numpy as np
+
+    g = np.array(grid, dtype=float)
+    cells = [(heads.index(h), units.index(u)) for h, u in diagonal(heads, units)]
+    c0 = [g[i, 0] + g[0, j] - g[i, j] for i, j in cells if np.isfinite(g[i, j])]
+    filled = np.where(np.isnan(g), g[:, :1] + g[:1, :] - (float(np.median(c0)) if c0 else 0.0), g)
+    filled[0, 0] = g[0, 0] if np.isfinite(g[0, 0]) else 0.0
+    return filled.tolist()
+
+
 def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: float | None = None) -> dict:
     """The latency table (see docs/profiling.md) from the per-graph measurements.
 
@@ -89,13 +106,20 @@ def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: flo
             if h == 0 and u == 0:
                 rl.append(0.0), rw.append(0.0), rk.append(0.0), rr.append(0)
                 continue
-            r = results[grid_key(h, u)]
+            r = results.get(grid_key(h, u))
+            if r is None:  # not measured (only the cross is, by default): put together from it below
+                rl.append(nan), rw.append(nan), rk.append(nan), rr.append(0)
+                continue
             w = r.get("weight_bytes", 0) / MB - ref_w
             rl.append(r["latency_ms"] - ref["latency_ms"])
             rw.append(w)
             rk.append(r["memory_mb"] - ref["memory_mb"] - w)
             rr.append(r["reps"])
         lat.append(rl), wts.append(rw), work.append(rk), reps.append(rr)
+    measured = [[None if v != v else v for v in row] for row in lat]  # JSON: null where not measured
+    cross = any(v != v for row in lat for v in row)
+    if cross:
+        lat, wts, work = (fill_cross(g, heads, units) for g in (lat, wts, work))
     table = {
         "format": TABLE_FORMAT,
         "version": TABLE_VERSION,
@@ -107,13 +131,14 @@ def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: flo
         "grid": {"heads": list(heads), "units": list(units)},
         "base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"], "weights_mb": base_w},
         "blocks": {"latency_ms": additive_fit(lat) if len(heads) > 1 and len(units) > 1 else lat,
-                   "measured_latency_ms": lat, "weights_mb": wts, "working_mb": work},
+                   "measured_latency_ms": measured, "weights_mb": wts, "working_mb": work},
         "measurement": {
             **{k: manifest["measurement"].get(k, v) for k, v in DEFAULT_MEASUREMENT.items()},
             "reps": reps,
             "base_reps": base["reps"],
             "method": "one-layer sliced model minus zero-layer model, exported and fused like the compiled models; "
-                      "block latency = additive fit attention(h) + ffn(u) of the measured grid (median polish)",
+                      "block latency = additive fit attention(h) + ffn(u) of the measured grid (median polish)"
+                      + ("; the grid's cells off its cross put together from it (fill_cross)" if cross else ""),
             "memory_method": MEMORY_METHOD,
             "wall_s": wall_s,
         },

@@ -168,17 +168,19 @@ MICRO_VOCAB = 512
 
 
 def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT_UNIT_STEP,
-                  measurement: dict | None = None, lengths=None) -> dict:
+                  measurement: dict | None = None, lengths=None, whole_grid: bool = False) -> dict:
     """The graphs to measure: ``base`` (zero-layer model, real vocabulary), and, when the vocabulary is larger
     than :data:`MICRO_VOCAB`, ``base_micro`` plus one-layer models with a :data:`MICRO_VOCAB`-row embedding (block
     costs are differences between graphs of the same vocabulary; a small embedding makes export 4x faster and
     does not change the encoder layer's cost).
 
-    Every graph is measured at the target's sequence length. With ``lengths`` (the lengths the table covers), the
-    *cross* of the grid -- the base graphs, every head count without FFN units, every unit count without heads,
-    and four diagonal cells -- is measured at each other length as well (entries ``<key>@<length>`` right
-    after their graph, the same file): exported models take any length, and a layer's cost is additive in its
-    attention (heads) and its FFN (units), so the cross gives every cell there
+    A layer's cost is additive in its attention (heads) and its FFN (units), so the *cross* of the grid -- the
+    base graphs, every head count without FFN units, every unit count without heads, and four diagonal cells --
+    gives every cell (:func:`latency_models.assemble.fill_cross`): only the cross is measured, at the target's
+    sequence length (28 one-layer graphs for all-MiniLM-L6-v2 instead of 168; on the validation samples of 12 tables
+    of this machine the whole grid predicted no better: ``benchmarks/bench_grid_density.py``), unless
+    ``whole_grid``. With ``lengths`` (the lengths the table covers), the cross is measured at each other length as
+    well (entries ``<key>@<length>`` right after their graph, the same file): exported models take any length
     (:func:`latency_models.lengths.blocks_at`)."""
     from toolchain.onnx.build import graph_form
 
@@ -203,13 +205,15 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
         for u in units:
             if h or u:
                 k = assemble.grid_key(h, u)
-                add({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1, "vocab": vocab})
+                if whole_grid or k in cross:
+                    add({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1,
+                         "vocab": vocab})
     return {
         "format": "nasprune.profile_manifest", "version": 1,
         "target": target.settings(), "precision": precision, "model": dims.to_dict(),
         # token ids fed to every graph are < vocab_size: valid for both vocabularies
         "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
-        "lengths": sorted({*others, target.sequence_length}),
+        "lengths": sorted({*others, target.sequence_length}), "own_grid": "whole" if whole_grid else "cross",
         "measurement": {**DEFAULT_MEASUREMENT, **(measurement or {})}, "graphs": graphs,
         "graph_form": graph_form(target.uses_gpu),
     }

@@ -2,17 +2,16 @@
 (:func:`smooth_grid`), and the blocks at the table's other sequence lengths from the cross measured there
 (:func:`blocks_at`).
 
-At the target's own length the whole (heads x units) grid is measured and fitted additively (median polish,
-:func:`latency_models.assemble.additive_fit`); :func:`smooth_grid` then makes its head effect a Theil-Sen line over the
-head counts and its unit effect one over the unit counts. On the development machine (a shared 2-core EPYC) one
+At the target's own length the (heads x units) grid -- its cross measured, the other cells put together from it
+(:func:`latency_models.assemble.fill_cross`), or all of it measured (``whole_grid``) -- is fitted additively (median
+polish, :func:`latency_models.assemble.additive_fit`); :func:`smooth_grid` then makes its head effect a Theil-Sen
+line over the head counts and its unit effect one over the unit counts. On the development machine (a shared 2-core EPYC) one
 one-layer graph could read a third off its neighbours, and the polished grid still carried that from row to row.
 
-Profiling measures the whole (heads x units) grid at the target's own length, and at each other length only the
-*cross* (:func:`latency_models.assemble.cross_keys`): the base graphs, every head count without FFN units, every
-unit count without heads and four diagonal cells. A layer's cost is additive in its attention (heads) and its FFN
+At each other length profiling measures the *cross* too (:func:`latency_models.assemble.cross_keys`): the base
+graphs, every head count without FFN units, every unit count without heads and four diagonal cells. A layer's cost is additive in its attention (heads) and its FFN
 (units): ``C(h, u) = C(h, 0) + C(0, u) - C0``. One measurement of a one-layer graph can be off by a third on a
-shared machine (a neighbour's burst; the own-length grid absorbs that in its median polish), so the cross is
-smoothed:
+shared machine (a neighbour's burst), so the cross is smoothed:
 
 * ``C(h, 0)`` over the head counts and ``C(0, u)`` over the unit counts are straight lines (attention's work at a
   fixed length grows with the heads, the FFN's with the units), fitted with the Theil-Sen estimator

@@ -244,10 +244,35 @@ def test_interrupted_profile_resumes_without_remeasuring(setup):
     table = profile(dims, target, "fp32", out, model_config=cfg, unit_step=8, progress=False, measurement=FAST,
                     on_point=lambda k, r, n: second.append(k))
     assert not set(first) & set(second)  # done points are not measured again
-    # base + grid without (0, 0); the cross (base, 2 head counts, 2 unit counts, 2 diagonal cells) at 16 and 64
-    assert len(first) + len(second) == 1 + 3 * 3 - 1 + 2 * 7
+    # the cross (base, 2 head counts, 2 unit counts, 2 diagonal cells) at the own length, 16 and 64
+    assert len(first) + len(second) == 3 * 7
+    assert sum(v is None for row in table.data["blocks"]["measured_latency_ms"] for v in row) == 2  # h1_u16, h2_u8
     assert out.is_file() and not partial.exists()
     assert table.predict_latency(SubNetwork.full(3, 2, 16)) > 0
+
+
+def test_the_grid_off_the_cross_is_put_together_additively(setup):
+    """Only the cross is measured by default; a cell off it is C(h, 0) + C(0, u) - C0, C0 from the diagonal cells,
+    which keep their measurements. ``whole_grid`` measures every cell."""
+    from latency_models.assemble import cross_keys, diagonal, fill_cross, grid_key
+    from latency_models.grid import make_manifest
+
+    heads, units = [0, 1, 2, 3, 4], [0, 10, 20, 30]
+    true = np.array([[0.0 if not (h or u) else 1.0 + 0.5 * h + 0.1 * u for u in units] for h in heads])
+    cross = cross_keys(heads, units)
+    seen = np.array([[v if grid_key(h, u) in cross or not (h or u) else np.nan for u, v in zip(units, row)]
+                     for h, row in zip(heads, true)])
+    assert (1, 10) in diagonal(heads, units)
+    seen[1, 1] = np.nan  # a diagonal cell may be missing too
+    filled = np.array(fill_cross(seen, heads, units))
+    assert np.allclose(filled, true)
+    noisy = seen.copy()
+    noisy[4, 3] += 0.3  # one diagonal cell off: kept as measured, the offset from the others' median
+    assert np.allclose(np.array(fill_cross(noisy, heads, units))[np.isnan(seen)], true[np.isnan(seen)])
+    d, target, cfg, dims = setup
+    own = [g for g in make_manifest(dims, target, "fp32", 8)["graphs"] if "length" not in g]
+    whole = [g for g in make_manifest(dims, target, "fp32", 8, whole_grid=True)["graphs"] if "length" not in g]
+    assert len(own) == 1 + 6 and len(whole) == 1 + 3 * 3 - 1
 
 
 def test_default_table_path(monkeypatch, tmp_path, setup):
@@ -336,8 +361,8 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     assert {"run_profile.py", "nasprune_meter.py", "nasprune_session.py", "manifest.json", "graphs",
             "README.txt"} <= names
     manifest = json.loads((bundle / "manifest.json").read_text())
-    files = {g["file"] for g in manifest["graphs"]}  # one file per graph, measured at the lengths 16, 32, 64
-    assert len(list((bundle / "graphs").glob("*.onnx.z"))) == len(files) == 9 and len(manifest["graphs"]) == 9 + 2 * 7
+    files = {g["file"] for g in manifest["graphs"]}  # one file per graph of the cross, measured at 16, 32, 64
+    assert len(list((bundle / "graphs").glob("*.onnx.z"))) == len(files) == 7 and len(manifest["graphs"]) == 7 + 2 * 7
     e2e = manifest["end_to_end"]
     assert [len([e for e in e2e[k] if "length" not in e]) for k in ("calibration", "validation")] == [4, 3]
     assert [len(e2e[k]) for k in ("calibration", "validation")] == [4 + 2 * 4, 3 + 2 * 3] and e2e["reference"]["subnet"]
