@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
+from common import (held_out_errors, machine, markdown_table, publish, section_name, stored_calibration,  # noqa: E402
+                    table_arguments)
 
 
 def fits(table, weights: list[str]):
@@ -33,28 +34,24 @@ def fits(table, weights: list[str]):
     out = {w: ([], []) for w in weights}
     for length in table.lengths():
         view = table.at_length(length)
-        cal = view.calibration.get("latency") or {}
-        samples, held = cal.get("samples") or [], (view.validation.get("latency") or {}).get("samples") or []
-        speed = cal.get("reference_ms")
-        if not held or not speed or not samples or not samples[-1].get("reference"):
+        stored = stored_calibration(view)
+        if stored is None:
             continue
+        samples, held, speed = stored
         raw, measured = [s["raw"] for s in samples], [s["measured"] for s in samples]
         for w in weights:
             trial = copy.deepcopy(view)
             anchor = float(len(samples) - 1) if w == "n" else float(w)
             trial.set_calibration("latency", raw, measured, degree=2, weights=[1.0] * (len(raw) - 1) + [anchor])
-            for s in held:
-                predicted = trial.predict_latency(SubNetwork.from_dict(s["subnet"]))
-                out[w][0].append(s["measured"] * speed / s["reference_ms"] / predicted - 1)
+            out[w][0].extend(held_out_errors(trial, held, speed))
             out[w][1].append(speed / trial.predict_latency(SubNetwork.from_dict(samples[-1]["subnet"])) - 1)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", action="append", required=True, help="a latency table (JSON; repeatable)")
+    table_arguments(ap, "bench_calibration_anchor")
     ap.add_argument("--weights", default="1,5,n,100", help="the anchor's weights to compare (n: the samples' count)")
-    docs_arguments(ap, "bench_calibration_anchor")
     args = ap.parse_args()
 
     from latency_models.lookup_table import LatencyTable

@@ -22,19 +22,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
+from common import (held_out_errors, machine, markdown_table, publish, section_name, stored_calibration,  # noqa: E402
+                    table_arguments)
 
 
 def errors(table, sizes: list[int]) -> dict:
     """``{k: relative errors on the held-out samples}`` of ``table`` at its own length (empty when it lacks what the
     refit needs)."""
-    from toolchain.core.subnetwork import SubNetwork
-
-    cal = table.calibration.get("latency") or {}
-    samples, held = cal.get("samples") or [], (table.validation.get("latency") or {}).get("samples") or []
-    speed = cal.get("reference_ms")
-    if not held or not speed or len(samples) < 2 or not samples[-1].get("reference"):
+    stored = stored_calibration(table)
+    if stored is None or len(stored[0]) < 2:
         return {}
+    samples, held, speed = stored
     drawn, anchor = samples[:-1], samples[-1]
     out = {}
     for k in sizes:
@@ -44,16 +42,14 @@ def errors(table, sizes: list[int]) -> dict:
         trial = copy.deepcopy(table)
         trial.set_calibration("latency", [s["raw"] for s in use], [s["measured"] for s in use], degree=2,
                               weights=[1.0] * k + [float(max(1, k))])
-        out[k] = [s["measured"] * speed / s["reference_ms"] / trial.predict_latency(SubNetwork.from_dict(s["subnet"]))
-                  - 1 for s in held]
+        out[k] = held_out_errors(trial, held, speed)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", action="append", required=True, help="a latency table (JSON; repeatable)")
+    table_arguments(ap, "bench_calibration_size")
     ap.add_argument("--sizes", default="4,6,8,10,12", help="calibration sample counts to compare")
-    docs_arguments(ap, "bench_calibration_size")
     args = ap.parse_args()
 
     from latency_models.lookup_table import LatencyTable

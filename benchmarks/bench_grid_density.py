@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
+from common import (held_out_errors, machine, markdown_table, publish, section_name, stored_calibration,  # noqa: E402
+                    table_arguments)
 
 VARIANTS = ("whole grid (the default before)", "every other unit count", "every other head and unit count",
             "cross only (default)")
@@ -67,7 +68,7 @@ def graphs(data: dict, name: str) -> int:
             VARIANTS[3]: (h - 1) + (u - 1) + 4}[name]
 
 
-def held_out_errors(path) -> dict:
+def table_errors(path) -> dict:
     """``{variant: (relative latency errors on the held-out samples, memory errors, graphs)}`` for one table (its
     own length)."""
     import json
@@ -78,38 +79,34 @@ def held_out_errors(path) -> dict:
     data = json.loads(Path(path).read_text())
     if any(v is None for row in data["blocks"]["measured_latency_ms"] for v in row):
         return {}  # profiled on the cross only: no whole grid to compare with
-    cal = data["calibration"]["latency"]
-    samples, held = cal.get("samples") or [], (data["validation"].get("latency") or {}).get("samples") or []
-    speed = cal.get("reference_ms")
-    if not held or not speed or not samples or not samples[-1].get("reference"):
+    stored = stored_calibration(LatencyTable(copy.deepcopy(data)))
+    if stored is None:
         return {}
+    samples, held, speed = stored
     out = {}
     for name in VARIANTS:
         t = LatencyTable(variant(data, name))
         subnets = [SubNetwork.from_dict(s["subnet"]) for s in samples]
         t.set_calibration("latency", [t.raw_latency(s) for s in subnets], [s["measured"] for s in samples], degree=2,
                           weights=[s.get("weight", 1.0) for s in samples])
-        errs = [s["measured"] * speed / s["reference_ms"] / t.predict_latency(SubNetwork.from_dict(s["subnet"])) - 1
-                for s in held]
         mem = data["calibration"].get("memory") or {}
         t.set_calibration("memory", [t.raw_memory(SubNetwork.from_dict(s["subnet"])) for s in mem.get("samples", [])],
                           [s["measured"] for s in mem.get("samples", [])])
         mem_errs = [s["measured"] / t.predict_memory(SubNetwork.from_dict(s["subnet"])) - 1
                     for s in (data["validation"].get("memory") or {}).get("samples") or []]
-        out[name] = (errs, mem_errs, graphs(data, name))
+        out[name] = (held_out_errors(t, held, speed), mem_errs, graphs(data, name))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", action="append", required=True, help="a latency table (JSON; repeatable)")
-    docs_arguments(ap, "bench_grid_density")
+    table_arguments(ap, "bench_grid_density")
     args = ap.parse_args()
 
     errors = {name: ([], []) for name in VARIANTS}
     counts, tables = {}, 0
     for path in dict.fromkeys(args.table):
-        got = held_out_errors(path)
+        got = table_errors(path)
         tables += bool(got)
         for name, (e, m, n) in got.items():
             errors[name][0].extend(e)

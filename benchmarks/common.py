@@ -91,6 +91,33 @@ def docs_arguments(ap, name: str) -> None:
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
 
 
+def table_arguments(ap, name: str) -> None:
+    """``--table T.json`` (repeatable) and :func:`docs_arguments`: the benchmarks that refit stored tables."""
+    ap.add_argument("--table", action="append", required=True, help="a latency table (JSON; repeatable)")
+    docs_arguments(ap, name)
+
+
+def stored_calibration(table):
+    """``(calibration samples, held-out validation samples, reference_ms)`` of a table's latency (or of a view at
+    one length): what a refit needs (the unpruned anchor last among the samples, the reference's undisturbed latency);
+    ``None`` where the table lacks any of it."""
+    cal = table.calibration.get("latency") or {}
+    samples, held = cal.get("samples") or [], (table.validation.get("latency") or {}).get("samples") or []
+    speed = cal.get("reference_ms")
+    if not held or not speed or not samples or not samples[-1].get("reference"):
+        return None
+    return samples, held, speed
+
+
+def held_out_errors(table, held, speed: float) -> list[float]:
+    """``table``'s relative error on each held-out validation sample, its measurement drift-corrected to ``speed``
+    (the reference's undisturbed latency), as the compile compares."""
+    from toolchain.core.subnetwork import SubNetwork
+
+    return [s["measured"] * speed / s["reference_ms"] / table.predict_latency(SubNetwork.from_dict(s["subnet"])) - 1
+            for s in held]
+
+
 def section_name(name: str, section: str) -> str:
     """The docs section of a benchmark run with ``--section section`` (:func:`section_argument`)."""
     return name + (f"-{section}" if section else "")
