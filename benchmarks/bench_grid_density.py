@@ -39,8 +39,9 @@ def _subgrid(data: dict, hi: list[int], ui: list[int]) -> dict:
     return d
 
 
-def variant(data: dict, name: str) -> dict:
-    """The table JSON ``data`` with its own length's latency blocks rebuilt as ``name`` says (uncalibrated)."""
+def variant(data: dict, name: str) -> tuple[dict, int]:
+    """The table JSON ``data`` with its own length's blocks rebuilt as ``name`` says (uncalibrated), and how many
+    one-layer graphs that variant measures."""
     from latency_models.assemble import additive_fit, cross_keys, fill_cross, grid_key
 
     heads, units = data["grid"]["heads"], data["grid"]["units"]
@@ -49,23 +50,20 @@ def variant(data: dict, name: str) -> dict:
     half_h = [i for i in every[0] if i % 2 == 0 or i == len(heads) - 1]
     d = {VARIANTS[0]: lambda: _subgrid(data, *every), VARIANTS[1]: lambda: _subgrid(data, every[0], half_u),
          VARIANTS[2]: lambda: _subgrid(data, half_h, half_u), VARIANTS[3]: lambda: copy.deepcopy(data)}[name]()
-    measured = d["blocks"]["measured_latency_ms"]
-    if name == VARIANTS[3]:  # what a profile measures by default, put together as it does (fill_cross)
-        cross = cross_keys(heads, units)
-        measured = fill_cross([[v if grid_key(h, u) in cross or not (h or u) else float("nan")
-                                for u, v in zip(units, row)] for h, row in zip(heads, measured)], heads, units)
-    d["blocks"]["latency_ms"] = additive_fit(measured)  # as a profile assembles it; the table smooths it when read
-    d["blocks"].pop("fit", None)
+    blocks = d["blocks"]
+    if name == VARIANTS[3]:  # what a profile measures by default, put together as it does (fill_cross): latency,
+        cross = cross_keys(heads, units)  # weights and working memory alike
+        for k in ("measured_latency_ms", "weights_mb", "working_mb"):
+            blocks[k] = fill_cross([[v if grid_key(h, u) in cross or not (h or u) else float("nan")
+                                     for u, v in zip(units, row)] for h, row in zip(heads, blocks[k])], heads, units)
+        n = len(cross & {grid_key(h, u) for h in heads for u in units if h or u})
+    else:
+        n = len(d["grid"]["heads"]) * len(d["grid"]["units"]) - 1  # not (0, 0): a dropped layer
+    blocks["latency_ms"] = additive_fit(blocks["measured_latency_ms"])  # as a profile assembles it; the table
+    blocks.pop("fit", None)  # smooths it when read
     d["calibration"] = {"latency": {"a": 1.0, "b": 0.0, "n": 0}, "memory": {"a": 1.0, "b": 0.0, "n": 0}}
     d.pop("lengths", None)
-    return d
-
-
-def graphs(data: dict, name: str) -> int:
-    h, u = len(data["grid"]["heads"]), len(data["grid"]["units"])
-    half = lambda n: len([i for i in range(n) if i % 2 == 0 or i == n - 1])  # noqa: E731
-    return {VARIANTS[0]: h * u - 1, VARIANTS[1]: h * half(u) - 1, VARIANTS[2]: half(h) * half(u) - 1,
-            VARIANTS[3]: (h - 1) + (u - 1) + 4}[name]
+    return d, n
 
 
 def table_errors(path) -> dict:
@@ -85,7 +83,8 @@ def table_errors(path) -> dict:
     samples, held, speed = stored
     out = {}
     for name in VARIANTS:
-        t = LatencyTable(variant(data, name))
+        built, n = variant(data, name)
+        t = LatencyTable(built)
         subnets = [SubNetwork.from_dict(s["subnet"]) for s in samples]
         t.set_calibration("latency", [t.raw_latency(s) for s in subnets], [s["measured"] for s in samples], degree=2,
                           weights=[s.get("weight", 1.0) for s in samples])
@@ -94,7 +93,7 @@ def table_errors(path) -> dict:
                           [s["measured"] for s in mem.get("samples", [])])
         mem_errs = [s["measured"] / t.predict_memory(SubNetwork.from_dict(s["subnet"])) - 1
                     for s in (data["validation"].get("memory") or {}).get("samples") or []]
-        out[name] = (held_out_errors(t, held, speed), mem_errs, graphs(data, name))
+        out[name] = (held_out_errors(t, held, speed), mem_errs, n)
     return out
 
 
