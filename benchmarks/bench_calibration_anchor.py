@@ -16,15 +16,14 @@ every export's prediction of the unpruned reference carries it). Nothing is meas
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (held_out_errors, machine, markdown_table, publish, section_name, stored_calibration,  # noqa: E402
-                    table_arguments)
+from common import (held_out_errors, machine, markdown_table, publish, refit_latency, section_name,  # noqa: E402
+                    stored_calibration, table_arguments)
 
 
 def fits(table, weights: list[str]):
@@ -38,11 +37,9 @@ def fits(table, weights: list[str]):
         if stored is None:
             continue
         samples, held, speed = stored
-        raw, measured = [s["raw"] for s in samples], [s["measured"] for s in samples]
         for w in weights:
-            trial = copy.deepcopy(view)
             anchor = float(len(samples) - 1) if w == "n" else float(w)
-            trial.set_calibration("latency", raw, measured, degree=2, weights=[1.0] * (len(raw) - 1) + [anchor])
+            trial = refit_latency(view, samples, [1.0] * (len(samples) - 1) + [anchor])
             out[w][0].extend(held_out_errors(trial, held, speed))
             out[w][1].append(speed / trial.predict_latency(SubNetwork.from_dict(samples[-1]["subnet"])) - 1)
     return out

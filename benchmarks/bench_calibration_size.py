@@ -15,15 +15,14 @@ compares. Nothing is measured: it reads the tables.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (held_out_errors, machine, markdown_table, publish, section_name, stored_calibration,  # noqa: E402
-                    table_arguments)
+from common import (held_out_errors, machine, markdown_table, publish, refit_latency, section_name,  # noqa: E402
+                    stored_calibration, table_arguments)
 
 
 def errors(table, sizes: list[int]) -> dict:
@@ -38,10 +37,7 @@ def errors(table, sizes: list[int]) -> dict:
     for k in sizes:
         if k > len(drawn):
             continue
-        use = drawn[:k] + [anchor]
-        trial = copy.deepcopy(table)
-        trial.set_calibration("latency", [s["raw"] for s in use], [s["measured"] for s in use], degree=2,
-                              weights=[1.0] * k + [float(max(1, k))])
+        trial = refit_latency(table, drawn[:k] + [anchor], [1.0] * k + [float(max(1, k))])
         out[k] = held_out_errors(trial, held, speed)
     return out
 

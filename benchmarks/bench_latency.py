@@ -68,8 +68,10 @@ def verdict(target, precision, table, wall: float) -> str:
 def graphs_measured(table) -> int:
     """The graphs a table's profile measured: the zero-layer bases, the own length's one-layer graphs (the cross,
     or the whole grid of a table profiled before) and the cross at each other length."""
+    from latency_models.grid import MICRO_VOCAB
+
     cells = sum(v is not None for row in table.data["blocks"]["measured_latency_ms"] for v in row) - 1  # not (0, 0)
-    bases = 2 if table.model.get("vocab_size", 0) > 512 else 1
+    bases = 2 if table.model.get("vocab_size", 0) > MICRO_VOCAB else 1  # base_micro beside base (make_manifest)
     return bases + cells + len((table.data.get("lengths") or {}).get("cross") or {})
 
 

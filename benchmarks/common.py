@@ -109,6 +109,17 @@ def stored_calibration(table):
     return samples, held, speed
 
 
+def refit_latency(table, samples: list[dict], weights: list[float]):
+    """A copy of ``table`` with its latency calibration refitted (degree 2, as :meth:`calibrate_from` fits) on
+    stored calibration ``samples`` (``raw``, ``measured``), each counting as its ``weights``."""
+    import copy
+
+    trial = copy.deepcopy(table)
+    trial.set_calibration("latency", [s["raw"] for s in samples], [s["measured"] for s in samples], degree=2,
+                          weights=weights)
+    return trial
+
+
 def held_out_errors(table, held, speed: float) -> list[float]:
     """``table``'s relative error on each held-out validation sample, its measurement drift-corrected to ``speed``
     (the reference's undisturbed latency), as the compile compares."""

@@ -5,12 +5,13 @@
 At the target's own length the (heads x units) grid -- its cross measured, the other cells put together from it
 (:func:`latency_models.assemble.fill_cross`), or all of it measured (``whole_grid``) -- is fitted additively (median
 polish, :func:`latency_models.assemble.additive_fit`); :func:`smooth_grid` then makes its head effect a Theil-Sen
-line over the head counts and its unit effect one over the unit counts. On the development machine (a shared 2-core EPYC) one
-one-layer graph could read a third off its neighbours, and the polished grid still carried that from row to row.
+line over the head counts and its unit effect one over the unit counts. On the development machine (a shared 2-core
+EPYC) one one-layer graph could read a third off its neighbours, and the polished grid still carried that from row to
+row.
 
 At each other length profiling measures the *cross* too (:func:`latency_models.assemble.cross_keys`): the base
-graphs, every head count without FFN units, every unit count without heads and four diagonal cells. A layer's cost is additive in its attention (heads) and its FFN
-(units): ``C(h, u) = C(h, 0) + C(0, u) - C0``. One measurement of a one-layer graph can be off by a third on a
+graphs, every head count without FFN units, every unit count without heads and four diagonal cells. A layer's cost
+is additive in its attention (heads) and its FFN (units): ``C(h, u) = C(h, 0) + C(0, u) - C0``. One measurement of a one-layer graph can be off by a third on a
 shared machine (a neighbour's burst), so the cross is smoothed:
 
 * ``C(h, 0)`` over the head counts and ``C(0, u)`` over the unit counts are straight lines (attention's work at a

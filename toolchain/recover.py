@@ -184,6 +184,11 @@ def recovery_data(run: Run, settings: RecoverSettings | None = None) -> TextData
     return replace(run.data, max_train_samples=None).load("train").sample(settings.samples, settings.seed)
 
 
+def recovery_encoded(run: Run, settings: RecoverSettings) -> dict:
+    """:func:`recovery_data` tokenized, once per run and selection (:meth:`toolchain.run.Run.encode`)."""
+    return run.encode(("recovery", settings.samples, settings.seed), lambda: recovery_data(run, settings))
+
+
 @torch.no_grad()
 def _logits(model: torch.nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 64,
             desc: str | None = None, progress: bool = False) -> np.ndarray:
@@ -212,7 +217,7 @@ def teacher_logits(run: Run, settings: RecoverSettings | None = None, *, cache_d
     settings = settings or RecoverSettings()
     path = teacher_path(run, settings, cache_dir=cache_dir)
     if encoded is None:
-        encoded = run.encode(("recovery", settings.samples, settings.seed), lambda: recovery_data(run, settings))
+        encoded = recovery_encoded(run, settings)
     n = len(encoded["input_ids"])
     if path.is_file():
         try:
@@ -342,7 +347,7 @@ def _recover(run: Run, subnet: SubNetwork, settings: RecoverSettings, folder: Pa
     before = Evaluator(run.supernet, validation, spec, param_count=run.space.num_parameters,
                        store=run.evaluation_store("validation"))(subnet)
 
-    encoded = run.encode(("recovery", settings.samples, settings.seed), lambda: recovery_data(run, settings))
+    encoded = recovery_encoded(run, settings)
     teacher = torch.from_numpy(teacher_logits(run, settings, cache_dir=cache_dir, progress=progress,
                                               encoded=encoded))
     n = len(encoded["input_ids"])
