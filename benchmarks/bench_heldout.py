@@ -5,8 +5,9 @@ precision of a sub-network is shipped, whether a point is within ``--max-accurac
 a shipped point is therefore a little optimistic. This benchmark scores a compile's shipped ONNX models and its
 unpruned reference, with plain onnxruntime and each folder's own ``tokenizer.json``, on labelled examples of the
 task's training split that the compile never used: neither the super-network's training subset
-(``max_train_samples``) nor the recovery's texts (``recovery.examples``, seeded like the compile), nor any example
-whose text is one of theirs. It prints, per shipped point, the loss against the unpruned model on dev (as the compile
+(``max_train_samples``) nor the recovery's texts (``recovery.examples``, seeded like the compile) nor the unused
+training examples it scored its exports on besides dev (``metric.selection``), nor any example whose text is one of
+theirs. It prints, per shipped point, the loss against the unpruned model on dev (as the compile
 reported it) and on those held-out examples, with a paired bootstrap 95 % interval (scipy) of the held-out loss.
 
     python benchmarks/bench_heldout.py --compile OUT [--compile OUT2 ...] [--samples 2000] [--seed 1]
@@ -28,12 +29,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import docs_arguments, machine, markdown_table, publish, section_name, unused_training  # noqa: E402
+from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
+from toolchain.heldout import selection_examples, unused_training  # noqa: E402
 
 
 def held_out(out: Path, n: int, seed: int, min_words: int = 0):
     """The compile's data settings, ``n`` labelled training examples (seeded) it never used, by text, of at least
-    ``min_words`` words, and how many there were (:func:`common.unused_training`)."""
+    ``min_words`` words, and how many there were (:func:`toolchain.heldout.unused_training`), leaving out those the
+    compile chose on (:func:`chosen_on`)."""
     from toolchain.recover import RecoverSettings
     from toolchain.run import load_run
 
@@ -44,8 +47,19 @@ def held_out(out: Path, n: int, seed: int, min_words: int = 0):
         sys.exit(f"{out}: points recovered on different numbers of texts ({sorted(examples)})")
     seed_of_compile = json.loads((out / "run.json").read_text())["compile"]["seed"]
     recoveries = [RecoverSettings(samples=e, seed=seed_of_compile) for e in examples]
-    held, n_unseen = unused_training(run, recoveries, n, seed, min_words)
+    held, n_unseen = unused_training(run, recoveries, n, seed, min_words, exclude=chosen_on(out, run, recoveries))
     return run.data, held, n_unseen
+
+
+def chosen_on(out: Path, run, recoveries) -> list:
+    """The unused training examples the compile scored its exports on besides dev (``metric.selection`` of its
+    unpruned reference, :func:`toolchain.heldout.selection_examples`): not held out from it."""
+    metric = json.loads((out / "reference" / "unpruned" / "nasprune.json").read_text()).get("metric") or {}
+    drawn = metric.get("selection")
+    if not drawn or not drawn.get("asked"):
+        return []
+    extra, _ = selection_examples(run, recoveries[0] if recoveries else None, drawn["asked"], drawn["seed"])
+    return extra.texts if extra is not None else []
 
 
 def predict(folder: Path, texts: list[tuple[str, ...]], max_length: int, batch: int = 32) -> np.ndarray:
@@ -95,8 +109,9 @@ def label(out: Path) -> str:
     return "/".join(out.parts[-2:])
 
 
-def score_compile(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list[dict], dict]:
-    """The unpruned reference and every shipped point of the compile ``out``, each with its dev metric and loss (as
+def score_compile(out: Path, n: int, seed: int, min_words: int = 0, rejected: bool = False) -> tuple[list[dict], dict]:
+    """The unpruned reference and every shipped point (``rejected``: every exported one) of the compile ``out``, each
+    with its dev metric and loss (as
     the compile reported them), its held-out metric and loss with the loss's 95 % interval, and its drift-corrected
     speed-up; and what the held-out examples were."""
     from toolchain.core.data import compute_metrics
@@ -108,15 +123,19 @@ def score_compile(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[lis
     ref_logits = predict(out / unpruned["path"], held.texts, data.max_length)
     ref_score = compute_metrics(metric_name, ref_logits, held.labels)["score"]
     speed = unpruned.get("measured_latency_drift_corrected_ms") or unpruned["measured_latency_ms"]
-    scored = [{"id": "unpruned", "precision": "fp32", "speedup": 1.0, "dev": unpruned["metric"], "held": ref_score}]
+    ref = {"dev": unpruned.get("metric_dev", unpruned["metric"]), "chosen": unpruned["metric"]}
+    scored = [{"id": "unpruned", "precision": "fp32", "speedup": 1.0, **ref, "held": ref_score}]
     for p in manifest["points"]:
-        if not p["feasible"]:
+        if not (p["feasible"] or rejected):
             continue
         logits = predict(out / p["path"], held.texts, data.max_length)
         score = compute_metrics(metric_name, logits, held.labels)["score"]
         lat = p.get("measured_latency_drift_corrected_ms") or p["measured_latency_ms"]
-        scored.append({"id": p["id"], "precision": p["precision"], "speedup": speed / lat, "dev": p["metric"],
-                       "dev_loss": p["metric"] - unpruned["metric"], "held": score, "held_loss": score - ref_score,
+        dev = p.get("metric_dev", p["metric"])
+        scored.append({"id": p["id"] + ("" if p["feasible"] else " (not shipped)"), "precision": p["precision"],
+                       "speedup": speed / lat, "dev": dev,
+                       "dev_loss": dev - ref["dev"], "chosen_loss": p["metric"] - ref["chosen"], "held": score,
+                       "held_loss": score - ref_score,
                        "interval": paired_interval(metric_name, ref_logits, logits, held.labels, seed)})
     lengths = [len(" ".join(t).split()) for t in held.texts]
     dev_lengths = [len(" ".join(t).split()) for t in data.load("validation").texts]
@@ -125,17 +144,19 @@ def score_compile(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[lis
     return scored, about
 
 
-def compile_rows(out: Path, n: int, seed: int, min_words: int = 0) -> tuple[list[list], dict]:
+def compile_rows(out: Path, n: int, seed: int, min_words: int = 0, rejected: bool = False) -> tuple[list[list], dict]:
     """:func:`score_compile` as rows of the table."""
-    scored, about = score_compile(out, n, seed, min_words)
+    scored, about = score_compile(out, n, seed, min_words, rejected)
     rows = []
     for p in scored:
         if p["id"] == "unpruned":
-            rows.append([label(out), "unpruned fp32", "1.00x", f"{p['dev']:.4f}", "", f"{p['held']:.4f}", "", ""])
+            rows.append([label(out), "unpruned fp32", "1.00x", f"{p['dev']:.4f}", "", "", f"{p['held']:.4f}", "",
+                         ""])
             continue
         low, high = p["interval"]
         rows.append([label(out), f"{p['id']} {p['precision']}", f"{p['speedup']:.2f}x", f"{p['dev']:.4f}",
-                     f"{100 * p['dev_loss']:+.1f}", f"{p['held']:.4f}", f"{100 * p['held_loss']:+.1f}",
+                     f"{100 * p['dev_loss']:+.1f}", f"{100 * p['chosen_loss']:+.1f}", f"{p['held']:.4f}",
+                     f"{100 * p['held_loss']:+.1f}",
                      f"[{100 * low:+.1f}, {100 * high:+.1f}]"])
     return rows, about
 
@@ -147,13 +168,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="seed of the held-out draw and of the bootstrap")
     ap.add_argument("--min-words", type=int, default=0, help="only held-out examples of at least this many words "
                     "(SST-2's training phrases are shorter than its dev sentences)")
+    ap.add_argument("--rejected", action="store_true", help="the exported points that were not shipped too (marked)")
     docs_arguments(ap, "bench_heldout")
     args = ap.parse_args()
     rows, abouts = [], []
     longer = f" of at least {args.min_words} words" if args.min_words else ""
     for c in args.compile:
         try:
-            r, about = compile_rows(Path(c), args.samples, args.seed, args.min_words)
+            r, about = compile_rows(Path(c), args.samples, args.seed, args.min_words, args.rejected)
         except ValueError as e:  # too few training examples left unused (a small task)
             sys.exit(f"{c}: {e}")
         rows += r
@@ -162,16 +184,19 @@ def main() -> None:
                       f"{about['dev_words']:g})")
     command = " ".join(["python benchmarks/bench_heldout.py", *(f"--compile {label(Path(c))}" for c in args.compile),
                         f"--samples {args.samples} --seed {args.seed}",
-                        *([f"--min-words {args.min_words}"] if args.min_words else [])])
+                        *([f"--min-words {args.min_words}"] if args.min_words else []),
+                        *(["--rejected"] if args.rejected else [])])
     lines = [f"Command: `{command}` (compile output folders). Machine: {machine()}.", "",
              "Each compile's shipped ONNX models and its unpruned reference, scored with plain onnxruntime on "
              "labelled examples of the task's training split that the compile never used (neither the "
-             "super-network's training subset nor the recovery's texts); loss in points against the unpruned model "
-             "on dev (as the compile reported it, and chose on) and on those held-out examples, with a paired "
-             "bootstrap 95 % interval (1000 resamples). Speed-up: measured by the compile, drift-corrected.", "",
+             "super-network's training subset, the recovery's texts, nor the examples it chose on besides dev); "
+             "loss in points against the unpruned model on dev and on what the compile chose on (dev and unused "
+             "training examples, toolchain.heldout; the same as dev for a compile before it), as the compile "
+             "reported them, and on those held-out examples, with a paired bootstrap 95 % interval (1000 "
+             "resamples). Speed-up: measured by the compile, drift-corrected.", "",
              *[f"- {a}" for a in abouts], "",
-             *markdown_table(["compile", "point", "speed-up", "dev", "dev loss", "held-out", "held-out loss",
-                              "95 % interval"], rows, right={2, 3, 4, 5, 6})]
+             *markdown_table(["compile", "point", "speed-up", "dev", "dev loss", "chosen-on loss", "held-out",
+                              "held-out loss", "95 % interval"], rows, right={2, 3, 4, 5, 6, 7})]
     publish(section_name("bench_heldout", args.section), lines, write=not args.no_docs)
 
 

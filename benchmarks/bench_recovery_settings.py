@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (dev_halves, front_arguments, front_records, machine, markdown_table, publish,  # noqa: E402
-                    section_argument, section_name, unused_training)
+                    section_argument, section_name)
+from toolchain.heldout import unused_training  # noqa: E402
 
 
 def main() -> None:

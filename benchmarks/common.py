@@ -159,24 +159,3 @@ def front_arguments(ap) -> None:
     ap.add_argument("--keys", required=True, help="comma-separated sub-network keys of the front")
     ap.add_argument("--split-seed", type=int, default=0, help="seed of the dev set's split in two halves")
     ap.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/benchmarks.md")
-
-
-def unused_training(run, recoveries, n: int, seed: int, min_words: int = 0):
-    """``n`` labelled examples (seeded draw) of ``run``'s training split that neither its super-network's training
-    subset nor any of ``recoveries`` (``RecoverSettings``) used, by text, of at least ``min_words`` words; and how
-    many such examples there were. ``ValueError`` when there are fewer than ``n``."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from toolchain.recover import recovery_data
-
-    used = set(run.data.load("train").texts)
-    for settings in recoveries:
-        used |= set(recovery_data(run, settings).texts)
-    full = replace(run.data, max_train_samples=None).load("train")
-    unseen = [i for i, t in enumerate(full.texts) if t not in used and len(" ".join(t).split()) >= min_words]
-    if len(unseen) < n:
-        raise ValueError(f"only {len(unseen)} training examples unused by the run, {n} asked")
-    return full.subset(np.sort(np.random.default_rng([seed, 17]).permutation(unseen)[:n])), len(unseen)
-

@@ -18,7 +18,7 @@ from toolchain.units import BudgetError, parse_latency, parse_memory, parse_para
 
 # budgets small enough for CI (2 cores): a tiny random BERT, 64 training examples, a few evaluations
 FAST = ["--preset", "quick", "--max-train-samples", "64", "--n-evals", "10", "--search-eval-samples", "32",
-        "--export", "2", "--recover-samples", "64"]
+        "--export", "2", "--recover-samples", "64", "--selection-samples", "64"]
 
 
 # ------------------------------------------------------------------------------------------------------ units
@@ -103,6 +103,11 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     ref_info = json.loads((out / ref["path"] / "nasprune.json").read_text())
     ref_rec = ref_info["extra"]["recovery"]
     assert ref_rec["examples"] == 64 and not ref_rec["cached"] and ref["metric_before_recovery"] == ref_rec["score_before"]
+    # every export is scored on dev and 64 unused training examples, and chosen by that; dev alone beside it
+    parts = ref_info["metric"]["parts"]
+    assert parts["unused training"]["num_examples"] == 64 and ref_info["metric"]["num_examples"] == 64 + parts["dev"][
+        "num_examples"] and ref["metric_dev"] == parts["dev"]["score"] and ref_info["metric"]["selection"]["asked"] == 64
+    assert all(p["metric_dev"] is not None for p in manifest["points"])
     # no useless point: without an accuracy limit each shipped one keeps half the unpruned model's margin over a
     # constant prediction (the validation labels' majority class)
     sensible = ref["metric_constant"] + 0.5 * (ref["metric"] - ref["metric_constant"])

@@ -448,3 +448,37 @@ def test_a_run_tokenizes_each_selection_once(run):
     b = run.encoded("validation")
     assert "index" not in b and b["input_ids"] is a["input_ids"]
     assert run.encoded("validation", max_samples=3)["input_ids"].shape[0] == 3
+
+
+def test_the_export_chooses_on_dev_and_training_examples_nothing_trained_on(run):
+    """toolchain.heldout: dev first, then unused training examples (neither the super-network's training subset nor
+    the recovery's texts), at least as long as dev's shorter quarter; each part scored on its own."""
+    from toolchain.heldout import DEV, UNUSED, selection_data, selection_metric, words
+    from toolchain.ship.verify import _score, predict_torch
+
+    settings = RecoverSettings(samples=100, seed=0)
+    data, info = selection_data(run, settings, 50, seed=0)
+    dev = run.data.load("validation")
+    extra = data.texts[len(dev):]
+    assert data.texts[:len(dev)] == dev.texts and 0 < len(extra) <= 50
+    assert info["parts"] == {DEV: [0, len(dev)], UNUSED: [len(dev), len(data)]}
+    assert not set(extra) & (set(run.data.load("train").texts) | set(recovery_data(run, settings).texts))
+    assert min(words(t) for t in extra) >= info["min_words"] > 0
+    assert selection_data(run, settings, 50, seed=0)[0].texts == data.texts  # the same draw again
+    assert selection_data(run, settings, 0, seed=0)[1]["parts"] == {DEV: [0, len(dev)]}
+    # a recovery on the whole training split leaves nothing unused: dev alone
+    assert selection_data(run, RecoverSettings(samples=None), 50, seed=0)[0].texts == dev.texts
+
+    scored = selection_metric(run, settings, 50, seed=0)
+    right = np.eye(2)[scored.labels]
+    right[len(dev):] = right[len(dev):, ::-1]  # wrong on every selection example
+    metric = _score(scored, right)
+    assert metric["parts"] == {DEV: {"score": 1.0, "num_examples": len(dev)},
+                               UNUSED: {"score": 0.0, "num_examples": len(extra)}}
+    assert metric["score"] == pytest.approx(len(dev) / len(scored))
+    assert metric["selection"] == {"asked": 50, "seed": 0, "min_words": info["min_words"]}
+    # batched by length, returned in the rows' order
+    model = run.supernet.model.eval()
+    batched = predict_torch(model, scored.inputs, batch_size=8)
+    one = predict_torch(model, {k: v[5:6] for k, v in scored.inputs.items()}, batch_size=1)
+    np.testing.assert_allclose(batched[5:6], one, atol=1e-4)

@@ -232,7 +232,7 @@ def _recover_options(args) -> dict:
     drop = parse_points(args.max_accuracy_drop) if args.max_accuracy_drop is not None else None
     return {"recover": not args.no_recover, "recover_samples": args.recover_samples, "max_accuracy_drop": drop,
             "min_metric": args.min_metric, "uniform_twin": not args.no_uniform_twin,
-            "fisher_twin": not args.no_fisher_twin}
+            "fisher_twin": not args.no_fisher_twin, "selection_samples": args.selection_samples}
 
 
 def _compile_options(args) -> CompileOptions:
@@ -363,6 +363,9 @@ def add_recover_options(p: argparse.ArgumentParser) -> None:
                         "0.01) below the unpruned model's, measured the same way, e.g. 1pt")
     g.add_argument("--min-metric", type=float, default=None, metavar="VALUE",
                    help="ship only points whose metric on the exported model reaches VALUE (e.g. 0.85)")
+    g.add_argument("--selection-samples", type=int, default=None, metavar="N",
+                   help="unused labelled training examples every exported model is scored on besides dev, to choose "
+                        "by (default: preset; quick 500, default 2000, paper 5000; 0: dev alone)")
     g = p.add_argument_group("recovery (distil each exported point from the full network)")
     g.add_argument("--no-recover", action="store_true",
                    help="export points with the super-network's shared weights, without recovery")

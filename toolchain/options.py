@@ -27,13 +27,13 @@ PRESETS: dict[str, dict] = {
     # worse: benchmarks/bench_calibration_size.py)
     "quick": dict(max_train_samples=1500, epochs=1.0, n_evals=60, pop_size=12, search_eval_samples=200, n_export=2,
                   unit_step=384, calibration_samples=8, validation_samples=8, rfp_samples=256,
-                  recover_samples=3000),
+                  recover_samples=3000, selection_samples=500),
     "default": dict(max_train_samples=6000, epochs=1.0, n_evals=200, pop_size=20, search_eval_samples=400, n_export=4,
                     unit_step=128, calibration_samples=10, validation_samples=10, rfp_samples=512,
-                    recover_samples=12000),
+                    recover_samples=12000, selection_samples=2000),
     "paper": dict(max_train_samples=None, epochs=5.0, n_evals=1000, pop_size=50, search_eval_samples=None, n_export=5,
                   unit_step=64, calibration_samples=30, validation_samples=30, rfp_samples=2048,
-                  recover_samples=None),
+                  recover_samples=None, selection_samples=5000),
 }
 
 
@@ -83,6 +83,8 @@ class CompileOptions:
     min_metric: float | None = None  # the task metric every shipped point must reach (e.g. 0.85 accuracy)
     recover: bool = True  # distil every exported point from the full network first (toolchain.recover)
     recover_samples: int | None = None  # training texts for recovery (preset; the preset "paper": all of them)
+    # unused training examples the export scores every model on besides dev, to choose by (toolchain.heldout; 0: dev)
+    selection_samples: int | None = None
     # recover each point's uniform twin too and export the better of the two (toolchain.twins)
     uniform_twin: bool = True
     # and its Fisher twin (retraining-free pruning's mask at the point's latency, gradients on rfp_samples texts)
@@ -105,6 +107,8 @@ class CompileOptions:
         if self.latency_confidence is not None and not 0 < self.latency_confidence < 1:
             raise CompileError(f"--latency-confidence must be between 0 and 1 (e.g. 0.95), got "
                                f"{self.latency_confidence:g}")
+        if self.selection_samples is not None and self.selection_samples < 0:
+            raise CompileError(f"--selection-samples must be 0 or more, got {self.selection_samples}")
         if self.search_dtype not in DTYPES:
             raise CompileError(f"search dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got "
                                f"{self.search_dtype!r}")

@@ -36,6 +36,7 @@ from targets import Target, load_target
 from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, SearchObjective, resolve_dtype
+from toolchain.heldout import selection_metric
 from toolchain.latency_settings import REPORT_LENGTHS, confidence_note, export_reference
 from toolchain.options import CompileError, CompileOptions, InfeasibleError
 from toolchain.recover import recover_point, recovery_summary
@@ -54,7 +55,6 @@ from toolchain.ship.report import write_report
 from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, Selection, bisect_fastest, closest_by_metric,
                                       export_order, fastest_first, keep_non_dominated, select_and_export,
                                       SENSIBLE_REASON, sensible_floor)
-from toolchain.ship.verify import MetricData
 from toolchain.training import TrainConfig
 from toolchain.twins import TwinChooser
 
@@ -310,8 +310,8 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         return export_point(supernet, subnet, *args, extra={**(extra or {}), "recovery": recovery_summary(point)},
                             sliced_weights=point.model, **kwargs)
 
-    # scored at the run's max_length, whatever length latency is measured at (the target's)
-    validation = MetricData.from_dataset(run.data.load("validation"), run.tokenizer, run.data.max_length)
+    # scored on dev and unused training examples (toolchain.heldout), at the run's max_length whatever the length
+    validation = selection_metric(run, settings if recover else None, opts.budget("selection_samples"), opts.seed)
     n = opts.budget("n_export")
     common = dict(precision=precision, target=target, metric_data=validation, lengths=REPORT_LENGTHS)
     # the unpruned model first, exported and measured the same way: the reference for speed-ups and accuracy limits,
@@ -326,7 +326,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                 "measured_latency_drift_corrected_ms": ref.measured_latency_drift_corrected_ms,
                 "predicted_latency_ms": table.predict_latency(full), "measured_memory_mb": ref.measured_memory_mb,
                 "metric": (ref.metric or {}).get("score"),
-                "metric_before_recovery": ref.metric_before_recovery,
+                "metric_before_recovery": ref.metric_before_recovery, "metric_dev": ref.metric_dev,
                 "path": str(ref.path.relative_to(folder))}
     floor = opts.metric_floor(unpruned["metric"])
     unpruned["metric_floor"] = floor

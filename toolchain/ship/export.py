@@ -91,11 +91,24 @@ class ExportResult:
     def metric_before_recovery(self) -> float | None:
         return metric_before_recovery(self.info)
 
+    @property
+    def metric_dev(self) -> float | None:
+        return metric_dev(self.info)
+
 
 def metric_before_recovery(info: dict) -> float | None:
     """The shared-weight score before recovery (:mod:`toolchain.recover`) that ``nasprune.json`` records; None for a
     point that was not recovered."""
     return ((info.get("extra") or {}).get("recovery") or {}).get("score_before")
+
+
+def metric_dev(info: dict) -> float | None:
+    """The exported model's metric on dev alone: its part ``dev`` when it was scored on dev and unused training
+    examples too (:mod:`toolchain.heldout`), else its metric."""
+    metric = info.get("metric")
+    if not isinstance(metric, dict):
+        return metric
+    return ((metric.get("parts") or {}).get("dev") or {}).get("score", metric.get("score"))
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from toolchain.ship.export import ExportResult, metric_before_recovery
+from toolchain.ship.export import ExportResult, metric_before_recovery, metric_dev
 from toolchain.ship.jsonfile import versions, write_json_atomic
 from toolchain.ship.selection import Selection
 
@@ -45,6 +45,8 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         "measured_memory_mb": meas.get("memory_mb"),
         "metric": metric.get("score") if isinstance(metric, dict) else metric,
         "metric_name": metric.get("name") if isinstance(metric, dict) else None,
+        # the metric above is on dev and unused training examples (toolchain.heldout); this one on dev alone
+        "metric_dev": metric_dev(info),
         # the shared-weight score before recovery (toolchain.recover), on the same validation set
         "metric_before_recovery": metric_before_recovery(info),
         "feasible": bool(info.get("feasible", True) if feasible is None else feasible),
@@ -131,9 +133,9 @@ def manifest_lines(manifest: dict) -> list[str]:
     exported point, and what the table's columns and markers mean."""
     unpruned = manifest["settings"].get("unpruned") or {}
     rows = [("unpruned", *(unpruned.get(k) for k in ("parameters", "predicted_latency_ms", "measured_latency_ms",
-             "measured_memory_mb", "metric_before_recovery", "metric", "path")))]
+             "measured_memory_mb", "metric_before_recovery", "metric_dev", "metric", "path")))]
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
-              p.get("metric_before_recovery"), p["metric"],
+              p.get("metric_before_recovery"), p.get("metric_dev", p["metric"]), p["metric"],
               p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
               + ("" if p.get("measured_on_target", True) else "  (not measured on the target)")
               + (f"  (machine disturbed: judged at {p['measured_latency_drift_corrected_ms']:.2f} ms drift-corrected)"
@@ -141,15 +143,19 @@ def manifest_lines(manifest: dict) -> list[str]:
              for p in manifest["points"]]
     w = max(16, *(len(r[0]) for r in rows))  # ids of other precisions end in -int8 / -fp16
     header = (f"{'point':<{w}} {'params':>8} {'pred ms':>8} {'meas ms':>8} {'mem MB':>7} {'before':>7} "
-              f"{'metric':>7}  path")
+              f"{'dev':>7} {'metric':>7}  path")
     lines = [header, "-" * len(header)]
-    for pid, params, pred, meas, mem, before, metric, path in rows:
+    for pid, params, pred, meas, mem, before, dev, metric, path in rows:
         shown = f"{before:>7.4f}" if before is not None else f"{'':>7}"
         pred = f"{pred:>8.2f}" if pred is not None else f"{'-':>8}"  # another precision than the table's
         lines.append(f"{pid:<{w}} {(params or 0) / 1e6:>7.2f}M {pred} {meas or 0:>8.2f} {mem or 0:>7.1f} "
-                     f"{shown} {metric or 0:>7.4f}  {path}")
+                     f"{shown} {dev if dev is not None else metric or 0:>7.4f} {metric or 0:>7.4f}  {path}")
     if any(r[5] is not None for r in rows):
-        lines.append("before: shared-weight metric before recovery; metric: the exported ONNX model's, after it")
+        lines.append("before: shared-weight metric on dev before recovery; dev: the exported ONNX model's on dev, "
+                     "after it")
+    if any(r[6] is not None and r[6] != r[7] for r in rows):
+        lines.append("metric: the exported ONNX model's on dev and unused training examples, what the shipped "
+                     "points were chosen by (nasprune.json: metric.parts)")
     twins = {(t[t["chosen"]], t["point"]): t for p in manifest["points"]
              if (t := p.get("uniform_twin") or {}).get("chosen") in TWINS}
     for (twin, point), t in twins.items():

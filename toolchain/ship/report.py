@@ -81,7 +81,7 @@ def html_report(path: str | Path, *, title: str, png: Path, settings: dict, ship
     img = base64.b64encode(Path(png).read_bytes()).decode()
     cols = ["point", "precision", "parameters", "predicted latency (ms)", "measured latency (ms)",
             "drift-corrected (ms)", "measured at other lengths (tokens: ms)", "memory (MB)", "metric before recovery",
-            "metric", "origin", "path", "not shipped because"]
+            "dev metric", "metric", "origin", "path", "not shipped because"]
 
     def table(rows):
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -120,7 +120,7 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
     for res in selection.shipped:
         info = res.info
         lat = res.measured_latency_ms
-        score = (res.metric or {}).get("score")
+        score = res.metric_dev  # on dev, as the search's points
         pred = (info.get("predicted") or {})
         # exported points are placed at what they measured (predicted where nothing was: not measured here)
         shipped_pts.append({x_axis: (lat or pred.get("latency_ms")) if x_axis == "latency" else
@@ -140,7 +140,7 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
     else:
         unpruned_pt = {"latency": unpruned.get("measured_latency_ms") or unpruned["predicted_latency_ms"],
                        "memory": None, "params": unpruned["parameters"],
-                       "error": 1 - unpruned["metric"],
+                       "error": 1 - unpruned.get("metric_dev", unpruned["metric"]),
                        "label": _exported("unpruned model", unpruned.get("metric_before_recovery") is not None)}
         if x_axis == "memory":
             unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
@@ -156,11 +156,14 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         f"(normalised by the unpruned network; reference point {result.reference_point}).",
         f"Accuracy on the plot: validation subsample during search; shipped points: full validation set "
         f"measured on the exported ONNX model (after recovery, where the 'metric before recovery' column is "
-        f"filled: the shared-weight metric of the same sub-network before it was distilled from the full network).",
+        f"filled: the shared-weight metric of the same sub-network before it was distilled from the full network). "
+        f"'metric': on the validation set and unused training examples where 'dev metric' differs from it; the "
+        f"shipped points are chosen by it (toolchain.heldout).",
         f"Unpruned model: {unpruned['parameters'] / 1e6:.2f}M parameters, {unpruned['measured_latency_ms']:.2f} ms "
         f"measured, metric {_fmt(unpruned['metric'])}"
-        + (f" ({_fmt(unpruned['metric_before_recovery'])} before recovery)."
-           if unpruned.get("metric_before_recovery") is not None else "."),
+        + (f" ({_fmt(unpruned['metric_before_recovery'])} before recovery)"
+           if unpruned.get("metric_before_recovery") is not None else "")
+        + f", on dev alone {_fmt(unpruned.get('metric_dev'))}.",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ]
     html_report(folder / "report.html", title=f"nasprune report: {settings['task']} on {settings['target']}",
@@ -197,5 +200,6 @@ def _row(res: ExportResult, folder: Path, full) -> dict:
             "metric before recovery": f"{before:.4f}" if before is not None else "",
             "not shipped because": res.info.get("infeasible_reason") or "",
             "metric": f"{score:.4f}" if score is not None else "",
+            "dev metric": f"{res.metric_dev:.4f}" if res.metric_dev is not None else "",
             "path": str(Path(res.path).resolve().relative_to(folder.resolve())) if folder in Path(res.path).parents
             else str(res.path)}

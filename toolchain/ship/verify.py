@@ -188,20 +188,30 @@ def as_metric_data(obj, tokenizer, max_length: int) -> MetricData | None:
 
 
 def _batches(inputs: dict[str, np.ndarray], batch_size: int):
-    """Row batches, each trimmed to the columns its attention mask uses (dynamic padding, left or right)."""
+    """``(rows, batch)``: batches of rows of similar length (sorted by their attention masks, so they pad little),
+    each trimmed to the columns its attention mask uses (dynamic padding, left or right)."""
     mask = np.asarray(inputs["attention_mask"])
     n, seq = mask.shape
+    order = np.argsort(mask.sum(axis=1), kind="stable")
     for start in range(0, n, batch_size):
-        rows = slice(start, start + batch_size)
+        rows = order[start:start + batch_size]
         used = np.flatnonzero(mask[rows].any(axis=0))
         cols = slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 1)
-        yield {k: np.asarray(v)[rows][:, cols] for k, v in inputs.items() if np.ndim(v) == 2 and np.shape(v)[1] == seq}
+        yield rows, {k: np.asarray(v)[rows][:, cols] for k, v in inputs.items()
+                     if np.ndim(v) == 2 and np.shape(v)[1] == seq}
+
+
+def _in_order(parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Per-batch outputs ``(rows, values)`` put back in the rows' order."""
+    rows = np.concatenate([r for r, _ in parts])
+    out = np.concatenate([v for _, v in parts], axis=0)
+    return out[np.argsort(rows)]
 
 
 def predict_onnx(session, inputs: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
-    """Logits of the ONNX model for all rows of ``inputs`` (batched, padded)."""
-    outs = [session.run(["logits"], feed_for(session, b))[0] for b in _batches(inputs, batch_size)]
-    return np.concatenate(outs, axis=0)
+    """Logits of the ONNX model for all rows of ``inputs`` (batched by length, padded), in their order."""
+    return _in_order([(rows, session.run(["logits"], feed_for(session, b))[0])
+                      for rows, b in _batches(inputs, batch_size)])
 
 
 @torch.no_grad()
@@ -209,10 +219,10 @@ def predict_torch(model, inputs: dict[str, np.ndarray], batch_size: int = 32) ->
     model.eval()
     names = set(_torch_input_names(model))
     outs = []
-    for b in _batches(inputs, batch_size):
+    for rows, b in _batches(inputs, batch_size):
         kw = {k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items() if k in names}
-        outs.append(model(**kw).logits.float().numpy())
-    return np.concatenate(outs, axis=0)
+        outs.append((rows, model(**kw).logits.float().numpy()))
+    return _in_order(outs)
 
 
 def _torch_input_names(model) -> list[str]:
@@ -222,9 +232,16 @@ def _torch_input_names(model) -> list[str]:
 
 
 def _score(metric_data: MetricData, preds: np.ndarray) -> dict:
+    """The metric of ``preds``; with parts (``metric_data.extra["selection"]``,
+    :func:`toolchain.heldout.selection_data`) each part's too, in ``parts``, and the draw in ``selection``."""
     out = {k: float(v) for k, v in metric_data.metric(preds, metric_data.labels).items()}
     out["num_examples"] = int(len(metric_data))
     out["name"] = metric_data.name
+    selection = metric_data.extra.get("selection")
+    if selection:
+        out["parts"] = {name: {"score": float(metric_data.metric(preds[a:b], metric_data.labels[a:b])["score"]),
+                               "num_examples": b - a} for name, (a, b) in selection["parts"].items()}
+        out["selection"] = {k: v for k, v in selection.items() if k != "parts"}
     return out
 
 
