@@ -16,7 +16,8 @@ import torch
 
 from toolchain.ship.export import ExportResult, export_point
 from toolchain.ship.manifest import load_export_info, manifest_lines, write_manifest
-from toolchain.ship.selection import Candidate, bisect_fastest, export_order, select_and_export
+from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, bisect_fastest, export_order, fastest_first, front_floor,
+                                      select_and_export)
 from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
 from toolchain.core.search_space import fixed_parameters, make_space
 from toolchain.core.subnetwork import SubNetwork
@@ -467,6 +468,18 @@ def test_bisect_fastest_finds_the_fastest_point_within_a_limit_in_log_tries():
     assert list(bisect_fastest(items, lambda i: False)) == [9, 14, 17, 18, 19]  # none passes: stops at the slowest
     assert list(bisect_fastest(items, lambda i: True)) == [9, 4, 1, 0, 2, 3] + list(range(5, 9)) + list(range(10, 20))
     assert list(bisect_fastest([], passed)) == []
+
+
+def test_an_accuracy_limit_on_the_exports_metric_is_carried_to_the_fronts_dev_scores():
+    """The limit is on what exports are scored on (dev and unused training examples), where the unpruned model reads
+    0.8884 against 0.8681 on dev alone: the front (shared-weight dev scores) is tried from the same distance below
+    the unpruned model's dev score, less what recovery may add."""
+    floor = 0.8884 - 0.01  # --max-accuracy-drop 1pt
+    assert front_floor(floor, 0.8884, 0.8681) == pytest.approx(0.8681 - 0.01 - RECOVERY_GAIN)
+    assert front_floor(floor, 0.8884, None) == pytest.approx(floor - RECOVERY_GAIN)  # dev alone: no shift
+    front = [{"score": 0.76, "latency": 2.0}, {"score": 0.775, "latency": 1.0}, {"score": 0.85, "latency": 5.0}]
+    assert [r["latency"] for r in fastest_first(front, front_floor(floor, 0.8884, 0.8681))] == [1.0, 2.0, 5.0]
+    assert [r["latency"] for r in fastest_first(front, floor - RECOVERY_GAIN)] == [5.0]  # the limit unshifted
 
 
 def test_export_order_picks_what_a_user_would_then_falls_back_by_metric():

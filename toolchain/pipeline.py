@@ -53,7 +53,7 @@ from toolchain.ship.manifest import write_manifest
 from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
 from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, Selection, bisect_fastest, closest_by_metric,
-                                      export_order, fastest_first, keep_non_dominated, select_and_export,
+                                      export_order, fastest_first, front_floor, keep_non_dominated, select_and_export,
                                       SENSIBLE_REASON, sensible_floor)
 from toolchain.training import TrainConfig
 from toolchain.twins import TwinChooser
@@ -328,11 +328,11 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                 "metric": (ref.metric or {}).get("score"),
                 "metric_before_recovery": ref.metric_before_recovery, "metric_dev": ref.metric_dev,
                 "path": str(ref.path.relative_to(folder))}
-    floor = opts.metric_floor(unpruned["metric"])
+    floor, ref_metric, ref_dev = opts.metric_floor(unpruned["metric"]), unpruned["metric"], unpruned["metric_dev"]
     unpruned["metric_floor"] = floor
     unpruned["metric_constant"] = constant = validation.constant_score()  # no limit: ship no useless point
     unpruned["metric_sensible"] = sensible = None if floor is not None else sensible_floor(unpruned["metric"], constant)
-    order = export_order(front, n) if floor is None else fastest_first(front, floor - RECOVERY_GAIN)
+    order = export_order(front, n) if floor is None else fastest_first(front, front_floor(floor, ref_metric, ref_dev))
     if not order:  # (under an accuracy limit)
         raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
                               f"{floor:.4f} before recovery; closest: {closest_by_metric(front)}")

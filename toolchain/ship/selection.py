@@ -327,6 +327,15 @@ def bisect_fastest(items: list, passed: Callable[[object], bool]) -> Iterator:
 RECOVERY_GAIN = 0.1
 
 
+def front_floor(floor: float, metric: float | None, metric_dev: float | None) -> float:
+    """The least shared-weight dev score (the front's) of a point worth trying under the accuracy limit ``floor``:
+    ``floor`` is on what the exports are scored on (dev and unused training examples, toolchain.heldout), where the
+    unpruned model reads ``metric`` against ``metric_dev`` on dev alone; the same distance below it on dev, less
+    :data:`RECOVERY_GAIN`."""
+    shift = metric - metric_dev if metric is not None and metric_dev is not None else 0.0
+    return floor - shift - RECOVERY_GAIN
+
+
 def fastest_first(front: list[dict], min_score: float) -> list[dict]:
     """Under an accuracy limit: the points of the front whose shared-weight ``score`` is at least ``min_score``
     (those recovery may lift over the limit), fastest first."""
