@@ -22,8 +22,8 @@ from toolchain.ship.verify import MetricData
 
 #: names of the parts of :func:`selection_data` (``metric["parts"]`` of an exported point)
 DEV, UNUSED = "dev", "unused training"
-#: the selection examples are at least as long (words) as this quantile of the dev texts: SST-2's training split is
-#: mostly short phrases (median 7 words, dev sentences 19), on which every model scores alike
+#: the selection examples are at least as long (words) as this quantile of the dev texts, so that they are more like
+#: dev: SST-2's training split is mostly short phrases (median 7 words; dev sentences 19)
 MIN_WORDS_QUANTILE = 25
 #: the random stream of the selection's draw (:func:`unused_training`), apart from the benchmarks' draws
 SELECTION_STREAM = 19
