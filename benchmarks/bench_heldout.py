@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import docs_arguments, machine, markdown_table, publish, section_name  # noqa: E402
-from toolchain.heldout import selection_examples, unused_training  # noqa: E402
+from toolchain.heldout import selection_examples, unused_training, words  # noqa: E402
 
 
 def held_out(out: Path, n: int, seed: int, min_words: int = 0):
@@ -137,8 +137,8 @@ def score_compile(out: Path, n: int, seed: int, min_words: int = 0, rejected: bo
                        "dev_loss": dev - ref["dev"], "chosen_loss": p["metric"] - ref["chosen"], "held": score,
                        "held_loss": score - ref_score,
                        "interval": paired_interval(metric_name, ref_logits, logits, held.labels, seed)})
-    lengths = [len(" ".join(t).split()) for t in held.texts]
-    dev_lengths = [len(" ".join(t).split()) for t in data.load("validation").texts]
+    lengths = [words(t) for t in held.texts]
+    dev_lengths = [words(t) for t in data.load("validation").texts]
     about = {"task": data.task or data.train_file, "metric": metric_name, "unseen": n_unseen, "n": len(held),
              "words": float(np.median(lengths)), "dev_words": float(np.median(dev_lengths))}
     return scored, about

@@ -135,7 +135,7 @@ def manifest_lines(manifest: dict) -> list[str]:
     rows = [("unpruned", *(unpruned.get(k) for k in ("parameters", "predicted_latency_ms", "measured_latency_ms",
              "measured_memory_mb", "metric_before_recovery", "metric_dev", "metric", "path")))]
     rows += [(p["id"], p["parameters"], p["predicted_latency_ms"], p["measured_latency_ms"], p["measured_memory_mb"],
-              p.get("metric_before_recovery"), p.get("metric_dev", p["metric"]), p["metric"],
+              p.get("metric_before_recovery"), p.get("metric_dev"), p["metric"],
               p["path"] + ("" if p["feasible"] else f"  (not shipped: {p.get('infeasible_reason') or 'over budget'})")
               + ("" if p.get("measured_on_target", True) else "  (not measured on the target)")
               + (f"  (machine disturbed: judged at {p['measured_latency_drift_corrected_ms']:.2f} ms drift-corrected)"

@@ -140,7 +140,7 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
     else:
         unpruned_pt = {"latency": unpruned.get("measured_latency_ms") or unpruned["predicted_latency_ms"],
                        "memory": None, "params": unpruned["parameters"],
-                       "error": 1 - unpruned.get("metric_dev", unpruned["metric"]),
+                       "error": 1 - unpruned["metric_dev"],
                        "label": _exported("unpruned model", unpruned.get("metric_before_recovery") is not None)}
         if x_axis == "memory":
             unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
