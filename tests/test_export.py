@@ -169,11 +169,16 @@ def test_cpu_graphs_keep_residual_sums_that_onnx_runtime_leaves_unfused(tmp_path
 def test_int8_export_reports_delta_and_metric_change(tmp_path, tokenizer):
     model = _model(tokenizer, "bert")
     sub = SubNetwork(heads=(4, 2, 0), units=(48, 24, 12))
-    res = export_point(model, sub, tokenizer, tmp_path / "q", precision="int8",
-                       metric_data=_metric_data(tokenizer), seq_len=32, **FAST)
+    data = _metric_data(tokenizer)
+    data.extra["selection"] = {"parts": {"dev": [0, 3], "unused training": [3, 5]}}
+    res = export_point(model, sub, tokenizer, tmp_path / "q", precision="int8", metric_data=data, seq_len=32, **FAST)
     v = res.info["verification"]
     assert v["enforced"] is False and v["tolerance"] is None and v["max_abs_logit_delta"] >= 0
-    assert "metric_delta" in v and "torch_metric" in v
+    # the ONNX model is scored on every row (and each part); the torch comparison on the first part (dev) only
+    metric = res.info["metric"]
+    assert metric["num_examples"] == 5 and metric["parts"]["dev"]["num_examples"] == 3
+    assert v["torch_metric"]["num_examples"] == 3 and "parts" not in v["torch_metric"]
+    assert v["metric_delta"] == metric["parts"]["dev"]["score"] - v["torch_metric"]["score"]
     ops = res.info["onnx"]["graph_ops"]
     assert ops.get("QAttention", 0) + ops.get("Attention", 0) == 2 and res.attention_fused_ok
     assert ops.get("MatMulInteger", 0) > 0

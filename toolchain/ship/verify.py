@@ -18,7 +18,7 @@ factory are :func:`targets.session.open_session`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,6 +165,16 @@ class MetricData:
             metric=lambda p, y: data.compute_metrics(spec, p, y), name=spec.metric, source=str(dataset.source),
         )
 
+
+    def first_part(self) -> tuple["MetricData", tuple[int, int]]:
+        """The rows of the first of ``extra["selection"]["parts"]`` (dev: :func:`toolchain.heldout.selection_data`)
+        and their ``[start, stop)``; without parts, all rows."""
+        parts = (self.extra.get("selection") or {}).get("parts") or {}
+        if not parts:
+            return self, (0, len(self))
+        a, b = next(iter(parts.values()))
+        return replace(self, inputs={k: np.asarray(v)[a:b] for k, v in self.inputs.items()}, labels=self.labels[a:b],
+                       extra={}), (int(a), int(b))
 
     def constant_score(self) -> float:
         """The main metric of a model that ignores its input, on these labels: scikit-learn's ``DummyClassifier``
@@ -404,8 +414,9 @@ def verify_onnx(session, model, tokenizer, *, precision: str = "fp32", seq_len: 
     """Compare the ONNX model (``session``) with the sliced torch ``model``.
 
     fp32: max |delta| over all verification batches must be <= ``tolerance`` (raises :class:`VerificationError`).
-    int8 / fp16: the delta is reported, not enforced; with ``metric_data`` the torch metric is computed too and the
-    change of the metric is reported (``metric_delta`` = ONNX - torch).
+    int8 / fp16: the delta is reported, not enforced; with ``metric_data`` the torch metric is computed too, on its
+    first part (dev, :meth:`MetricData.first_part`), and the change of the metric there (``metric_delta`` = ONNX -
+    torch).
     ``reference_model`` (the masked super-network, optional) is compared with ``model`` as well (torch vs torch).
     Returns a dict for ``nasprune.json["verification"]`` (+ ``"metric"`` when ``metric_data`` is given).
     """
@@ -423,12 +434,13 @@ def verify_onnx(session, model, tokenizer, *, precision: str = "fp32", seq_len: 
     if reference_model is not None:
         result["masked_vs_sliced_max_abs"] = _masked_vs_sliced(reference_model, model, batches)
     if metric_data is not None:
-        onnx_metric = evaluate_onnx(session, metric_data, eval_batch_size)
-        result["metric"] = onnx_metric
-        if precision != "fp32":
-            torch_metric = evaluate_torch(model, metric_data, eval_batch_size)
+        preds = predict_onnx(session, metric_data.inputs, eval_batch_size)
+        result["metric"] = _score(metric_data, preds)
+        if precision != "fp32":  # what the precision costs, on the first part (dev) only: a diagnostic
+            part, (a, b) = metric_data.first_part()
+            torch_metric = evaluate_torch(model, part, eval_batch_size)
             result["torch_metric"] = torch_metric
-            result["metric_delta"] = onnx_metric["score"] - torch_metric["score"]
+            result["metric_delta"] = _score(part, preds[a:b])["score"] - torch_metric["score"]
     passed = precision != "fp32" or worst <= tolerance
     result["passed"] = bool(passed)
     if not passed:
