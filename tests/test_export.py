@@ -434,6 +434,12 @@ def test_a_reading_taken_while_the_machine_was_busy_is_judged_drift_corrected(tm
     entry = next(e for e in json.loads(path.read_text())["points"] if e["feasible"])
     assert entry["judged_drift_corrected"] and entry["measured_latency_ms"] == 29.18
     assert "machine disturbed: judged at 9.23 ms drift-corrected" in "\n".join(manifest_lines(json.loads(path.read_text())))
+    # pareto.png places it at what it was judged by, and says so
+    from toolchain.ship.report import shipped_marker
+    marker = shipped_marker(sel.shipped[0], "latency", "fp32")
+    assert marker["latency"] == 9.23 and marker["label"] == "00: 9.2 ms measured (drift-corrected: machine disturbed)"
+    assert shipped_marker(quiet, "latency", "int8")["latency"] == 12.5  # a quiet reading: raw
+    assert shipped_marker(quiet, "latency", "int8")["label"] == "01: 12.5 ms measured (fp32)"
 
 
 def test_the_pareto_cut_judges_a_disturbed_reading_by_its_drift_corrected_latency(tmp_path):

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from toolchain.ship.export import ExportResult  # noqa: E402
-from toolchain.ship.selection import Selection  # noqa: E402
+from toolchain.ship.selection import Selection, judged_latency  # noqa: E402
 from toolchain.ship.manifest import TWINS, twin_comparison  # noqa: E402
 
 # candidates and front at the table's prediction; exported points (shipped, the unpruned star) at what they measured
@@ -118,19 +118,7 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
     records = result.records
     shipped_rows, shipped_pts = [], []
     for res in selection.shipped:
-        info = res.info
-        lat = res.measured_latency_ms
-        score = res.metric_dev  # on dev, as the search's points
-        pred = (info.get("predicted") or {})
-        # exported points are placed at what they measured (predicted where nothing was: not measured here)
-        shipped_pts.append({x_axis: (lat or pred.get("latency_ms")) if x_axis == "latency" else
-                            ((res.measured_memory_mb or pred.get("memory_mb")) if x_axis == "memory"
-                             else res.parameters),
-                            "error": 1 - score if score is not None else pred.get("error"),  # as shipped
-                            "id": (rank := res.point_id[:2]),
-                            "label": (f"{rank}: {lat:.1f} ms measured" if lat else rank)
-                            + ("" if info.get("precision") == settings.get("precision")
-                               else f" ({info.get('precision')})")})
+        shipped_pts.append(shipped_marker(res, x_axis, settings.get("precision")))
         shipped_rows.append(_row(res, folder, full))
     rejected_rows = [_row(r, folder, full) for r, _ in selection.rejected]
     # the unpruned model as exported (recovered when the shipped points beside it are), else its shared-weight score
@@ -158,7 +146,10 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         f"measured on the exported ONNX model (after recovery, where the 'metric before recovery' column is "
         f"filled: the shared-weight metric of the same sub-network before it was distilled from the full network). "
         f"'metric': on the validation set and unused training examples where 'dev metric' differs from it; the "
-        f"shipped points are chosen by it (toolchain.heldout).",
+        f"shipped points are chosen by it (toolchain.heldout), so on the plot's dev axis a shipped point can look "
+        f"dominated by another that it beats on that metric. Shipped points sit at their measured latency, "
+        f"drift-corrected where the unpruned network beside them read the machine disturbed (what they were judged "
+        f"by).",
         f"Unpruned model: {unpruned['parameters'] / 1e6:.2f}M parameters, {unpruned['measured_latency_ms']:.2f} ms "
         f"measured, metric {_fmt(unpruned['metric'])}"
         + (f" ({_fmt(unpruned['metric_before_recovery'])} before recovery)"
@@ -168,6 +159,23 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
     ]
     html_report(folder / "report.html", title=f"nasprune report: {settings['task']} on {settings['target']}",
                 png=png, settings=settings, shipped_rows=shipped_rows, rejected_rows=rejected_rows, notes=notes)
+
+
+def shipped_marker(res: ExportResult, x_axis: str, precision: str | None) -> dict:
+    """Where a shipped point sits on ``pareto.png``: at what it was judged by (:func:`judged_latency`: measured,
+    drift-corrected where the machine was disturbed during the reading; predicted where nothing was measured, not
+    on the target) and its dev metric (the scale of the search's points), with its legend line."""
+    info = res.info
+    lat = judged_latency(res)
+    score = res.metric_dev
+    pred = info.get("predicted") or {}
+    rank = res.point_id[:2]
+    label = (f"{rank}: {lat:.1f} ms measured" + (" (drift-corrected: machine disturbed)"
+                                                  if lat != res.measured_latency_ms else "") if lat else rank)
+    return {x_axis: (lat or pred.get("latency_ms")) if x_axis == "latency" else
+            ((res.measured_memory_mb or pred.get("memory_mb")) if x_axis == "memory" else res.parameters),
+            "error": 1 - score if score is not None else pred.get("error"), "id": rank,
+            "label": label + ("" if info.get("precision") == precision else f" ({info.get('precision')})")}
 
 
 def _fmt(metric: float | None) -> str:
