@@ -125,8 +125,8 @@ def held_out_errors(table, held, speed: float) -> list[float]:
     (the reference's undisturbed latency), as the compile compares."""
     from toolchain.core.subnetwork import SubNetwork
 
-    return [s["measured"] * speed / s["reference_ms"] / table.predict_latency(SubNetwork.from_dict(s["subnet"])) - 1
-            for s in held]
+    ratio = [s.get("ratio_to_reference", s["measured"] / s["reference_ms"]) for s in held]  # paired rounds, if kept
+    return [r * speed / table.predict_latency(SubNetwork.from_dict(s["subnet"])) - 1 for r, s in zip(ratio, held)]
 
 
 def section_name(name: str, section: str) -> str:

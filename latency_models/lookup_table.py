@@ -35,7 +35,7 @@ from scipy.interpolate import RegularGridInterpolator
 from latency_models.assemble import table_problem
 from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
-from targets.meter import drift_corrected, quiet_latency
+from targets.meter import drift_corrected, paired_drift_corrected, paired_ratio, quiet_latency
 from toolchain.core.subnetwork import SubNetwork
 from targets.session import same_device
 
@@ -306,19 +306,21 @@ class LatencyTable:
     def calibrate_from(self, rows) -> dict:
         """Fit ``measured = c * raw^2 + a * raw + b`` (latency; memory: ``a * raw + b``, :meth:`set_calibration`) on
         end-to-end ``rows``: ``(subnet, result)`` with ``latency_ms`` measured beside the unpruned network
-        (``reference_ms``) and ``memory_mb``. The latencies are drift-corrected to the reference's speed on the
-        machine undisturbed (:func:`targets.meter.quiet_latency`), which also anchors the top of the fit as the
+        (``reference_ms``) and ``memory_mb``. The latencies are drift-corrected (round by round:
+        :func:`targets.meter.paired_drift_corrected`) to the reference's speed on the machine undisturbed
+        (:func:`targets.meter.quiet_latency`), which also anchors the top of the fit as the
         unpruned network's own measurement, which counts as many samples as there are: it rests on the readings
         beside every sample (unweighted, a fit missed it by 3.5 %: ``benchmarks/bench_calibration_anchor.py``)."""
         refs = [r["reference_ms"] for _, r in rows]
         speed = quiet_latency(refs)  # the unpruned network's latency at calibration time, machine undisturbed
         full = self._unpruned()
         lat = self.set_calibration("latency", [self.raw_latency(s) for s, _ in rows] + [self.raw_latency(full)],
-                                   drift_corrected([r["latency_ms"] for _, r in rows], refs, speed) + [speed],
+                                   [paired_drift_corrected(r, speed) for _, r in rows] + [speed],
                                    degree=2, weights=[1.0] * len(rows) + [float(max(1, len(rows)))])
         lat["reference_ms"] = speed
         for sample, (s, r) in zip(lat["samples"], rows):
-            sample.update(subnet=s.to_dict(), measured_raw=r["latency_ms"], reference_ms=r["reference_ms"])
+            sample.update(subnet=s.to_dict(), measured_raw=r["latency_ms"], reference_ms=r["reference_ms"],
+                          ratio_to_reference=float(paired_ratio(r)))
         lat["samples"][-1].update(subnet=full.to_dict(), reference=True)
         mem = self.set_calibration("memory", [self.raw_memory(s) for s, _ in rows], [r["memory_mb"] for _, r in rows])
         for sample, (s, _) in zip(mem["samples"], rows):
@@ -340,14 +342,12 @@ class LatencyTable:
                                 for (s, _), a, b in zip(rows, p, m)]
             if kind == "latency":  # the same, with each measurement scaled to the calibration's machine speed
                 speed = (self.calibration.get("latency") or {}).get("reference_ms")
-                for sample, ref in zip(stats["samples"], refs):
-                    sample["reference_ms"] = float(ref)
-                for sample, (_, r) in zip(stats["samples"], rows):  # taken again: the machine was disturbed
-                    sample.update({k: r[k] for k in ("retaken", "disturbed_ms") if k in r})
+                for sample, (_, r) in zip(stats["samples"], rows):  # retaken: the machine was disturbed
+                    sample.update({k: r[k] for k in ("retaken", "disturbed_ms") if k in r},
+                                  reference_ms=float(r["reference_ms"]), ratio_to_reference=float(paired_ratio(r)))
                 if speed:
-                    stats["drift_corrected"] = error_stats(p, drift_corrected(m, refs, speed))
-                    stats["drift_corrected"]["method"] = ("measured x (unpruned latency at calibration / unpruned "
-                                                          "latency measured just before this sample)")
+                    stats["drift_corrected"] = error_stats(p, [paired_drift_corrected(r, speed) for _, r in rows])
+                    stats["drift_corrected"]["method"] = DRIFT_CORRECTED_METHOD
                 # relative errors per sample, drift-corrected: what an upper bound of a prediction is taken from
                 stats["residuals"], stats["residuals_method"] = residuals_of(stats["samples"], speed)
                 # the unpruned network itself: measured beside every sample, compared with its prediction
@@ -463,8 +463,9 @@ class LatencyTable:
         return "\n".join(lines)
 
 
-RESIDUALS_DRIFT_CORRECTED = ("measured x (unpruned latency at calibration / unpruned latency measured beside it) "
-                             "/ predicted - 1")
+DRIFT_CORRECTED_METHOD = ("unpruned latency at calibration x the median over the rounds of (measured / unpruned latency "
+                          "measured just before it): targets.meter.paired_drift_corrected")
+RESIDUALS_DRIFT_CORRECTED = f"({DRIFT_CORRECTED_METHOD}) / predicted - 1"
 RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
 
 
@@ -483,9 +484,9 @@ def residuals_of(samples: list[dict], speed_ms: float | None) -> tuple[list[floa
     ``reference_ms``), each measurement drift-corrected to the machine speed at which the unpruned network takes
     ``speed_ms`` (the calibration's) where the samples and ``speed_ms`` allow; and which of the two they are."""
     corrected = bool(speed_ms) and all(s.get("reference_ms") for s in samples)
-    measured = [s["measured"] for s in samples]
-    if corrected:
-        measured = drift_corrected(measured, [s["reference_ms"] for s in samples], speed_ms)
+    measured = [(speed_ms * s["ratio_to_reference"] if "ratio_to_reference" in s else  # paired, since stored
+                 drift_corrected([s["measured"]], [s["reference_ms"]], speed_ms)[0]) if corrected else s["measured"]
+                for s in samples]
     return ([float(m / s["predicted"] - 1.0) for m, s in zip(measured, samples)],
             RESIDUALS_DRIFT_CORRECTED if corrected else RESIDUALS_RAW)
 

@@ -79,8 +79,8 @@ def test_profile_writes_a_complete_table(setup, table):
     cal = data["calibration"]["latency"]
     assert cal["reference_ms"] > 0
     *samples, anchor = cal["samples"]
-    for sample in samples:
-        assert sample["measured"] == pytest.approx(sample["measured_raw"] * cal["reference_ms"] / sample["reference_ms"])
+    for sample in samples:  # round by round: each reading over the reference's just before it, their median
+        assert sample["measured"] == pytest.approx(sample["ratio_to_reference"] * cal["reference_ms"])
     assert anchor["reference"] and anchor["measured"] == cal["reference_ms"]
     assert anchor["weight"] == len(samples) and all("weight" not in x for x in samples)  # rests on every reading
     assert anchor["subnet"] == SubNetwork.full(3, 2, 16).to_dict()

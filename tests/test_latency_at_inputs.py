@@ -59,6 +59,15 @@ def test_rounds_alternate_with_the_reference_and_take_medians():
     alone = meter.measure_beside(lambda p: {"latency_ms": 2.0}, "pt", None, rounds=2)
     assert alone["reference_rounds_ms"] == alone["rounds_ms"] == [2.0, 2.0]
     assert meter.drift_corrected([5.0, 8.0], [10.0, 16.0], 12.0) == [6.0, 6.0]
+    # drift correction pairs each round with the reference read just before it: ratios 0.5, 0.583, 0.364
+    assert meter.paired_ratio(r) == 0.5 and meter.paired_drift_corrected(r, 12.0) == 6.0
+    # the first round disturbed (6.9 beside 10.6, then 6.8 and 6.4 beside 9.5): ratios 0.651, 0.716, 0.674; the
+    # ratio of the medians (6.8 / 9.5) pairs the point's disturbed-time reading with a quiet reference
+    noisy = {"latency_ms": 6.8, "rounds_ms": [6.9, 6.8, 6.4], "reference_ms": 9.5,
+             "reference_rounds_ms": [10.6, 9.5, 9.5]}
+    assert meter.paired_drift_corrected(noisy, 9.5) == pytest.approx(6.4)
+    assert meter.drift_corrected([6.8], [9.5], 9.5) == [pytest.approx(6.8)]
+    assert meter.paired_ratio({"latency_ms": 3.0, "reference_ms": 6.0}) == 0.5  # one reading each: their ratio
     assert calibration.measure_beside is meter.measure_beside and lookup_table.drift_corrected is meter.drift_corrected
 
 
@@ -139,7 +148,8 @@ def test_a_disturbed_export_measurement_is_taken_again(exported, target, tiny):
     assert m["reference"]["retaken"] == 1 and len(m["reference"]["disturbed_ms"]) == 1
     assert m["reference"]["disturbed"] is True  # still far from 1000 ms after the retake: recorded for the gate
     assert m["reference"]["latency_ms"] >= max(m["reference"]["disturbed_ms"])  # the closer to 1000 ms is kept
-    assert m["latency_drift_corrected_ms"] == pytest.approx(m["latency_ms"] * 1000.0 / m["reference"]["latency_ms"])
+    assert m["latency_drift_corrected_ms"] == pytest.approx(1000.0 * float(np.median(
+        np.divide(m["latency"]["rounds_ms"], m["reference"]["rounds_ms"]))))  # the kept take's rounds, paired
     quiet = measure_exported(point.path / "model.onnx", settings, vocab, reference=onnx_ref, memory=False,
                              measurement=runs, retakes=0)
     assert "retaken" not in quiet["reference"]
@@ -152,7 +162,7 @@ def test_export_measures_beside_the_unpruned_model(exported):
     assert len(rounds) == len(refs) == meter.E2E_ROUNDS and m["latency"]["reps"] == 3
     assert m["latency_ms"] == pytest.approx(float(np.median(rounds)))  # the raw figure stays the headline
     assert m["reference"]["latency_ms"] == pytest.approx(float(np.median(refs)))
-    assert m["latency_drift_corrected_ms"] == pytest.approx(m["latency_ms"] * speed / m["reference"]["latency_ms"])
+    assert m["latency_drift_corrected_ms"] == pytest.approx(speed * float(np.median(np.divide(rounds, refs))))
     assert m["reference"]["model"] == "unpruned" and m["reference"]["speed_ms"] == speed
     assert m["memory_mb"] > 0 and m["memory"]["peak_reset"] is True
     assert m["latency"]["measured_on"]["provider"] == "CPUExecutionProvider"
@@ -227,6 +237,7 @@ def test_tables_without_residuals_still_load_and_bound(caplog):
 def test_validation_stores_drift_corrected_residuals(tmp_path, target):
     """latency_models.calibration.validate: one residual per held-out sub-network, from its drift-corrected
     measurement; the saved table loads with them."""
+    from latency_models.lookup_table import residuals_of
     from latency_models.profile import profile
 
     cfg = tiny_config(hidden_size=32, num_attention_heads=2, intermediate_size=16, num_hidden_layers=2)
@@ -238,7 +249,11 @@ def test_validation_stores_drift_corrected_residuals(tmp_path, target):
     v = LatencyTable.load(tmp_path / "t.json").validation["latency"]
     speed = table.calibration["latency"]["reference_ms"]
     assert len(v["residuals"]) == 3 and "unpruned latency" in v["residuals_method"]
-    for r, s in zip(v["residuals"], v["samples"]):
+    for r, s in zip(v["residuals"], v["samples"]):  # drift-corrected round by round (targets.meter.paired_ratio)
+        assert r == pytest.approx(s["ratio_to_reference"] * speed / s["predicted"] - 1)
+    # a table validated before the rounds were paired (no ratio_to_reference) reads the ratio of the medians
+    old = [{k: v for k, v in s.items() if k != "ratio_to_reference"} for s in v["samples"]]
+    for r, s in zip(residuals_of(old, speed)[0], old):
         assert r == pytest.approx(s["measured"] * speed / s["reference_ms"] / s["predicted"] - 1)
 
 

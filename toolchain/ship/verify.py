@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from targets.meter import (E2E_ROUNDS, MEMORY_METHOD, disturbed, drift_corrected, measure_isolated,
+from targets.meter import (E2E_ROUNDS, MEMORY_METHOD, disturbed, measure_isolated, paired_drift_corrected,
                           time_session)
 from targets.session import device_fingerprint, open_session as open_target_session, physical_cores
 
@@ -339,7 +339,8 @@ def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, 
     """An exported model's figures for ``nasprune.json["measured"]``, all from one fresh interpreter running
     :func:`targets.meter.measure_point` (the meter of the latency tables): latency at the settings' length, in
     ``reference.rounds`` rounds alternating with the unpruned ``reference`` (one round without it), and its
-    drift-corrected figure (``latency_ms x speed_ms / the reference's median``, where ``speed_ms`` is known);
+    drift-corrected figure (``speed_ms`` x the median of the rounds' ratios to the reference read just before each,
+    :func:`targets.meter.paired_drift_corrected`, where ``speed_ms`` is known);
     latency at each of ``lengths`` (one round, beside the reference); memory (the first round's).
 
     A measurement whose reference read more than :data:`~targets.meter.QUIET_TOLERANCE` off ``speed_ms`` was taken
@@ -370,8 +371,7 @@ def measure_exported(onnx_path: str | Path, settings: dict, vocab_size: int, *, 
     if latency:
         out.update(latency_ms=r["latency_ms"], latency={k: r[k] for k in LATENCY_KEYS if k in r})
         if reference is not None:
-            out["latency_drift_corrected_ms"] = (drift_corrected([r["latency_ms"]], [r["reference_ms"]], speed)[0]
-                                                 if speed else None)
+            out["latency_drift_corrected_ms"] = paired_drift_corrected(r, speed) if speed else None
             out["reference"] = {"model": reference.name if reference.onnx else "itself",
                                 "latency_ms": r["reference_ms"], "rounds_ms": r["reference_rounds_ms"],
                                 "speed_ms": speed,
