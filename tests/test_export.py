@@ -440,6 +440,13 @@ def test_a_reading_taken_while_the_machine_was_busy_is_judged_drift_corrected(tm
     assert marker["latency"] == 9.23 and marker["label"] == "00: 9.2 ms measured (drift-corrected: machine disturbed)"
     assert shipped_marker(quiet, "latency", "int8")["latency"] == 12.5  # a quiet reading: raw
     assert shipped_marker(quiet, "latency", "int8")["label"] == "01: 12.5 ms measured (fp32)"
+    # and the unpruned model beside them: drift-corrected where its own reading was off the calibration's speed
+    from toolchain.ship.report import unpruned_marker
+    unpruned = {"measured_latency_ms": 11.49, "measured_latency_drift_corrected_ms": 9.83, "predicted_latency_ms": 9.8,
+                "parameters": 22_713_216, "metric_dev": 0.8681, "metric_before_recovery": 0.8475}
+    assert unpruned_marker(unpruned)["latency"] == 9.83 and "11.5 ms measured, drawn drift-corrected" in \
+        unpruned_marker(unpruned)["label"]
+    assert unpruned_marker({**unpruned, "measured_latency_ms": 10.0})["latency"] == 10.0  # within 5 %: as read
 
 
 def test_the_pareto_cut_judges_a_disturbed_reading_by_its_drift_corrected_latency(tmp_path):

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from targets.meter import disturbed  # noqa: E402
 from toolchain.ship.export import ExportResult  # noqa: E402
 from toolchain.ship.selection import Selection, judged_latency  # noqa: E402
 from toolchain.ship.manifest import TWINS, twin_comparison  # noqa: E402
@@ -126,10 +127,7 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         unpruned_pt = next(({**r, "label": "unpruned model (shared weights)"} for r in records
                             if r["subnet"] == full), None)
     else:
-        unpruned_pt = {"latency": unpruned.get("measured_latency_ms") or unpruned["predicted_latency_ms"],
-                       "memory": None, "params": unpruned["parameters"],
-                       "error": 1 - unpruned["metric_dev"],
-                       "label": _exported("unpruned model", unpruned.get("metric_before_recovery") is not None)}
+        unpruned_pt = unpruned_marker(unpruned)
         if x_axis == "memory":
             unpruned_pt = None if unpruned.get("measured_memory_mb") is None else \
                 {**unpruned_pt, "memory": unpruned["measured_memory_mb"]}
@@ -176,6 +174,18 @@ def shipped_marker(res: ExportResult, x_axis: str, precision: str | None) -> dic
             ((res.measured_memory_mb or pred.get("memory_mb")) if x_axis == "memory" else res.parameters),
             "error": 1 - score if score is not None else pred.get("error"), "id": rank,
             "label": label + ("" if info.get("precision") == precision else f" ({info.get('precision')})")}
+
+
+def unpruned_marker(unpruned: dict) -> dict:
+    """Where the exported unpruned model sits on ``pareto.png`` (``unpruned``: the export stage's figures of it): at
+    its measured latency, or drift-corrected where its own reading was off the calibration's speed
+    (:func:`targets.meter.disturbed`), as the shipped points beside it (:func:`shipped_marker`)."""
+    raw, corrected = unpruned.get("measured_latency_ms"), unpruned.get("measured_latency_drift_corrected_ms")
+    busy = bool(raw and corrected and disturbed(raw, corrected))
+    return {"latency": (corrected if busy else raw) or unpruned["predicted_latency_ms"], "memory": None,
+            "params": unpruned["parameters"], "error": 1 - unpruned["metric_dev"],
+            "label": _exported("unpruned model", unpruned.get("metric_before_recovery") is not None)
+            + (f": {raw:.1f} ms measured, drawn drift-corrected (machine disturbed)" if busy else "")}
 
 
 def _fmt(metric: float | None) -> str:
