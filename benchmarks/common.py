@@ -123,10 +123,11 @@ def refit_latency(table, samples: list[dict], weights: list[float]):
 def held_out_errors(table, held, speed: float) -> list[float]:
     """``table``'s relative error on each held-out validation sample, its measurement drift-corrected to ``speed``
     (the reference's undisturbed latency), as the compile compares."""
+    from latency_models.lookup_table import residuals_of
     from toolchain.core.subnetwork import SubNetwork
 
-    ratio = [s.get("ratio_to_reference", s["measured"] / s["reference_ms"]) for s in held]  # paired rounds, if kept
-    return [r * speed / table.predict_latency(SubNetwork.from_dict(s["subnet"])) - 1 for r, s in zip(ratio, held)]
+    return residuals_of([{**s, "predicted": table.predict_latency(SubNetwork.from_dict(s["subnet"]))} for s in held],
+                        speed)[0]
 
 
 def section_name(name: str, section: str) -> str:

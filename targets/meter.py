@@ -263,9 +263,7 @@ def paired_ratio(result: dict) -> float:
     rounds, refs = result.get("rounds_ms"), result.get("reference_rounds_ms")
     if not (rounds and refs and len(rounds) == len(refs)):
         rounds, refs = [result["latency_ms"]], [result["reference_ms"]]
-    ratios = sorted(m / r for m, r in zip(rounds, refs))
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return _median([m / r for m, r in zip(rounds, refs)])
 
 
 def paired_drift_corrected(result: dict, speed_ms: float) -> float:
