@@ -575,7 +575,7 @@ def get_table(args):
     from latency_models.lookup_table import LatencyTable
     from targets import load_target
     from toolchain.options import CompileOptions
-    from toolchain.pipeline import latency_table_for
+    from toolchain.tables import latency_table_for
     from toolchain.core.modeling import ModelDims, load_config
 
     _, config = load_config(None)

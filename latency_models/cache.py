@@ -86,11 +86,13 @@ def find_table(target: Target | str, precision: str | None, dims):
 def run_profile(target: str | Target, model: str | None = None, precision: str | None = None, out: str | None = None,
                 bundle: str | None = None, unit_step: int = 128, calibrate_samples: int = 16,
                 validate_samples: int = 16, resume: bool = True, progress: bool = True,
-                model_config=None, measurement: dict | None = None) -> Path:
+                model_config=None, measurement: dict | None = None, lengths: tuple[int, ...] | None = None) -> Path:
     """Profile ``model``'s blocks (default: all-MiniLM-L6-v2) on ``target`` (name or TOML path) at ``precision``
     (default: the target's first). Returns the table path, or the bundle folder when ``bundle`` is given.
     ``model_config`` (a transformers config) stands in for ``model`` where the model is not at hand;
-    ``measurement`` overrides the timing settings (repetitions, minimum time; see :mod:`targets.meter`)."""
+    ``measurement`` overrides the timing settings (repetitions, minimum time; see :mod:`targets.meter`);
+    ``lengths``: the sequence lengths covered besides the target's own (default: :func:`latency_models.profile.profile`'s;
+    ``()``: the target's length only)."""
     from toolchain.core.modeling import ModelDims, load_config
 
     from latency_models.bundle import write_bundle
@@ -107,7 +109,8 @@ def run_profile(target: str | Target, model: str | None = None, precision: str |
     out_path = Path(out) if out else default_table_path(t, precision, dims)
     table = profile(dims, t, precision, out_path, model_config=config, unit_step=unit_step, progress=progress,
                     resume=resume, calibrate_samples=calibrate_samples,
-                    validate_samples=validate_samples, measurement=measurement)
+                    validate_samples=validate_samples, measurement=measurement,
+                    **({} if lengths is None else {"lengths": tuple(lengths)}))
     if progress:
         print(table.summary())
     return Path(table.path)

@@ -82,7 +82,8 @@ def test_unsupported_architecture(tmp_path, capsys):
 def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_dir, capsys):
     out = env / "out"
     rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--max-latency", "50ms", "-o", str(out)])
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr()
+    printed = printed.out + printed.err
     assert rc == 0, printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_feasible"] >= 1
@@ -134,6 +135,13 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     assert [k for k in tried if k != full] and all(v == {"fp32", "int8"} for k, v in tried.items() if k != full)
     # --export 2 with the unpruned network shipping in int8: it is one of the two, so one sub-network is recovered
     assert tried[full] == {"int8"} and len(tried) == 2
+    # the search placed each candidate in its fastest precision, with an int8 table of its own (profiled at the
+    # target's length only), so every export carries a prediction of its own precision
+    settings = manifest["settings"]
+    assert settings["search_latency"] == "the fastest of fp32, int8"
+    int8_table = json.loads(Path(settings["search_latency_tables"]["int8"]).read_text())
+    assert int8_table["fingerprint"]["precision"] == "int8" and int8_table["validation"]
+    assert all(p["predicted_latency_ms"] is not None for p in manifest["points"])
     assert "<td>the unpruned network</td>" in (out / "report.html").read_text()  # its origin, not "search"
     # the search scored with bf16 autocast where this CPU has native bf16, in a store of its own
     from toolchain.evaluation import bf16_supported
@@ -179,7 +187,7 @@ def test_compile_with_retraining_free_pruning(env, tiny_model_dir, capsys):
     rc = compile_main(["--model", str(tiny_model_dir), *FAST, "--method", "rfp", "--rfp-samples", "32",
                        "--max-latency", "50ms", "-o", str(out)])
     printed = capsys.readouterr().out
-    assert rc == 0, printed
+    assert rc == 0, printed + capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["method"] == "rfp" and manifest["settings"]["strategy"] == "standard"
     saved = json.loads((out / "rfp.json").read_text())

@@ -276,6 +276,39 @@ def test_the_search_constrains_the_bound_and_optimises_the_prediction():
         CompileOptions(latency_confidence=95)
 
 
+def test_the_search_places_a_candidate_in_its_fastest_precision():
+    """With a table per precision (FastestPrecision) a candidate's latency is the fastest prediction, its memory
+    that precision's; a budget only the int8 export meets admits it; a confidence bound is the widest of the
+    tables' (so it holds whichever precision ships)."""
+    from latency_models.precisions import FastestPrecision
+    from toolchain.pipeline import cost_metrics
+    from toolchain.search.objectives import feasibility
+
+    fp32 = _table(residuals=[0.02] * 20)
+    int8 = _table_of(lambda h, u: 0.4 + 0.4 * h + u / 32, [0, 1], [0, 8])  # blocks 2-3x faster, a larger base
+    int8.data["base"] = {"latency_ms": 3.0, "memory_mb": 12.0, "weights_mb": 3.0}
+    int8.validation["latency"] = {"residuals": [0.08] * 20}
+    both = FastestPrecision({"fp32": fp32, "int8": int8})
+    space = make_space("medium", ModelDims("bert", 2, 1, 8, 8, 8, 100, 2))
+    big, empty = SubNetwork((1, 1), (8, 8)), SubNetwork((0, 0), (0, 0))
+    assert int8.predict_latency(big) < fp32.predict_latency(big) and both.precision_of(big) == "int8"
+    assert fp32.predict_latency(empty) < int8.predict_latency(empty) and both.precision_of(empty) == "fp32"
+    for sub in (big, empty):
+        p = both.precision_of(sub)
+        costs = cost_metrics(both, space, sub)
+        assert costs["latency"] == min(fp32.predict_latency(sub), int8.predict_latency(sub))
+        assert costs["memory"] == both.tables[p].predict_memory(sub)
+    budget = (fp32.predict_latency(big) + int8.predict_latency(big)) / 2  # int8 only
+    limit = CompileOptions(max_latency=budget).constraints(both)
+    assert not feasibility(cost_metrics(fp32, space, big), limit)["feasible"]
+    assert feasibility(cost_metrics(both, space, big), limit)["feasible"]
+    bound = both.latency_bound(0.9)
+    assert bound["precision"] == "int8" and bound["factor"] == pytest.approx(1.08)
+    assert bound["by_precision"] == {"fp32": pytest.approx(1.02), "int8": pytest.approx(1.08)}
+    assert CompileOptions(max_latency=10.0, latency_confidence=0.9).constraints(both)["latency"] == pytest.approx(
+        10.0 / 1.08)
+
+
 # -------------------------------------------------------------------------------------------- sequence length
 def test_sequence_length_values():
     assert parse_sequence_length(None) is None and parse_sequence_length("DATA") == "data"
@@ -455,7 +488,7 @@ def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeyp
     """``--sequence-length 48`` on a target profiled at 32 (covering 16 to 64): the target's own cached table, read
     at 48, no new profile; 100 (beyond it) would need a table of its own."""
     from latency_models.profile import profile
-    from toolchain.pipeline import latency_table_for
+    from toolchain.tables import latency_table_for
 
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))
     cfg = tiny_config(num_attention_heads=2, intermediate_size=16, max_position_embeddings=80)

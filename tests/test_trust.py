@@ -341,7 +341,8 @@ def test_a_damaged_cached_table_names_the_file_to_delete(compiled, env, monkeypa
     from latency_models.cache import default_table_path
     from latency_models.lookup_table import TableError
     from toolchain.options import CompileOptions
-    from toolchain.pipeline import latency_table_for, load_run
+    from toolchain.pipeline import load_run
+    from toolchain.tables import latency_table_for
 
     run = load_run(compiled)
     cache = env / "cache"

@@ -29,9 +29,7 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-from latency_models.cache import cache_root, check_graph_form, default_table_path, run_profile, run_profiles
-from latency_models.grid import table_lengths
-from latency_models.lookup_table import LatencyTable, TableError
+from latency_models.cache import cache_root, run_profiles
 from targets import Target, load_target
 from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
@@ -55,6 +53,7 @@ from toolchain.ship.report import write_report
 from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, Selection, bisect_fastest, closest_by_metric,
                                       export_order, fastest_first, front_floor, keep_non_dominated, select_and_export,
                                       SENSIBLE_REASON, sensible_floor)
+from toolchain.tables import latency_table_for, other_precisions, search_table_for, table_for_run
 from toolchain.training import TrainConfig
 from toolchain.twins import TwinChooser
 
@@ -68,63 +67,6 @@ def cache_dir() -> Path:
 
 def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-# ------------------------------------------------------------------------------------------------ stage 1: table
-def _cached_table(path: Path) -> LatencyTable:
-    log.info("using cached latency table %s", path)
-    try:
-        return LatencyTable.load(path)
-    except TableError as e:
-        raise TableError(f"the cached latency table cannot be used: {e}. Delete {path} and run the same command "
-                         "again to profile the target anew") from None
-
-
-def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims, model_config) -> LatencyTable:
-    """The target's latency table at the target's sequence length: the user's file, the cached one, or a new
-    profile. A table covers several lengths (:meth:`LatencyTable.at_length`), so a ``--sequence-length`` between
-    them is read off the target's own table (its TOML length), profiled once for all of them; a length beyond
-    them gets a table of its own."""
-    n = target.sequence_length
-    if opts.latency_table:
-        path = Path(opts.latency_table)
-        if not path.is_file():
-            raise CompileError(f"latency table not found: {path}")
-        table = LatencyTable.load(path)
-    else:
-        own = load_target(opts.target)  # the target at its own length: the table every length is read off
-        table = None
-        for t in (target, own) if own.sequence_length != n else (target,):
-            path = default_table_path(t, precision, dims)
-            if path.is_file():
-                table = _cached_table(path)
-                if table.covers(n):
-                    break
-                table = None  # a table of one length (profiled before tables covered several)
-        if table is None:
-            lengths = table_lengths(own, model_config)
-            t = own if lengths[0] <= n <= lengths[-1] else target
-            path = default_table_path(t, precision, dims)
-            log.info("profiling %s (%s) for this model family; cached in %s", t.name, precision, path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            table = LatencyTable.load(run_profile(
-                target=t, model=opts.model, precision=precision, out=str(path), bundle=None,
-                unit_step=opts.budget("unit_step"), calibrate_samples=opts.budget("calibration_samples"),
-                validate_samples=opts.budget("validation_samples"), resume=True, progress=opts.progress))
-    table = table.at_length(n) if table.covers(n) else table
-    table.check_model(dims)
-    check_graph_form(table, target)
-    if table.measured_on(target, precision):
-        table.check_fingerprint(target, precision)  # warns on another runtime or setting
-    return table
-
-
-def table_for_run(run: Run, opts: CompileOptions) -> tuple[Target, str, LatencyTable]:
-    """``(target, precision, table)`` for the super-network of a run folder (a table to profile is of its family)."""
-    target = opts.resolved_target()  # at the length asked for, else the one the run was compiled at
-    precision = target.check_precision(opts.precision)
-    table = latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
-    return table.device_target(target, precision), precision, table
 
 
 def profile_targets(targets: list[str], *, output: str | None, executor: str, ray_address: str | None,
@@ -240,11 +182,11 @@ def search_run(folder: str | Path, opts: CompileOptions) -> SearchResult:
     check_executor(opts.executor, opts.workers, opts.ray_address)  # Ray missing, bad --workers: before any work
     run = load_run(folder)
     opts = opts.for_run(run)
-    _, _, table = table_for_run(run, opts)
-    result = search_stage(run, table, opts, Path(folder))
+    _, _, _, search = table_for_run(run, opts)
+    result = search_stage(run, search, opts, Path(folder))
     if not result.feasible:
         raise InfeasibleError(infeasible_message(result) + confidence_note(opts.latency_confidence, opts.max_latency,
-                                                                           table))
+                                                                           search))
     return result
 
 
@@ -293,10 +235,13 @@ def validate_front(run: Run, pareto: list[dict], scales_of=lambda subnet: None) 
 
 # -------------------------------------------------------------------------------------------- stage 5: export
 def export_stage(run: Run, table, target: Target, precision: str, front: list[dict], opts: CompileOptions,
-                 folder: Path, scales: dict[str, dict] | None = None) -> tuple[Selection, dict]:
+                 folder: Path, scales: dict[str, dict] | None = None, search_table=None) -> tuple[Selection, dict]:
     """Export ``front`` in :func:`~toolchain.ship.selection.export_order`; ``scales`` (subnet key -> rfp scales) are
-    folded into the weights. Returns the selection and the unpruned model's figures (exported the same way)."""
-    scales = scales or {}
+    folded into the weights; ``search_table``: what the search placed candidates with (default ``table``;
+    :func:`toolchain.tables.search_table_for`), which predicts each precision it has a table of. Returns the
+    selection and the unpruned model's figures (exported the same way)."""
+    scales, search_table = scales or {}, search_table or table
+    tables = getattr(search_table, "tables", {precision: table})
     recover = opts.recover and not scales  # an rfp point keeps its own rescaling, no distillation
     settings = opts.recover_settings()
 
@@ -336,26 +281,27 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     if not order:  # (under an accuracy limit)
         raise InfeasibleError(f"no sub-network on the front comes within {RECOVERY_GAIN:g} of the accuracy limit "
                               f"{floor:.4f} before recovery; closest: {closest_by_metric(front)}")
-    # precision is a decision: without --precision every candidate is tried in every precision of the target (the
-    # table predicts its own; the others are judged by what they measure), the unpruned network first; the shipped
-    # set is the Pareto set across them (not for a table of another device: only its precision has a prediction)
-    others = [] if opts.precision or not target.is_this_machine else [p for p in target.precisions if p != precision]
+    # precision is a decision: without --precision every candidate is tried in every precision of the target (each
+    # predicted by its table where the search had one, else judged by what it measures), the unpruned network first;
+    # the shipped set is the Pareto set across them (not for a table of another device: only its precision has one)
+    others = other_precisions(opts, target, precision)
     score = unpruned["metric"] or 0.0  # recovered with the reference
     first = [dict(subnet=full, latency=unpruned["predicted_latency_ms"], error=1 - score, score=score,
                   search_error=None)] if others and not any(r["subnet"] == full for r in order) else []
 
     def candidate(r, p):
-        predicted = {"latency_ms": r.get("latency", table.predict_latency(r["subnet"])),
-                     "memory_mb": r.get("memory", table.predict_memory(r["subnet"])),
+        t = tables.get(p or precision)
+        predicted = {"latency_ms": t.predict_latency(r["subnet"]) if t else None,
+                     "memory_mb": t.predict_memory(r["subnet"]) if t else None,
                      "error": r["error"], "metric_shared_weights": r["score"]}
-        if p is not None:  # the table is of the default precision: no prediction for this one
-            predicted.update(latency_ms=None, memory_mb=None, table_precision=precision)
+        if t is None:  # no table of this precision (the user's --latency-table is of another): no prediction
+            predicted["table_precision"] = precision
         twin = {"uniform_twin": r["uniform_twin"]} if "uniform_twin" in r else {}
         return Candidate(r["subnet"], predicted, {"search_error": r["search_error"], **twin}, precision=p)
 
     # each point is recovered beside its uniform and Fisher twins, the best exported (toolchain.twins)
-    twins = TwinChooser(run, partial(cost_metrics, table, run.space, confidence=opts.latency_confidence),
-                        opts.constraints(table), settings, opts.progress, uniform=opts.uniform_twin, fisher_samples=
+    twins = TwinChooser(run, partial(cost_metrics, search_table, run.space, confidence=opts.latency_confidence),
+                        opts.constraints(search_table), settings, opts.progress, uniform=opts.uniform_twin, fisher_samples=
                         opts.budget("rfp_samples") if opts.fisher_twin else None) if recover else None
 
     shipped, unpruned_other = set(), []  # sub-networks shipped in some precision; the unpruned one in others
@@ -399,20 +345,22 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
 # ---------------------------------------------------------------------------------- stages 4-6: ship a search
 def ship_run(run: Run, table, target: Target, precision: str, result: SearchResult, opts: CompileOptions,
-             folder: Path, settings: dict, timings: dict[str, float], started: float) -> Selection:
+             folder: Path, settings: dict, timings: dict[str, float], started: float, search_table=None) -> Selection:
     """Stages 4-6 over the search ``result`` of ``folder``: validate its Pareto points on the full validation set,
     export and ship them, write ``pareto.png``, ``report.html`` and ``manifest.json`` (``settings``, ``timings``
-    with ``validate_s``, ``export_s`` and ``total_s`` since ``started`` added)."""
+    with ``validate_s``, ``export_s`` and ``total_s`` since ``started`` added). ``search_table``: what the search
+    placed candidates with (default ``table``)."""
     t = time.time()
+    search_table = search_table or table
     scales = rfp_scales(folder)  # points of a --method rfp search carry their own rescaling
     pareto = result.pareto if scales else with_earlier_points(
-        result, search_evaluator(run, opts), partial(cost_metrics, table, run.space), run.space)
+        result, search_evaluator(run, opts), partial(cost_metrics, search_table, run.space), run.space)
     front = validate_front(run, pareto, lambda subnet: scales.get(subnet.key()))
     timings["validate_s"] = round(time.time() - t, 1)
 
     # best validation metric first; points measured over budget are not shipped
     t = time.time()
-    selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, scales)
+    selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, scales, search_table)
     timings["export_s"] = round(time.time() - t, 1)
 
     timings["total_s"] = round(time.time() - started, 1)
@@ -437,16 +385,18 @@ def export_run(folder: str | Path, opts: CompileOptions) -> Selection:
     result = load_search(folder)
     opts = replace(opts.for_run(run), method=result.method, objectives=tuple(result.objectives))
     t = time.time()
-    target, precision, table = table_for_run(run, opts)
+    target, precision, table, search = table_for_run(run, opts)
     timings = {"profile_s": round(time.time() - t, 1)}
     target.check_available()  # export measures on the target: e.g. cuda needs a GPU here
-    return ship_run(run, table, target, precision, result, opts, folder, run_settings(opts, run, table, target,
-                                                                                    precision), timings, started)
+    return ship_run(run, table, target, precision, result, opts, folder,
+                    run_settings(opts, run, table, target, precision, search), timings, started, search)
 
 
 # ----------------------------------------------------------------------------------------------- every stage
-def run_settings(opts: CompileOptions, run: Run, table, target: Target, precision: str) -> dict:
-    """The settings a run records (``run.json``, ``manifest.json``, ``report.html``)."""
+def run_settings(opts: CompileOptions, run: Run, table, target: Target, precision: str, search_table=None) -> dict:
+    """The settings a run records (``run.json``, ``manifest.json``, ``report.html``); ``search_table``: what the
+    search placed candidates with (default ``table``)."""
+    search_table = search_table or table
     supernet = Path(run.settings["supernet_dir"]).parent if "supernet_dir" in run.settings else run.folder
     return {
         "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.name, "data": opts.data.describe(),
@@ -458,7 +408,9 @@ def run_settings(opts: CompileOptions, run: Run, table, target: Target, precisio
         "search_eval_samples": opts.budget("search_eval_samples"),
         "seed": opts.seed, "supernet": str(supernet), "latency_table": str(table.path),
         "sequence_length_from": opts.sequence_length_choice()[1], "latency_confidence": opts.latency_confidence,
-        "latency_bound": table.latency_bound(opts.latency_confidence) if opts.latency_confidence else None,
+        "latency_bound": search_table.latency_bound(opts.latency_confidence) if opts.latency_confidence else None,
+        "search_latency": getattr(search_table, "describe", lambda: precision)(),  # the precision(s) it placed them in
+        "search_latency_tables": getattr(search_table, "paths", lambda: {precision: str(table.path)})(),
         "measured_on_target": target.is_this_machine,  # False: the table is another device's (device_target)
     }
 
@@ -479,21 +431,22 @@ def compile_model(opts: CompileOptions) -> dict:
     t = time.time()
     table = latency_table_for(opts, target, precision, run.supernet.dims, run.supernet.config)
     target = table.device_target(target, precision)  # another device's table: ship on its predictions
+    search = search_table_for(opts, target, precision, table, run.supernet.dims, run.supernet.config)
     timings["profile_s"] = round(time.time() - t, 1)
 
-    settings = run_settings(opts, run, table, target, precision)
+    settings = run_settings(opts, run, table, target, precision, search)
     start_output(partial, opts.resume)
     write_json_atomic(partial / "run.json", {**run.settings, "supernet_dir": str(run.folder / "supernet"),
                                              "compile": settings})
 
     t = time.time()
-    result = search_stage(run, table, opts, partial)
+    result = search_stage(run, search, opts, partial)
     timings["search_s"] = round(time.time() - t, 1)
     if not result.feasible:
         raise InfeasibleError(infeasible_message(result) + confidence_note(opts.latency_confidence, opts.max_latency,
-                                                                           table))
+                                                                           search))
 
-    ship_run(run, table, target, precision, result, opts, partial, settings, timings, t_start)
+    ship_run(run, table, target, precision, result, opts, partial, settings, timings, t_start, search)
     finish_output(partial, out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["output"] = str(out)

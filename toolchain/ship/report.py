@@ -31,12 +31,13 @@ def _x(record: dict, axis: str) -> float:
 def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_axis: str = "latency",
                 metric_name: str = "metric", budget: float | None = None, unpruned: dict | None = None,
                 shipped: list[dict] | None = None, shipped_label: str = "shipped (exported ONNX)",
-                title: str = "") -> Path:
+                title: str = "", x_label: str | None = None) -> Path:
     """Scatter of every evaluated candidate, the Pareto front, the budget line, the unpruned model, shipped points.
 
     ``records``/``pareto``/``unpruned`` are dicts with ``x_axis`` and ``error`` keys (``unpruned`` may carry its
     legend ``label``); ``shipped`` dicts also carry ``measured_latency_ms``, ``label`` (a line of the legend) and
-    ``id`` (written beside the marker; default: the label).
+    ``id`` (written beside the marker; default: the label). ``x_label``: the x axis' (default:
+    :data:`AXIS_LABELS`).
     """
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     xs = [_x(r, x_axis) for r in records]
@@ -64,7 +65,7 @@ def pareto_plot(path: str | Path, records: list[dict], pareto: list[dict], *, x_
                     xytext=(6, 4), fontsize=8, color="#1a6e1a", zorder=6)  # over a neighbour's marker
         if label:
             ax.plot([], [], " ", label=label)
-    ax.set_xlabel(AXIS_LABELS.get(x_axis, x_axis))
+    ax.set_xlabel(x_label or AXIS_LABELS.get(x_axis, x_axis))
     ax.set_ylabel(f"validation {metric_name}")
     ax.set_title(title or "nasprune: accuracy vs cost of every evaluated sub-network", fontsize=10)
     ax.grid(alpha=0.3)
@@ -108,6 +109,14 @@ th{{background:#f3f3f3}}</style></head><body>
     return path
 
 
+def _x_label(x_axis: str, placed: str | None) -> str | None:
+    """The x axis of pareto.png when the search placed candidates in their fastest precision
+    (``settings["search_latency"]``, :class:`latency_models.precisions.FastestPrecision`)."""
+    if x_axis not in ("latency", "memory") or not placed or not placed.startswith("the fastest"):
+        return None
+    return AXIS_LABELS[x_axis].replace("predicted;", f"predicted in {placed};")
+
+
 def write_report(folder: Path, result, front: list[dict], selection: Selection, unpruned: dict, settings: dict,
                  timings: dict, *, metric_name: str, full) -> None:
     """``pareto.png`` and ``report.html`` of a run: every candidate of the search ``result`` (records, objectives,
@@ -136,7 +145,8 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
                       shipped_label=_exported("shipped", bool(selection.shipped) and all(
                           r.metric_before_recovery is not None for r in selection.shipped)),
                       title=f"{settings['task']} on {settings['target']} ({settings['precision']}): "
-                            f"{len(records)} sub-networks evaluated, {len(front)} on the front")
+                            f"{len(records)} sub-networks evaluated, {len(front)} on the front",
+                      x_label=_x_label(x_axis, settings.get("search_latency")))
     notes = [
         f"Search: {result.method}, {len(records)} candidates, hypervolume {result.hypervolume:.4f} "
         f"(normalised by the unpruned network; reference point {result.reference_point}).",
@@ -155,6 +165,10 @@ def write_report(folder: Path, result, front: list[dict], selection: Selection, 
         + f", on dev alone {_fmt(unpruned.get('metric_dev'))}.",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ]
+    if _x_label(x_axis, settings.get("search_latency")):
+        notes.insert(1, f"Candidates on the plot sit at their predicted latency in {settings['search_latency']} (one "
+                        "latency table per precision): each chosen sub-network is exported and measured in every "
+                        "precision, and the shipped set is the Pareto set across them.")
     html_report(folder / "report.html", title=f"nasprune report: {settings['task']} on {settings['target']}",
                 png=png, settings=settings, shipped_rows=shipped_rows, rejected_rows=rejected_rows, notes=notes)
 
