@@ -46,8 +46,8 @@ def compile_once(args: list[str], cache: Path, cwd: Path) -> tuple[float, dict, 
 
 
 def prediction_check(manifest: dict) -> str:
-    """Predicted latency vs the export's drift-corrected measurement, for every exported point the table predicts
-    (those of the table's precision) and the unpruned reference: how many within +-5 % and +-10 %."""
+    """Predicted latency vs the export's drift-corrected measurement, for every exported point a table predicts
+    (every precision the search had a table of) and the unpruned reference: how many within +-5 % and +-10 %."""
     rows = [(p["predicted_latency_ms"], p["measured_latency_drift_corrected_ms"]) for p in manifest["points"]]
     ref = Path(manifest["output"]) / "reference" / "unpruned" / "nasprune.json"
     if ref.is_file():
@@ -135,7 +135,9 @@ def main() -> None:
     for name, wall, t, verdict in rows:
         md.append(f"| {name} | {wall:.0f} | {t.get('profile_s', 0):.0f} | {t.get('train_s', 0):.0f} | "
                   f"{t.get('search_s', 0):.0f} | {t.get('validate_s', 0):.0f} | {t.get('export_s', 0):.0f} | {verdict} |")
-    md += ["", "Output of the first compile:", "", "```", outputs[budgets[0]].strip()[-3000:], "```"]
+    first = outputs[budgets[0]].strip()
+    start = first.find("latency table ")  # from the first table's summary (a compile may profile one per precision)
+    md += ["", "Output of the first compile:", "", "```", first[start if start >= 0 else -3000:], "```"]
     # a compile with other options (--extra) keeps its own section beside the default one
     slug = "".join(c if c.isalnum() else "-" for c in args.extra.strip().lstrip("-")).strip("-")
     write_section("bench_compile" + (f"-{slug}" if slug else ""), "\n".join(md))

@@ -403,8 +403,15 @@ def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, cap
     assert settings["sequence_length_from"].startswith("p95 of 64 sst2") and settings["latency_confidence"] == 0.9
     table = LatencyTable.load(settings["latency_table"]).at_length(n)  # the target's own table, read at n
     assert table.fingerprint["sequence_length"] == n and len(table.latency_residuals()[0]) > 0
+    # the search placed candidates in their fastest precision: the bound is the widest of the tables' (one per
+    # precision, each read at n), the search's limit on the prediction is the budget over it
+    from latency_models.precisions import FastestPrecision
+
+    tables = {p: LatencyTable.load(path).at_length(n) for p, path in settings["search_latency_tables"].items()}
+    assert set(tables) == {"fp32", "int8"} and tables["int8"].fingerprint["sequence_length"] == n
     bound = settings["latency_bound"]
-    assert bound == table.latency_bound(0.9)
+    assert bound == FastestPrecision(tables).latency_bound(0.9)
+    assert bound["by_precision"]["fp32"] == table.latency_bound(0.9)["factor"]
     pareto = json.loads(Path("out/pareto.json").read_text())
     assert pareto["constraints"]["latency"] == pytest.approx(50.0 / bound["factor"])
     for folder in [Path("out/reference/unpruned"), *Path("out").glob("points/*"), *Path("out").glob("rejected/*")]:

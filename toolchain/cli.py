@@ -160,7 +160,8 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default=None,
                    help="fp32 | fp16 | int8: export in this precision only (default: every precision the target "
                         "lists is tried on each chosen sub-network, and the most accurate / fastest across them "
-                        "are shipped; the search uses the table of the target's first precision)")
+                        "are shipped; the search places each candidate in its fastest precision, with one latency "
+                        "table per precision)")
 
 
 def add_search_options(p: argparse.ArgumentParser) -> None:
