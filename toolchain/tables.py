@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: the share of the preset's calibration and validation samples that a table of another precision is profiled with
 #: (at the target's length only): measured here, an int8 table of the default model with 10 + 10 samples took 145 s
-#: (grid 20 s), too much for the 20-minute compile; 8 + 4 about 95 s
+#: (grid 20 s), too much for the 20-minute compile; 8 + 4 took 107 s in a default compile (bench_compile, 0281bab)
 SIDE_SAMPLE_SHARE = (0.8, 0.4)
 
 
