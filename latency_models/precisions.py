@@ -13,10 +13,10 @@ from latency_models.lookup_table import LatencyTable
 
 
 class FastestPrecision:
-    """The search's view of several :class:`LatencyTable` s (``{precision: table}``, the default precision first):
-    :meth:`predict_latency` is the lowest prediction, :meth:`predict_memory` and the precision
+    """The search's view of one or several :class:`LatencyTable` s (``{precision: table}``, the default precision
+    first): :meth:`predict_latency` is the lowest prediction, :meth:`predict_memory` and the precision
     (:meth:`precision_of`) are those of the fastest; :meth:`latency_bound` is the widest of the tables' bounds,
-    so a confidence holds whichever precision a sub-network ends up in."""
+    so a confidence holds whichever precision a sub-network ends up in. With one table, each reads as that table."""
 
     def __init__(self, tables: dict[str, LatencyTable]):
         if not tables:
@@ -43,13 +43,16 @@ class FastestPrecision:
 
     def latency_bound(self, quantile: float) -> dict:
         """The widest of the tables' :meth:`LatencyTable.latency_bound` (its ``precision`` named), with every
-        table's factor under ``by_precision``."""
+        table's factor under ``by_precision``; with one table, its bound."""
+        if len(self.tables) == 1:
+            return next(iter(self.tables.values())).latency_bound(quantile)
         bounds = {p: t.latency_bound(quantile) for p, t in self.tables.items()}
         widest = max(bounds, key=lambda p: bounds[p]["factor"])
         return {**bounds[widest], "precision": widest, "by_precision": {p: b["factor"] for p, b in bounds.items()}}
 
     def describe(self) -> str:
-        return "the fastest of " + ", ".join(self.tables)
+        """What ``settings["search_latency"]`` records: the precision, or ``the fastest of fp32, int8``."""
+        return "the fastest of " + ", ".join(self.tables) if len(self.tables) > 1 else self.precisions[0]
 
     def paths(self) -> dict[str, str]:
         return {p: str(t.path) for p, t in self.tables.items()}

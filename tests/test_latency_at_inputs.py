@@ -307,6 +307,11 @@ def test_the_search_places_a_candidate_in_its_fastest_precision():
     assert bound["by_precision"] == {"fp32": pytest.approx(1.02), "int8": pytest.approx(1.08)}
     assert CompileOptions(max_latency=10.0, latency_confidence=0.9).constraints(both)["latency"] == pytest.approx(
         10.0 / 1.08)
+    # with one table (--precision, or a table of another device) it reads as that table
+    one = FastestPrecision({"fp32": fp32})
+    assert one.latency_bound(0.9) == fp32.latency_bound(0.9) and one.describe() == "fp32"
+    assert cost_metrics(one, space, big, confidence=0.9) == cost_metrics(fp32, space, big, confidence=0.9)
+    assert both.describe() == "the fastest of fp32, int8"
 
 
 # -------------------------------------------------------------------------------------------- sequence length

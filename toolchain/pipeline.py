@@ -235,13 +235,12 @@ def validate_front(run: Run, pareto: list[dict], scales_of=lambda subnet: None) 
 
 # -------------------------------------------------------------------------------------------- stage 5: export
 def export_stage(run: Run, table, target: Target, precision: str, front: list[dict], opts: CompileOptions,
-                 folder: Path, scales: dict[str, dict] | None = None, search_table=None) -> tuple[Selection, dict]:
-    """Export ``front`` in :func:`~toolchain.ship.selection.export_order`; ``scales`` (subnet key -> rfp scales) are
-    folded into the weights; ``search_table``: what the search placed candidates with (default ``table``;
-    :func:`toolchain.tables.search_table_for`), which predicts each precision it has a table of. Returns the
-    selection and the unpruned model's figures (exported the same way)."""
-    scales, search_table = scales or {}, search_table or table
-    tables = getattr(search_table, "tables", {precision: table})
+                 folder: Path, search_table, scales: dict[str, dict] | None = None) -> tuple[Selection, dict]:
+    """Export ``front`` in :func:`~toolchain.ship.selection.export_order`; ``search_table``: what the search placed
+    candidates with (:func:`toolchain.tables.search_table_for`), which predicts each precision it has a table of;
+    ``scales`` (subnet key -> rfp scales) are folded into the weights. Returns the selection and the unpruned model's
+    figures (exported the same way)."""
+    scales, tables = scales or {}, search_table.tables
     recover = opts.recover and not scales  # an rfp point keeps its own rescaling, no distillation
     settings = opts.recover_settings()
 
@@ -345,13 +344,12 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
 # ---------------------------------------------------------------------------------- stages 4-6: ship a search
 def ship_run(run: Run, table, target: Target, precision: str, result: SearchResult, opts: CompileOptions,
-             folder: Path, settings: dict, timings: dict[str, float], started: float, search_table=None) -> Selection:
+             folder: Path, search_table, settings: dict, timings: dict[str, float], started: float) -> Selection:
     """Stages 4-6 over the search ``result`` of ``folder``: validate its Pareto points on the full validation set,
     export and ship them, write ``pareto.png``, ``report.html`` and ``manifest.json`` (``settings``, ``timings``
     with ``validate_s``, ``export_s`` and ``total_s`` since ``started`` added). ``search_table``: what the search
-    placed candidates with (default ``table``)."""
+    placed candidates with (:func:`toolchain.tables.search_table_for`)."""
     t = time.time()
-    search_table = search_table or table
     scales = rfp_scales(folder)  # points of a --method rfp search carry their own rescaling
     pareto = result.pareto if scales else with_earlier_points(
         result, search_evaluator(run, opts), partial(cost_metrics, search_table, run.space), run.space)
@@ -360,7 +358,7 @@ def ship_run(run: Run, table, target: Target, precision: str, result: SearchResu
 
     # best validation metric first; points measured over budget are not shipped
     t = time.time()
-    selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, scales, search_table)
+    selection, unpruned = export_stage(run, table, target, precision, front, opts, folder, search_table, scales)
     timings["export_s"] = round(time.time() - t, 1)
 
     timings["total_s"] = round(time.time() - started, 1)
@@ -388,15 +386,14 @@ def export_run(folder: str | Path, opts: CompileOptions) -> Selection:
     target, precision, table, search = table_for_run(run, opts)
     timings = {"profile_s": round(time.time() - t, 1)}
     target.check_available()  # export measures on the target: e.g. cuda needs a GPU here
-    return ship_run(run, table, target, precision, result, opts, folder,
-                    run_settings(opts, run, table, target, precision, search), timings, started, search)
+    return ship_run(run, table, target, precision, result, opts, folder, search,
+                    run_settings(opts, run, table, target, precision, search), timings, started)
 
 
 # ----------------------------------------------------------------------------------------------- every stage
-def run_settings(opts: CompileOptions, run: Run, table, target: Target, precision: str, search_table=None) -> dict:
+def run_settings(opts: CompileOptions, run: Run, table, target: Target, precision: str, search_table) -> dict:
     """The settings a run records (``run.json``, ``manifest.json``, ``report.html``); ``search_table``: what the
-    search placed candidates with (default ``table``)."""
-    search_table = search_table or table
+    search placed candidates with (:func:`toolchain.tables.search_table_for`)."""
     supernet = Path(run.settings["supernet_dir"]).parent if "supernet_dir" in run.settings else run.folder
     return {
         "model": opts.model or "all-MiniLM-L6-v2", "task": opts.data.name, "data": opts.data.describe(),
@@ -409,8 +406,8 @@ def run_settings(opts: CompileOptions, run: Run, table, target: Target, precisio
         "seed": opts.seed, "supernet": str(supernet), "latency_table": str(table.path),
         "sequence_length_from": opts.sequence_length_choice()[1], "latency_confidence": opts.latency_confidence,
         "latency_bound": search_table.latency_bound(opts.latency_confidence) if opts.latency_confidence else None,
-        "search_latency": getattr(search_table, "describe", lambda: precision)(),  # the precision(s) it placed them in
-        "search_latency_tables": getattr(search_table, "paths", lambda: {precision: str(table.path)})(),
+        "search_latency": search_table.describe(),  # the precision(s) it placed them in
+        "search_latency_tables": search_table.paths(),
         "measured_on_target": target.is_this_machine,  # False: the table is another device's (device_target)
     }
 
@@ -446,7 +443,7 @@ def compile_model(opts: CompileOptions) -> dict:
         raise InfeasibleError(infeasible_message(result) + confidence_note(opts.latency_confidence, opts.max_latency,
                                                                            search))
 
-    ship_run(run, table, target, precision, result, opts, partial, settings, timings, t_start, search)
+    ship_run(run, table, target, precision, result, opts, partial, search, settings, timings, t_start)
     finish_output(partial, out)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["output"] = str(out)

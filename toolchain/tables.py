@@ -91,19 +91,16 @@ def other_precisions(opts: CompileOptions, target: Target, precision: str) -> li
 
 
 def search_table_for(opts: CompileOptions, target: Target, precision: str, table: LatencyTable, dims,
-                     model_config) -> LatencyTable | FastestPrecision:
-    """What the search places candidates with: ``table`` (of ``precision``) alone, or where the compile tries
-    :func:`other_precisions` too, :class:`FastestPrecision` over ``table`` and one table per other precision (not
-    with ``--latency-table``: the user's table is the one to place them with; the others are judged by what they
-    measure)."""
+                     model_config) -> FastestPrecision:
+    """What the search places candidates with: :class:`FastestPrecision` over ``table`` (of ``precision``) and, where
+    the compile tries :func:`other_precisions` too, one table per other precision (not with ``--latency-table``: the
+    user's table is the one to place them with; the others are judged by what they measure)."""
     others = [] if opts.latency_table else other_precisions(opts, target, precision)
-    if not others:
-        return table
     return FastestPrecision({precision: table, **{
         p: latency_table_for(opts, target, p, dims, model_config, side=True) for p in others}})
 
 
-def table_for_run(run: Run, opts: CompileOptions) -> tuple[Target, str, LatencyTable, LatencyTable | FastestPrecision]:
+def table_for_run(run: Run, opts: CompileOptions) -> tuple[Target, str, LatencyTable, FastestPrecision]:
     """``(target, precision, table, search table)`` for the super-network of a run folder (a table to profile is of
     its family; the search table: :func:`search_table_for`)."""
     target = opts.resolved_target()  # at the length asked for, else the one the run was compiled at
