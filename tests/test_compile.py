@@ -142,6 +142,12 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     int8_table = json.loads(Path(settings["search_latency_tables"]["int8"]).read_text())
     assert int8_table["fingerprint"]["precision"] == "int8" and int8_table["validation"]
     assert all(p["predicted_latency_ms"] is not None for p in manifest["points"])
+    # and is measured beside the unpruned network in its own precision, drift-corrected to its own table's speed
+    for p in manifest["points"]:
+        beside = json.loads((out / p["path"] / "nasprune.json").read_text())["measured"]["reference"]
+        own = int8_table if p["precision"] == "int8" else json.loads(Path(settings["latency_table"]).read_text())
+        assert beside["model"] == ("unpruned (int8)" if p["precision"] == "int8" else "unpruned")
+        assert beside["speed_ms"] == own["calibration"]["latency"]["reference_ms"]
     assert "<td>the unpruned network</td>" in (out / "report.html").read_text()  # its origin, not "search"
     # the search scored with bf16 autocast where this CPU has native bf16, in a store of its own
     from toolchain.evaluation import bf16_supported

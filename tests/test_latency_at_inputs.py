@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -22,8 +23,8 @@ from targets import TargetError, load_target, meter
 from toolchain.core.modeling import ModelDims, model_from_config, tiny_config
 from toolchain.core.search_space import make_space
 from toolchain.core.subnetwork import SubNetwork
-from toolchain.latency_settings import (at_length, confidence_note, data_sequence_length, export_reference,
-                                        parse_sequence_length)
+from toolchain.latency_settings import (References, at_length, confidence_note, data_sequence_length,
+                                        export_reference, parse_sequence_length)
 from toolchain.options import CompileError, CompileOptions
 from toolchain.run import DataSettings
 
@@ -378,6 +379,30 @@ def test_drift_correction_needs_the_table_of_this_target(target):
     assert export_reference(t, at_length(target, 64)).speed_ms is None  # another length
     assert export_reference(t, target.on_device({"cpu_model": "elsewhere"})).speed_ms is None
     assert export_reference(_table(), target).speed_ms is None  # an uncalibrated table
+
+
+def test_each_precision_is_measured_beside_the_unpruned_network_in_it(target, tiny, exported):
+    """References: an int8 export is measured beside the unpruned network in int8, drift-corrected to the int8
+    table's calibration speed; the base precision's exports beside the exported reference; the int8 graph is built
+    once and removed with the context."""
+    from toolchain.ship.verify import Reference, measure_exported, meter_settings
+
+    ref = exported[0]
+    fp32, int8 = _table(speed=12.0), _table(speed=5.0)
+    fp32.data["fingerprint"], int8.data["fingerprint"] = target.fingerprint("fp32"), target.fingerprint("int8")
+    base = Reference(ref.path / "model.onnx", 12.0)
+    with References(base, "fp32", {"fp32": fp32, "int8": int8}, target, tiny) as refs:
+        assert refs(None) is base and refs("fp32") is base
+        own = refs("int8")
+        assert own is refs("int8") and own.onnx.is_file() and own.speed_ms == 5.0 and own.name == "unpruned (int8)"
+        assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(own.onnx)).graph.node}
+        runs = {"warmup": 1, "min_reps": 3, "max_reps": 3, "min_time_s": 0.0}
+        m = measure_exported(own.onnx, meter_settings(target, None, 1, 32), tiny.config.vocab_size, reference=own,
+                             memory=False, measurement=runs, retakes=0)
+        assert m["reference"]["model"] == "unpruned (int8)" and m["reference"]["speed_ms"] == 5.0
+    assert not own.onnx.exists()
+    with References(base, "fp32", {"fp32": fp32}, target, tiny) as refs:  # no int8 table: no frame of its own
+        assert refs("int8") is base
 
 
 def test_profile_cli_at_a_length(tmp_path, monkeypatch, tiny_model_dir):

@@ -35,7 +35,7 @@ from toolchain.core.atomic import write_json_atomic
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.evaluation import Evaluator, SearchObjective, resolve_dtype
 from toolchain.heldout import selection_metric
-from toolchain.latency_settings import REPORT_LENGTHS, confidence_note, export_reference
+from toolchain.latency_settings import REPORT_LENGTHS, References, confidence_note, export_reference
 from toolchain.options import CompileError, CompileOptions, InfeasibleError
 from toolchain.recover import recover_point, recovery_summary
 from toolchain.rfp_stage import point_supernet, rfp_scales, rfp_stage
@@ -244,7 +244,11 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     recover = opts.recover and not scales  # an rfp point keeps its own rescaling, no distillation
     settings = opts.recover_settings()
 
+    beside_own: list[References] = []  # once the unpruned model is exported: each point beside it in its precision
+
     def export_fn(supernet, subnet, *args, extra=None, **kwargs):
+        if beside_own:
+            kwargs["reference"] = beside_own[0](kwargs.get("precision"))
         if not recover:  # an rfp point runs on its own rescaled copy
             return export_point(point_supernet(run, subnet, scales.get(subnet.key())), subnet, *args, extra=extra,
                                 **kwargs)
@@ -266,6 +270,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                     predicted={"latency_ms": table.predict_latency(full), "memory_mb": table.predict_memory(full)},
                     point_id="unpruned", overwrite=True, reference=beside, **common)
     common["reference"] = replace(beside, onnx=ref.path / "model.onnx")
+    beside_own.append(References(common["reference"], precision, tables, target, run.supernet.slice(full)))
     unpruned = {"parameters": ref.parameters, "measured_latency_ms": ref.measured_latency_ms,
                 "measured_latency_drift_corrected_ms": ref.measured_latency_drift_corrected_ms,
                 "predicted_latency_ms": table.predict_latency(full), "measured_memory_mb": ref.measured_memory_mb,
@@ -325,11 +330,12 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
     # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's
     slots = (lambda: picks() * (1 + len(others)) + len(unpruned_other)) if first else n * (1 + len(others))
-    selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
-                                  min_metric=floor if floor is not None else sensible, min_metric_reason=
-                                  "the accuracy limit" if floor is not None else SENSIBLE_REASON.format(constant),
-                                  model_or_supernet=run.supernet, tokenizer=run.tokenizer,
-                                  run_dir=folder, export_fn=export_fn, on_outcome=outcome, **common)
+    with beside_own[0]:
+        selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
+                                      min_metric=floor if floor is not None else sensible, min_metric_reason=
+                                      "the accuracy limit" if floor is not None else SENSIBLE_REASON.format(constant),
+                                      model_or_supernet=run.supernet, tokenizer=run.tokenizer,
+                                      run_dir=folder, export_fn=export_fn, on_outcome=outcome, **common)
     if others:
         selection = keep_non_dominated(selection, n, folder)
     if floor is not None and not selection.shipped:
