@@ -142,6 +142,7 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     int8_table = json.loads(Path(settings["search_latency_tables"]["int8"]).read_text())
     assert int8_table["fingerprint"]["precision"] == "int8" and int8_table["validation"]
     assert all(p["predicted_latency_ms"] is not None for p in manifest["points"])
+    assert manifest["not_exported"] == []  # (50 ms: every candidate within reach of the budget)
     # and is measured beside the unpruned network in its own precision, drift-corrected to its own table's speed
     for p in manifest["points"]:
         beside = json.loads((out / p["path"] / "nasprune.json").read_text())["measured"]["reference"]
@@ -161,11 +162,22 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     assert re.search(r"Unpruned model: [^<]* metric \d\.\d{4} \(\d\.\d{4} before recovery\)", html)
 
     # the same points again (nasprune export over the run folder): their recovery comes from the cache
-    assert main(["export", str(out), "--max-latency", "50ms", "--export", "2", "--recover-samples", "64"]) == 0
+    assert main(["export", str(out), "--max-latency", "50ms", "--export", "2", "--recover-samples", "64",
+                 "--selection-samples", "64"]) == 0
     again = json.loads((out / "manifest.json").read_text())
+    first = {(json.dumps(p["subnetwork"], sort_keys=True), p["precision"]): p for p in manifest["points"]}
     for p in again["points"]:
-        rec = json.loads((out / p["path"] / "nasprune.json").read_text())["extra"].get("recovery")
+        info = json.loads((out / p["path"] / "nasprune.json").read_text())
+        rec = info["extra"].get("recovery")
         assert rec is None or rec["cached"]
+        # and so do their exports: the ONNX model, its verification and metric, kept beside the recovered weights;
+        # only the latency at the target's length is measured again, beside the reference
+        before = first.get((json.dumps(p["subnetwork"], sort_keys=True), p["precision"]))
+        if before is not None:
+            assert info["reused"]["export"].startswith(rec["cache"]) and p["metric"] == before["metric"]
+            assert len(info["measured"]["latency"]["rounds_ms"]) == len(info["measured"]["reference"]["rounds_ms"])
+            assert info["measured"]["memory_mb"] == before["measured_memory_mb"]
+    assert json.loads((out / again["settings"]["unpruned"]["path"] / "nasprune.json").read_text())["reused"]
     capsys.readouterr()
 
     # a finished run is never overwritten without --overwrite

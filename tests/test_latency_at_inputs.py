@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -403,6 +404,63 @@ def test_each_precision_is_measured_beside_the_unpruned_network_in_it(target, ti
     assert not own.onnx.exists()
     with References(base, "fp32", {"fp32": fp32}, target, tiny) as refs:  # no int8 table: no frame of its own
         assert refs("int8") is base
+
+
+def test_an_export_is_kept_and_reused_with_its_latency_measured_again(tmp_path, target, tiny, tokenizer, exported):
+    """export_cache: the first call builds and keeps the export; the same key copies it into the run with its
+    metric and verification, measuring its latency at the target's length again beside the reference; another
+    precision, target or scoring data is another key."""
+    from toolchain.ship.export import export_point
+    from toolchain.ship.export_cache import export_key, reuse_or_export
+    from toolchain.ship.verify import MetricData, Reference
+
+    ref = exported[0]
+    beside = Reference(ref.path / "model.onnx", 0.5)
+    rows = np.random.default_rng(0).integers(5, 100, size=(6, 32))
+    data = MetricData({"input_ids": rows, "attention_mask": np.ones_like(rows)}, np.array([0, 1] * 3),
+                      lambda p, y: {"score": float((p.argmax(-1) == y).mean())})
+    key = export_key("fp32", target, data, (16,))
+    assert key == export_key("fp32", target, data, (16,))
+    assert len({key, export_key("int8", target, data, (16,)), export_key("fp32", at_length(target, 64), data, (16,)),
+                export_key("fp32", target, replace(data, labels=np.array([1, 0] * 3)), (16,))}) == 4
+    sub = SubNetwork((1, 0), (8, 0))
+    kw = dict(point_id="p", predicted={"latency_ms": 0.4}, extra={"note": 1}, target=target, reference=beside)
+    made = []
+
+    def build(out):
+        made.append(out)
+        return export_point(tiny, sub, tokenizer, out, target=target, reference=beside, metric_data=data,
+                            lengths=(16,), point_id="p", predicted={"latency_ms": 0.4}, extra={"note": 1}, **RUNS)
+
+    store = tmp_path / "exports"
+    store.mkdir()
+    first = reuse_or_export(store, key, tmp_path / "run1" / "p", lambda: build(tmp_path / "run1" / "p"), **kw)
+    assert made and (store / key / "model.onnx").is_file() and "reused" not in first.info
+    again = reuse_or_export(store, key, tmp_path / "run2" / "q", lambda: build(tmp_path / "never"),
+                            **{**kw, "point_id": "q", "extra": {"note": 2}})
+    assert len(made) == 1 and not (tmp_path / "never").exists()
+    info = json.loads((tmp_path / "run2" / "q" / "nasprune.json").read_text())
+    assert info == again.info and info["id"] == "q" and info["extra"] == {"note": 2} and info["reused"]["export"]
+    assert info["metric"] == first.info["metric"] and info["verification"] == first.info["verification"]
+    m, m0 = info["measured"], first.info["measured"]
+    assert m["memory_mb"] == m0["memory_mb"] and m["latency_by_length_ms"]["16"] == m0["latency_by_length_ms"]["16"]
+    assert m["latency_by_length_ms"]["32"] == m["latency_ms"] and m["reference"]["speed_ms"] == 0.5
+    assert len(m["latency"]["rounds_ms"]) == len(m["reference"]["rounds_ms"]) == beside.rounds
+    assert (tmp_path / "run1" / "p" / "model.onnx").read_bytes() == (tmp_path / "run2" / "q" / "model.onnx").read_bytes()
+
+
+def test_a_candidate_is_out_of_reach_only_beyond_every_error_its_table_made():
+    """out_of_reach: over the budget even at the smallest measured / predicted ratio of the table's validation, less
+    UNREACHABLE_MARGIN; never without a budget, a prediction or residuals."""
+    from toolchain.ship.selection import UNREACHABLE_MARGIN, out_of_reach
+
+    t = _table(residuals=[-0.10, 0.0, 0.05])  # once measured 10 % under its prediction
+    edge = 3.0 / (0.90 * (1 - UNREACHABLE_MARGIN))  # the prediction whose best case is exactly the budget
+    assert out_of_reach(edge * 0.999, t, 3.0) is None
+    why = out_of_reach(edge * 1.001, t, 3.0)
+    assert why and "0.900" in why and "max 3 ms" in why
+    assert out_of_reach(100.0, t, None) is None and out_of_reach(None, t, 3.0) is None
+    assert out_of_reach(100.0, None, 3.0) is None and out_of_reach(100.0, _table(), 3.0) is None
 
 
 def test_profile_cli_at_a_length(tmp_path, monkeypatch, tiny_model_dir):

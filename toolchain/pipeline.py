@@ -47,11 +47,13 @@ from toolchain.search.executors import check_executor, make_executor
 from toolchain.search.objectives import feasibility
 from toolchain.search.pareto import front_order
 from toolchain.ship.export import export_point
+from toolchain.ship.export_cache import EXPORTS, export_key, reuse_or_export
 from toolchain.ship.manifest import write_manifest
 from toolchain.ship.measured import gate_on_device
 from toolchain.ship.report import write_report
 from toolchain.ship.selection import (RECOVERY_GAIN, Candidate, Selection, bisect_fastest, closest_by_metric,
-                                      export_order, fastest_first, front_floor, keep_non_dominated, select_and_export,
+                                      export_order, fastest_first, front_floor, keep_non_dominated, out_of_reach,
+                                      select_and_export,
                                       SENSIBLE_REASON, sensible_floor)
 from toolchain.tables import latency_table_for, other_precisions, search_table_for, table_for_run
 from toolchain.training import TrainConfig
@@ -255,8 +257,14 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         # the full network too: it is the teacher, but the same training on more of the task's text with labels
         # lifts it as well, and the reference and every candidate are only comparable after the same training
         point = recover_point(run, subnet, settings, progress=opts.progress)
-        return export_point(supernet, subnet, *args, extra={**(extra or {}), "recovery": recovery_summary(point)},
-                            sliced_weights=point.model, **kwargs)
+        extra = {**(extra or {}), "recovery": recovery_summary(point)}
+        build = partial(export_point, supernet, subnet, *args, extra=extra, sliced_weights=point.model, **kwargs)
+        if point.path is None:
+            return build()
+        # kept beside the recovered weights: a recompile that ships the same point measures its latency again only
+        key = export_key(kwargs["precision"], kwargs["target"], kwargs["metric_data"], kwargs["lengths"])
+        return reuse_or_export(point.path / EXPORTS, key, args[1], build, point_id=kwargs["point_id"], extra=extra,
+                               predicted=kwargs["predicted"], target=kwargs["target"], reference=kwargs["reference"])
 
     # scored on dev and unused training examples (toolchain.heldout), at the run's max_length whatever the length
     validation = selection_metric(run, settings if recover else None, opts.budget("selection_samples"), opts.seed)
@@ -310,8 +318,11 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
     shipped, unpruned_other = set(), []  # sub-networks shipped in some precision; the unpruned one in others
 
+    done = [0]  # exports shipped so far
+
     def outcome(c: Candidate, res) -> None:
         if res is not None:
+            done[0] += 1
             shipped.add(c.subnet.key())
             if c.subnet == full and c.precision:
                 unpruned_other.append(c.precision)
@@ -319,23 +330,39 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     def picks() -> int:  # sub-networks to export: when the unpruned network ships in another precision, it is the
         return n - 1 if unpruned_other and n > 1 else n  # most accurate of the points a user would pick
 
+    unreachable: list[tuple[Candidate, str]] = []  # not exported: predicted over budget beyond its table's errors
+
+    def reachable(c: Candidate) -> bool:
+        why = out_of_reach(c.predicted["latency_ms"], tables.get(c.precision or precision), opts.max_latency)
+        if why is not None:
+            log.info("not exporting %s in %s: %s", c.subnet.key(), c.precision or precision, why)
+            unreachable.append((c, why))
+        return why is None
+
     def cands():  # lazily: the sub-networks to pick are decided once the unpruned network was tried in the others
-        yield from (candidate(r, p) for r in first for p in others)
+        yield from (c for r in first for p in others for c in [candidate(r, p)] if reachable(c))
         sub = (bisect_fastest(order, lambda r: chosen(r["subnet"].key()) in shipped) if floor is not None  # accuracy
                else export_order(front, picks(), most_accurate=not unpruned_other))  # limit: bisect for the fastest
-        yield from (candidate(t, p) for r in sub for t in [twins(r) if twins else r] for p in [None] + others)
+        for r in sub:
+            if done[0] >= slots():  # the precisions left out took their slots with them: no fall-back to recover
+                return
+            t = twins(r) if twins else r
+            yield from (c for p in [None] + others for c in [candidate(t, p)] if reachable(c))
 
     def chosen(key: str) -> str:  # the sub-network tried in place of a front point (its uniform twin, or itself)
         return twins.chosen.get(key, key) if twins else key
 
-    # measured-feasible exports before the Pareto cut: every precision of each sub-network, and the unpruned one's
-    slots = (lambda: picks() * (1 + len(others)) + len(unpruned_other)) if first else n * (1 + len(others))
+    def slots() -> int:  # measured-feasible exports before the Pareto cut: every precision of each sub-network but
+        # those out of reach (which draw no fall-back in), and the unpruned network's where it ships in another
+        each = picks() * (1 + len(others)) + len(unpruned_other) if first else n * (1 + len(others))
+        return each - sum(1 for c, _ in unreachable if c.subnet != full)
     with beside_own[0]:
         selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
                                       min_metric=floor if floor is not None else sensible, min_metric_reason=
                                       "the accuracy limit" if floor is not None else SENSIBLE_REASON.format(constant),
                                       model_or_supernet=run.supernet, tokenizer=run.tokenizer,
                                       run_dir=folder, export_fn=export_fn, on_outcome=outcome, **common)
+    selection.not_exported = unreachable
     if others:
         selection = keep_non_dominated(selection, n, folder)
     if floor is not None and not selection.shipped:

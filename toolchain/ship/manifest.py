@@ -76,9 +76,12 @@ def write_manifest(run_dir: str | Path, settings: dict, timings: dict, hypervolu
         entries = [_point_entry(p, run_dir, True) for p in points.shipped]
         entries += [_point_entry(p, run_dir, False) for p, _ in points.rejected]
         failed = [{"subnetwork": c.subnet.to_dict(), "error": err} for c, err in points.failed]
+        not_exported = [{"subnetwork": c.subnet.to_dict(), "precision": c.precision,
+                         "predicted_latency_ms": c.predicted.get("latency_ms"), "why": why}
+                        for c, why in points.not_exported]
     else:
         entries = [_point_entry(p, run_dir) for p in points]
-        failed = []
+        failed, not_exported = [], []
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -89,6 +92,7 @@ def write_manifest(run_dir: str | Path, settings: dict, timings: dict, hypervolu
         "num_feasible": sum(e["feasible"] for e in entries),
         "points": entries,
         "failed": failed,
+        "not_exported": not_exported,
         "versions": versions(),
     }
     return write_json_atomic(run_dir / "manifest.json", manifest)

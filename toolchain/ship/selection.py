@@ -39,6 +39,8 @@ class Selection:
     rejected: list[tuple[ExportResult, str]]  # (export, why)
     failed: list[tuple[Candidate, str]]  # (candidate, error) -- export or verification failed
     exhausted: bool  # candidates ran out before n_points were shipped
+    # (candidate, why) -- not exported: predicted over the budget beyond what its table ever mispredicted
+    not_exported: list[tuple[Candidate, str]] = field(default_factory=list)
 
     def report(self) -> str:
         lines = [f"shipped {len(self.shipped)} point(s)"]
@@ -46,6 +48,8 @@ class Selection:
             lines.append(f"  not shipped: {r.point_id}: {why}")
         for c, err in self.failed:
             lines.append(f"  export failed: {c.subnet}: {err}")
+        for c, why in self.not_exported:
+            lines.append(f"  not exported: {c.subnet.key()} ({c.precision or 'the compile precision'}): {why}")
         if self.exhausted:
             lines.append("  candidates ran out before the requested number of feasible points was reached")
         return "\n".join(lines)
@@ -76,6 +80,29 @@ def sensible_floor(unpruned: float | None, constant: float) -> float | None:
     if unpruned is None or unpruned <= constant:
         return None
     return constant + SENSIBLE_SHARE * (unpruned - constant)
+
+
+#: a candidate is not exported when its prediction times the smallest measured / predicted ratio of its table's
+#: validation, less this margin, is still over the budget: no reading it could get would ship it. Under --max-latency
+#: 3ms a default compile exported and measured the fp32 twins of its int8 points, predicted 3.5-4.7 ms, to reject
+#: them; the rejections then drew fall-back sub-networks in, each recovered (731 s, against 436 s before)
+UNREACHABLE_MARGIN = 0.05
+
+
+def out_of_reach(predicted_ms: float | None, table, max_latency_ms: float | None) -> str | None:
+    """Why a candidate predicted at ``predicted_ms`` by ``table`` cannot meet ``max_latency_ms`` (see
+    :data:`UNREACHABLE_MARGIN`), or ``None``: it may (also without a budget, a prediction or validation residuals)."""
+    if max_latency_ms is None or predicted_ms is None or table is None:
+        return None
+    residuals, _ = table.latency_residuals()
+    if not residuals:
+        return None
+    ratio = 1.0 + min(residuals)
+    best = predicted_ms * ratio * (1.0 - UNREACHABLE_MARGIN)
+    if best <= max_latency_ms:
+        return None
+    return (f"predicted {predicted_ms:.2f} ms; at the smallest measured / predicted ratio of its table's validation "
+            f"({ratio:.3f}) less {UNREACHABLE_MARGIN:.0%}, {best:.2f} ms > max {max_latency_ms:g} ms")
 
 
 def export_order(front: list[dict], n: int, most_accurate: bool = True) -> list[dict]:
@@ -277,7 +304,7 @@ def keep_non_dominated(selection: Selection, n_points: int, run_dir: str | Path)
         log.info("not shipping %s: %s", r.point_id, why)
         _reject(r, why, Path(run_dir) / "rejected")
     kept.sort(key=lambda r: -key(r)[0])  # the most accurate first
-    return Selection(kept, selection.rejected + dropped, selection.failed, selection.exhausted)
+    return Selection(kept, selection.rejected + dropped, selection.failed, selection.exhausted, selection.not_exported)
 
 
 def pick_points(front: list[tuple[float, float]], n: int, *, close_ms: float = 0.5,
