@@ -178,7 +178,9 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
             assert len(info["measured"]["latency"]["rounds_ms"]) == len(info["measured"]["reference"]["rounds_ms"])
             assert info["measured"]["memory_mb"] == before["measured_memory_mb"]
     assert json.loads((out / again["settings"]["unpruned"]["path"] / "nasprune.json").read_text())["reused"]
-    capsys.readouterr()
+    assert all(p["reused"] for p in again["points"] if (json.dumps(p["subnetwork"], sort_keys=True), p["precision"])
+               in first)
+    assert "copied from the cache of their recovered points" in capsys.readouterr().out
 
     # a finished run is never overwritten without --overwrite
     before = (out / "manifest.json").read_text()

@@ -587,3 +587,20 @@ def test_export_order_ships_the_fastest_point_nearly_as_accurate_as_the_unpruned
     front = [{"id": i, "error": 1 - m, "latency": lat} for i, (m, lat) in enumerate(scores)]
     assert [r["id"] for r in export_order(front, 3, most_accurate=False)][:3] == [0, 5, 2]
     assert [r["id"] for r in export_order(front, 3)][:3] == [6, 0, 5]
+
+
+def test_candidates_not_exported_are_listed_in_the_manifest_and_the_cli_table(tmp_path):
+    """A precision predicted over the budget beyond its table's errors: manifest ``not_exported`` and one CLI line
+    (the compile's own precision where the candidate names none)."""
+    from toolchain.ship.selection import Selection
+
+    far = [(Candidate(SubNetwork(heads=(2,), units=(8,)), {"latency_ms": 5.05}, precision="int8"), "too slow"),
+           (Candidate(SubNetwork(heads=(1,), units=(4,)), {"latency_ms": 4.82}), "too slow")]
+    path = write_manifest(tmp_path, {"precision": "fp32"}, {}, None, Selection([], [], [], True, far))
+    manifest = json.loads(path.read_text())
+    assert [(c["precision"], c["predicted_latency_ms"], c["why"]) for c in manifest["not_exported"]] == [
+        ("int8", 5.05, "too slow"), (None, 4.82, "too slow")]
+    line = manifest_lines(manifest)[-1]
+    assert line.startswith("not exported, predicted over the budget") and "in int8 (5.05 ms)" in line
+    assert f"{SubNetwork(heads=(1,), units=(4,)).key()} in fp32 (4.82 ms)" in line
+    assert "not exported:" in Selection([], [], [], True, far).report()

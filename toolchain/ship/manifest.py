@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from toolchain.core.subnetwork import SubNetwork
 from toolchain.ship.export import ExportResult, metric_before_recovery, metric_dev
 from toolchain.ship.jsonfile import versions, write_json_atomic
 from toolchain.ship.selection import Selection
@@ -56,6 +57,8 @@ def _point_entry(p: ExportResult | dict, run_dir: Path, feasible: bool | None = 
         # true: measured while the machine was disturbed (busy, or faster than usual), its budget judged by the
         # drift-corrected latency (selection.disturbed_reading)
         "judged_drift_corrected": bool(info.get("judged_drift_corrected", False)),
+        # true: the export was copied from its recovered point's cache, its latency measured again (export_cache)
+        "reused": bool(info.get("reused")),
         "attention_fused_ok": (info.get("onnx") or {}).get("attention_fused_ok"),
         # the search's point and its twins, how they scored in recovery, and which was exported (toolchain.twins)
         "uniform_twin": (info.get("extra") or {}).get("uniform_twin"),
@@ -165,6 +168,16 @@ def manifest_lines(manifest: dict) -> list[str]:
     for (twin, point), t in twins.items():
         lines.append(f"{twin}: the {TWINS[t['chosen']]} of the search's {point}, exported in its place ({t['metric']} "
                      f"{t[t['chosen'] + '_score_after_recovery']:.4f} after recovery; {twin_comparison(t)})")
+    reused = sum(bool(p.get("reused")) for p in manifest["points"])
+    if reused:
+        lines.append(f"{reused} of {len(manifest['points'])} exports copied from the cache of their recovered points, "
+                     "their latency measured again (nasprune.json: reused)")
+    skipped = manifest.get("not_exported") or []
+    if skipped:
+        own = manifest["settings"].get("precision")
+        lines.append("not exported, predicted over the budget beyond every error of their table: " + ", ".join(
+            f"{SubNetwork.from_dict(c['subnetwork']).key()} in {c['precision'] or own} ({c['predicted_latency_ms']:.2f}"
+            " ms)" for c in skipped))
     if not all(p.get("measured_on_target", True) for p in manifest["points"]):
         lines.append(NOT_ON_TARGET)
     return lines
