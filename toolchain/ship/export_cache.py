@@ -62,15 +62,9 @@ def export_key(precision: str, target, metric_data: MetricData | None, lengths) 
 
 
 def _copy(src: Path, dst: Path) -> None:
-    """``src``'s files into the new folder ``dst``: hard links where the file system allows (the ONNX models are
-    never written in place), else copies."""
-    def link_or_copy(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, dst, copy_function=link_or_copy)
+    """``src``'s files into the new folder ``dst``: copies, not links, so that a user who edits a shipped model in
+    place does not change the kept one (a second or so for an fp32 export of the default model)."""
+    shutil.copytree(src, dst)
 
 
 def reuse_or_export(store: Path, key: str, out_dir: Path, build: Callable[[], ExportResult], *, point_id: str,
