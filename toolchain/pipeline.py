@@ -332,11 +332,15 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
     unreachable: list[tuple[Candidate, str]] = []  # not exported: predicted over budget beyond its table's errors
 
+    exported_subnets: set[str] = set()  # sub-networks exported in at least one precision
+
     def reachable(c: Candidate) -> bool:
         why = out_of_reach(c.predicted["latency_ms"], tables.get(c.precision or precision), opts.max_latency)
         if why is not None:
             log.info("not exporting %s in %s: %s", c.subnet.key(), c.precision or precision, why)
             unreachable.append((c, why))
+        else:
+            exported_subnets.add(c.subnet.key())
         return why is None
 
     def cands():  # lazily: the sub-networks to pick are decided once the unpruned network was tried in the others
@@ -353,9 +357,11 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         return twins.chosen.get(key, key) if twins else key
 
     def slots() -> int:  # measured-feasible exports before the Pareto cut: every precision of each sub-network but
-        # those out of reach (which draw no fall-back in), and the unpruned network's where it ships in another
+        # those out of reach where another precision of it is not (they draw no fall-back in: the sub-network is
+        # tried), and the unpruned network's where it ships in another
         each = picks() * (1 + len(others)) + len(unpruned_other) if first else n * (1 + len(others))
-        return each - sum(1 for c, _ in unreachable if c.subnet != full)
+        return each - sum(1 for c, _ in unreachable if c.subnet != full and c.subnet.key() in exported_subnets)
+
     with beside_own[0]:
         selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
                                       min_metric=floor if floor is not None else sensible, min_metric_reason=
