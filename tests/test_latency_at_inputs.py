@@ -392,18 +392,19 @@ def test_each_precision_is_measured_beside_the_unpruned_network_in_it(target, ti
     fp32, int8 = _table(speed=12.0), _table(speed=5.0)
     fp32.data["fingerprint"], int8.data["fingerprint"] = target.fingerprint("fp32"), target.fingerprint("int8")
     base = Reference(ref.path / "model.onnx", 12.0)
-    with References(base, "fp32", {"fp32": fp32, "int8": int8}, target, tiny) as refs:
-        assert refs(None) is base and refs("fp32") is base
-        own = refs("int8")
-        assert own is refs("int8") and own.onnx.is_file() and own.speed_ms == 5.0 and own.name == "unpruned (int8)"
+    with References("fp32", {"fp32": fp32, "int8": int8}, target, tiny) as refs:
+        assert refs(None, base) is base and refs("fp32", base) is base
+        own = refs("int8", base)
+        assert own is refs("int8", base) and own.onnx.is_file() and own.speed_ms == 5.0
+        assert own.name == "unpruned (int8)"
         assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(own.onnx)).graph.node}
         runs = {"warmup": 1, "min_reps": 3, "max_reps": 3, "min_time_s": 0.0}
         m = measure_exported(own.onnx, meter_settings(target, None, 1, 32), tiny.config.vocab_size, reference=own,
                              memory=False, measurement=runs, retakes=0)
         assert m["reference"]["model"] == "unpruned (int8)" and m["reference"]["speed_ms"] == 5.0
     assert not own.onnx.exists()
-    with References(base, "fp32", {"fp32": fp32}, target, tiny) as refs:  # no int8 table: no frame of its own
-        assert refs("int8") is base
+    with References("fp32", {"fp32": fp32}, target, tiny) as refs:  # no int8 table: no frame of its own
+        assert refs("int8", base) is base
 
 
 def test_an_export_is_kept_and_reused_with_its_latency_measured_again(tmp_path, target, tiny, tokenizer, exported):

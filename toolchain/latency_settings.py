@@ -105,20 +105,21 @@ class References:
     alike. In one default compile the fp32 reference read 8-16 % slow during the int8 exports while the int8 points
     read within 1-9 % of their predictions, so rescaling an int8 reading by the fp32 reference over-corrected it.
 
-    ``base``: the reference of ``precision`` (the exported unpruned model); ``tables``: precision -> latency table;
-    ``model``: the unpruned network, built once into a temporary folder per other precision (as its table's
-    calibration built it, :func:`latency_models.grid.export_graph`) when an export of that precision first needs it.
-    A context manager: the folder is removed on exit."""
+    ``precision``: the compile's, whose exports keep the reference they are given (the exported unpruned model);
+    ``tables``: precision -> latency table; ``model``: the unpruned network, built once into a temporary folder per
+    other precision (as its table's calibration built it, :func:`latency_models.grid.export_graph`) when an export
+    of that precision first needs it. A context manager: the folder is removed on exit."""
 
-    def __init__(self, base: Reference, precision: str, tables: dict, target: Target, model):
-        self.base, self.precision, self.tables, self.target, self.model = base, precision, tables, target, model
+    def __init__(self, precision: str, tables: dict, target: Target, model):
+        self.precision, self.tables, self.target, self.model = precision, tables, target, model
         self._made: dict[str, Reference] = {}
         self._tmp: Path | None = None
 
-    def __call__(self, precision: str | None) -> Reference:
+    def __call__(self, precision: str | None, base: Reference) -> Reference:
+        """The reference of an export in ``precision`` (``None``: the compile's); ``base``: the compile precision's."""
         p = precision or self.precision
         if p == self.precision or p not in self.tables:
-            return self.base
+            return base
         if p not in self._made:
             from latency_models.grid import export_graph
 

@@ -246,11 +246,11 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
     recover = opts.recover and not scales  # an rfp point keeps its own rescaling, no distillation
     settings = opts.recover_settings()
 
-    beside_own: list[References] = []  # once the unpruned model is exported: each point beside it in its precision
+    # each point is measured beside the unpruned network in its own precision (the reference export in the compile's)
+    beside_own = References(precision, tables, target, run.supernet.slice(run.supernet.full()))
 
     def export_fn(supernet, subnet, *args, extra=None, **kwargs):
-        if beside_own:
-            kwargs["reference"] = beside_own[0](kwargs.get("precision"))
+        kwargs["reference"] = beside_own(kwargs.get("precision"), kwargs["reference"])
         if not recover:  # an rfp point runs on its own rescaled copy
             return export_point(point_supernet(run, subnet, scales.get(subnet.key())), subnet, *args, extra=extra,
                                 **kwargs)
@@ -278,7 +278,6 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
                     predicted={"latency_ms": table.predict_latency(full), "memory_mb": table.predict_memory(full)},
                     point_id="unpruned", overwrite=True, reference=beside, **common)
     common["reference"] = replace(beside, onnx=ref.path / "model.onnx")
-    beside_own.append(References(common["reference"], precision, tables, target, run.supernet.slice(full)))
     unpruned = {"parameters": ref.parameters, "measured_latency_ms": ref.measured_latency_ms,
                 "measured_latency_drift_corrected_ms": ref.measured_latency_drift_corrected_ms,
                 "predicted_latency_ms": table.predict_latency(full), "measured_memory_mb": ref.measured_memory_mb,
@@ -332,7 +331,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
 
     unreachable: list[tuple[Candidate, str]] = []  # not exported: predicted over budget beyond its table's errors
 
-    exported_subnets: set[str] = set()  # sub-networks exported in at least one precision
+    tried_subnets: set[str] = set()  # sub-networks with at least one precision within reach (exported, or tried)
 
     def reachable(c: Candidate) -> bool:
         why = out_of_reach(c.predicted["latency_ms"], tables.get(c.precision or precision), opts.max_latency)
@@ -340,7 +339,7 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
             log.info("not exporting %s in %s: %s", c.subnet.key(), c.precision or precision, why)
             unreachable.append((c, why))
         else:
-            exported_subnets.add(c.subnet.key())
+            tried_subnets.add(c.subnet.key())
         return why is None
 
     def cands():  # lazily: the sub-networks to pick are decided once the unpruned network was tried in the others
@@ -360,9 +359,9 @@ def export_stage(run: Run, table, target: Target, precision: str, front: list[di
         # those out of reach where another precision of it is not (they draw no fall-back in: the sub-network is
         # tried), and the unpruned network's where it ships in another
         each = picks() * (1 + len(others)) + len(unpruned_other) if first else n * (1 + len(others))
-        return each - sum(1 for c, _ in unreachable if c.subnet != full and c.subnet.key() in exported_subnets)
+        return each - sum(1 for c, _ in unreachable if c.subnet != full and c.subnet.key() in tried_subnets)
 
-    with beside_own[0]:
+    with beside_own:
         selection = select_and_export(cands(), slots, opts.max_latency, max_memory_mb=opts.max_memory,
                                       min_metric=floor if floor is not None else sensible, min_metric_reason=
                                       "the accuracy limit" if floor is not None else SENSIBLE_REASON.format(constant),

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.core.atomic import write_json_atomic
+from toolchain.core.subnetwork import SubNetwork
 from toolchain.ship.export import FORMAT, ExportResult
 from toolchain.ship.jsonfile import versions
 from toolchain.ship.verify import MetricData, Reference, measure_exported, meter_settings
@@ -61,12 +62,6 @@ def export_key(precision: str, target, metric_data: MetricData | None, lengths) 
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """``src``'s files into the new folder ``dst``: copies, not links, so that a user who edits a shipped model in
-    place does not change the kept one (a second or so for an fp32 export of the default model)."""
-    shutil.copytree(src, dst)
-
-
 def reuse_or_export(store: Path, key: str, out_dir: Path, build: Callable[[], ExportResult], *, point_id: str,
                     predicted: dict | None, extra: dict | None, target, reference: Reference | None) -> ExportResult:
     """The export ``build()`` would write to ``out_dir``, from ``store / key`` when it holds it (then only its latency
@@ -76,7 +71,7 @@ def reuse_or_export(store: Path, key: str, out_dir: Path, build: Callable[[], Ex
         res = build()
         tmp = store / f".{key}.partial-{uuid.uuid4().hex[:8]}"
         try:
-            _copy(res.path, tmp)
+            shutil.copytree(res.path, tmp)  # copies, not links: editing a shipped model leaves the kept one
             os.replace(tmp, cached)
         except OSError as e:  # a full disk must not fail the compile: the next one builds it again
             shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +81,7 @@ def reuse_or_export(store: Path, key: str, out_dir: Path, build: Callable[[], Ex
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _copy(cached, tmp)
+        shutil.copytree(cached, tmp)  # (a second or so for an fp32 export of the default model)
         info = json.loads((tmp / "nasprune.json").read_text())
         vocab = json.loads((tmp / "config.json").read_text())["vocab_size"]
         settings = meter_settings(target, None, info["batch_size"], info["sequence_length"])
@@ -112,10 +107,4 @@ def reuse_or_export(store: Path, key: str, out_dir: Path, build: Callable[[], Ex
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("export %s reused from %s (latency measured again)", point_id, cached)
-    return ExportResult(path=out_dir, point_id=point_id, subnet=_subnet(info), info=info)
-
-
-def _subnet(info: dict):
-    from toolchain.core.subnetwork import SubNetwork
-
-    return SubNetwork.from_dict(info["subnetwork"])
+    return ExportResult(path=out_dir, point_id=point_id, subnet=SubNetwork.from_dict(info["subnetwork"]), info=info)
