@@ -6,14 +6,15 @@ the blocks of most (heads, units) cells put together from the measured cross of 
 (:func:`latency_models.assemble.fill_cross`). Random validation sub-networks mix layer sizes, so their errors do not
 say which cells are off. Here each network repeats one cell in every layer: its error, spread over its layers, is the
 error of that cell's block (after the calibration). Each network is measured right after the unpruned network, and
-its reading is drift-corrected to the table's calibration speed, as a compile's exports are.
+its reading is drift-corrected to the table's calibration speed, as a compile's exports are
+(:func:`targets.meter.measure_beside`, :func:`targets.meter.paired_drift_corrected`).
 
     python benchmarks/probe_uniform_layers.py --table T.json [--precision int8] [--length 128]
-        [--cells 1x128,2x256,...] [--rounds 2]
+        [--cells 1x128,2x256,...] [--rounds 3]
 
 ``--table``: a latency table of the default model (e.g. ``<cache>/tables/*.json`` after a compile, or
-``benchmarks/results/*.json`` after bench_latency), of the precision given. Prints one line per network and round;
-nothing is written.
+``benchmarks/results/*.json`` after bench_latency), of the precision given. Prints one line per network (the median
+of its rounds, each round too); nothing is written.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=None, help="sequence length (default: the table's own)")
     ap.add_argument("--cells", default=DEFAULT_CELLS,
                     help="comma-separated HEADSxUNITS cells, each repeated in every layer")
-    ap.add_argument("--rounds", type=int, default=2, help="times each network is measured (each beside the reference)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds per network, each right after one of the unpruned network (the median is reported)")
     args = ap.parse_args(argv)
     try:
         cells = [cell(c) for c in args.cells.split(",")]
@@ -57,13 +59,16 @@ def main(argv=None) -> int:
     if not Path(args.table).is_file():
         ap.error(f"no latency table at {args.table}")
 
+    import tempfile
+
     import torch
 
-    from latency_models.calibration import measure_subnet
-    from latency_models.grid import Worker, config_for
+    from latency_models.grid import Worker, config_for, export_graph
     from latency_models.lookup_table import LatencyTable
     from targets import load_target
+    from targets.meter import drift_corrected, measure_beside, paired_drift_corrected
     from toolchain.core.modeling import ModelDims, load_config, model_from_config
+    from toolchain.core.slicing import slice_model
     from toolchain.core.subnetwork import SubNetwork
 
     warnings.filterwarnings("ignore")
@@ -80,21 +85,25 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = model_from_config(config_for(dims, config)).eval()
     layers = dims.num_layers
-    full = SubNetwork([dims.num_heads] * layers, [dims.intermediate_size] * layers)
     speed = table.calibration["latency"]["reference_ms"]
     print(f"{args.table}: {args.precision}, {length} tokens, the unpruned network at {speed:.3f} ms at calibration")
-    print("round  heads  units   raw ms  predicted  measured  drift-corr.  error   error per layer (ms)")
+    print("heads  units   raw ms  predicted  measured  drift-corr.  error   per layer (ms)  rounds drift-corr. (ms)")
     worker = Worker()
     try:
-        for rnd in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="nasprune-probe-") as tmp:
+            # each graph exported once; each round of a network right after one of the unpruned network
+            ref = export_graph(model, Path(tmp) / "reference.onnx", args.precision, target)
             for heads, units in cells:
                 net = SubNetwork([heads] * layers, [units] * layers)
-                ref = measure_subnet(model, full, target, args.precision, worker=worker)["latency_ms"]
-                got = measure_subnet(model, net, target, args.precision, worker=worker)["latency_ms"]
-                dc = got * speed / ref
-                pred = table.predict_latency(net)
-                print(f"{rnd:5d}  {heads:5d}  {units:5d}  {table.raw_latency(net):7.3f}  {pred:9.3f}  {got:8.3f}  "
-                      f"{dc:11.3f}  {(dc / pred - 1) * 100:+5.1f}%  {(dc - pred) / layers:+.3f}", flush=True)
+                dst = export_graph(slice_model(model, net), Path(tmp) / f"{heads}x{units}.onnx", args.precision,
+                                   target)
+                got = measure_beside(lambda p: worker.measure(p, target, dims.vocab_size), dst, ref, args.rounds)
+                dc, pred = paired_drift_corrected(got, speed), table.predict_latency(net)
+                rounds = drift_corrected(got["rounds_ms"], got["reference_rounds_ms"], speed)
+                print(f"{heads:5d}  {units:5d}  {table.raw_latency(net):7.3f}  {pred:9.3f}  {got['latency_ms']:8.3f}  "
+                      f"{dc:11.3f}  {(dc / pred - 1) * 100:+5.1f}%  {(dc - pred) / layers:+14.3f}  "
+                      + " ".join(f"{x:.3f}" for x in rounds), flush=True)
+                dst.unlink()
     finally:
         worker.close()
     return 0
