@@ -75,8 +75,8 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
     """The bundle's end-to-end part: the unpruned network (the reference) and the random sub-networks that
     nasprune's own profile calibrates and validates on (same space, same seeds: :func:`calibration.samples`),
     built as compile builds them (random weights of the real architecture), stored seeded under
-    ``graphs/e2e/``. The first :data:`calibration.LENGTH_SAMPLES` of each set are measured at the other
-    ``lengths`` too (entries ``<key>@<length>``, one round each), as a host profile does."""
+    ``graphs/e2e/``. Every calibration sample and the first :data:`calibration.LENGTH_SAMPLES` validation samples
+    are measured at the other ``lengths`` too (entries ``<key>@<length>``, one round each), as a host profile does."""
     import tempfile
 
     import torch
@@ -105,7 +105,7 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
                 out["reference"] = entry
             else:
                 out[name].append(entry)
-                if i < LENGTH_SAMPLES:
+                if name == "calibration" or i < LENGTH_SAMPLES:
                     out[name].extend({**entry, "key": f"{key}@{n}", "length": n, "rounds": 1}
                                      for n in lengths if n != target.sequence_length)
             if bar:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from latency_models import bundle_runner as runner
-from latency_models.calibration import calibrate, validate
+from latency_models.calibration import LENGTH_SAMPLES, calibrate, validate
 from latency_models.assemble import assemble_table
 from latency_models.grid import (DEFAULT_LENGTHS, DEFAULT_UNIT_STEP, MicroGraphBuilder, Worker, as_target, config_for,
                                   make_manifest, table_lengths)
@@ -22,7 +22,8 @@ from latency_models.lookup_table import LatencyTable
 def profile(dims, target, precision: str | None, out_path, model_config=None, unit_step: int = DEFAULT_UNIT_STEP,
             progress: bool = True, *, resume: bool = True, measurement: dict | None = None,
             on_point: Callable | None = None, model=None, calibrate_samples: int = 0, validate_samples: int = 0,
-            space: str = "medium", seed: int = 0, lengths=DEFAULT_LENGTHS) -> LatencyTable:
+            space: str = "medium", seed: int = 0, lengths=DEFAULT_LENGTHS,
+            length_validation: int = LENGTH_SAMPLES) -> LatencyTable:
     """Profile ``dims``' blocks on ``target`` at ``precision``; write and return the :class:`LatencyTable`.
 
     Grid: every head count 0..H, units every ``unit_step`` (0..I). Each point's result is appended to
@@ -31,9 +32,10 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
     sub-networks of ``space`` (of ``model``, or a random-weight model of ``model_config`` / ``dims``) are measured
     end to end to fit the calibration and to record the validation error.
 
-    The table covers the sequence ``lengths`` the model takes besides the target's own: the cross of the grid and
-    the first end-to-end samples are measured at each too (:func:`latency_models.grid.make_manifest`,
-    :data:`latency_models.calibration.LENGTH_SAMPLES`); ``lengths=()``: the target's length only.
+    The table covers the sequence ``lengths`` the model takes besides the target's own: the cross of the grid, every
+    calibration sample and the first ``length_validation`` validation samples are measured at each too
+    (:func:`latency_models.grid.make_manifest`, :data:`latency_models.calibration.LENGTH_SAMPLES`); ``lengths=()``:
+    the target's length only.
     """
     target = as_target(target)
     precision = target.check_precision(precision)
@@ -74,7 +76,7 @@ def profile(dims, target, precision: str | None, out_path, model_config=None, un
                           progress=progress)
             if validate_samples:
                 validate(table, model, sp, validate_samples, seed=seed + 1, target=target, worker=worker,
-                         progress=progress)
+                         progress=progress, length_samples=length_validation)
     data["measurement"]["wall_s"] = time.perf_counter() - t0
     table.save(out_path)
     runner.partial_path_for(out_path).unlink(missing_ok=True)

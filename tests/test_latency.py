@@ -341,8 +341,10 @@ def bundle(setup):
     from latency_models.bundle import write_bundle
 
     d, target, cfg, dims = setup
-    folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
-                          progress=False, calibrate_samples=4, validate_samples=3)
+    with pytest.MonkeyPatch.context() as mp:  # 2 validation samples at the other lengths (8 by default), every
+        mp.setattr("latency_models.bundle.LENGTH_SAMPLES", 2)  # calibration sample at every length
+        folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
+                              progress=False, calibrate_samples=4, validate_samples=3)
     return folder
 
 
@@ -365,7 +367,7 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     assert len(list((bundle / "graphs").glob("*.onnx.z"))) == len(files) == 7 and len(manifest["graphs"]) == 7 + 2 * 7
     e2e = manifest["end_to_end"]
     assert [len([e for e in e2e[k] if "length" not in e]) for k in ("calibration", "validation")] == [4, 3]
-    assert [len(e2e[k]) for k in ("calibration", "validation")] == [4 + 2 * 4, 3 + 2 * 3] and e2e["reference"]["subnet"]
+    assert [len(e2e[k]) for k in ("calibration", "validation")] == [4 + 2 * 4, 3 + 2 * 2] and e2e["reference"]["subnet"]
     block = tmp_path / "block"
     block.mkdir()
     for mod in ("torch", "toolchain", "latency_models", "targets", "transformers"):
@@ -374,7 +376,7 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     r = _run_bundle(sys.executable, bundle, out, {"PYTHONPATH": str(block)})
     assert r.returncode == 0, r.stderr
     raw = json.loads(out.read_text())
-    assert raw["calibration"]["latency"]["n"] == 0 and len(raw["end_to_end"]["validation"]) == 9  # the device fits nothing
+    assert raw["calibration"]["latency"]["n"] == 0 and len(raw["end_to_end"]["validation"]) == 7  # the device fits nothing
     table = LatencyTable.load(out)
     assert table.precision == "int8" and table.data["measurement"]["where"].startswith("bundle")
     assert table.fingerprint == target.fingerprint("int8") | {"target": "tiny-cpu"}
@@ -390,7 +392,7 @@ def test_bundle_contents_and_run_without_torch_import(bundle, tmp_path, setup):
     assert table.lengths() == [16, 32, 64]
     for n in (16, 64):  # and at the other lengths, from the samples measured there
         at = table.at_length(n)
-        assert at.calibration["latency"]["n"] == 5 and at.validation["latency"]["n"] == 3
+        assert at.calibration["latency"]["n"] == 5 and at.validation["latency"]["n"] == 2
         assert at.fingerprint["sequence_length"] == n
 
 

@@ -592,12 +592,14 @@ def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeyp
     own = default_table_path(target, "fp32", dims)
     fast = {"warmup": 1, "min_reps": 3, "min_time_s": 0.01, "max_reps": 50}
     made = profile(dims, target, "fp32", own, model_config=cfg, unit_step=8, progress=False, measurement=fast,
-                   calibrate_samples=3, validate_samples=2)
-    assert made.lengths() == [16, 32, 64] and made.at_length(64).validation["latency"]["n"] == 2
+                   calibrate_samples=3, validate_samples=2, length_validation=1)
+    # every calibration sample at every length; of the validation samples, the first length_validation
+    assert made.lengths() == [16, 32, 64] and made.at_length(64).validation["latency"]["n"] == 1
+    assert made.validation["latency"]["n"] == 2
     assert made.at_length(16).calibration["latency"]["n"] == 4  # 3 samples + the unpruned network
     opts = CompileOptions(target=str(target.source), sequence_length=48)
     at48 = opts.resolved_target()
     table = latency_table_for(opts, at48, "fp32", dims, cfg)
     assert table.sequence_length == 48 and table.path == own and table.validation["interpolated"] == [32, 64]
     assert not default_table_path(at48, "fp32", dims).exists()  # nothing profiled at 48
-    assert len(table.latency_residuals()[0]) == 4  # both neighbours' validation residuals
+    assert len(table.latency_residuals()[0]) == 3  # both neighbours' validation residuals (32: 2, 64: 1)
