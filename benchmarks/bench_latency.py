@@ -4,10 +4,11 @@ target's length 128 and the other lengths a table covers), then predict and meas
 sub-networks end to end (sliced, exported, fused ONNX) at lengths 32, 128 and 256.
 
     python benchmarks/bench_latency.py [--model PATH] [--precisions fp32 int8] [--lengths 32,128,256]
-                                       [--validate 16] [--calibrate 16] [--seed 0]
+                                       [--validate 16] [--calibrate 16] [--length-validate N] [--seed 0]
 
-The defaults are a compile's own profile (16 calibration and 16 validation sub-networks at the target's length,
-the first 8 of each at every other length). Prints MAPE and the share of predictions within +-5 % / +-10 % for
+The profile is a compile's (the calibration sub-networks measured at every length of the table), with 16
+calibration and 16 validation sub-networks; all 16 validation sub-networks are measured at every other length too
+(a compile's profile validates the first 8 there: ``--length-validate 8``). Prints MAPE and the share of predictions within +-5 % / +-10 % for
 latency and peak memory at each length, and the profiling wall time; writes its section of docs/benchmarks.md
 (between the bench_latency markers) and the tables to benchmarks/results/.
 """
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unit-step", type=int, default=128)
     ap.add_argument("--calibrate", type=int, default=16, help="sub-networks for the calibration fit")
     ap.add_argument("--validate", type=int, default=16, help="held-out sub-networks for validation")
+    ap.add_argument("--length-validate", type=int, default=None,
+                    help="of those, how many are validated at the table's other lengths too (default: all; a "
+                         f"compile's profile validates {LENGTH_SAMPLES} there)")
     ap.add_argument("--lengths", default="32,128,256", help="sequence lengths to report (measured lengths of the table)")
     ap.add_argument("--seed", type=int, default=0,
                     help="calibration sub-networks from this seed, validation ones from seed + 1")
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
     model = model_from_config(config_for(dims, config)).eval()
     load_start = os.getloadavg()[0]
     lengths = [int(n) for n in args.lengths.split(",")]
+    length_validate = args.validate if args.length_validate is None else args.length_validate
     rows = []
     for target, precision in [(t, p) for t in targets for p in args.precisions if p in t.precisions]:
         out = table_path(args.out_dir, dims, target.name, precision)
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             table = profile(dims, target, precision, out, model_config=config, unit_step=args.unit_step,
                             model=model, calibrate_samples=args.calibrate, validate_samples=args.validate,
-                            resume=False, space="medium", seed=args.seed)
+                            resume=False, space="medium", seed=args.seed, length_validation=length_validate)
             total = time.perf_counter() - t0
         m = table.data["measurement"]
         n_graphs = graphs_measured(table)
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
                           f"{100 * s['within_5']:.0f}%  within 10% {100 * s['within_10']:.0f}%  (n={s['n']})")
 
     fp = rows[0][2].fingerprint if rows else targets[0].fingerprint()
+    n_other = next((t.validation["latency"]["n"] for _, _, t, *_ in rows
+                    if t.sequence_length != targets[0].sequence_length), min(length_validate, args.validate))
     seed = rows[0][2].validation.get("seed", args.seed + 1) - 1 if rows else args.seed  # as measured (--from-results)
     lines = [
         "## Latency and memory predictors (`benchmarks/bench_latency.py`)",
@@ -148,9 +155,9 @@ def main(argv=None) -> int:
         f"Python {platform.python_version()}. Grid: heads 0..{dims.num_heads} x units every {args.unit_step}, "
         "of which only the cross is measured at every length (every head count without units, every unit count "
         "without heads, four diagonal cells; the other cells put together additively). "
-        f"Calibration on {args.calibrate} random sub-networks, validation on {args.validate} other (held-out) ones "
-        f"at the target's length, on the first {LENGTH_SAMPLES} of each at the table's other lengths "
-        f"(seeds {seed} and {seed + 1}), "
+        f"Calibration on {args.calibrate} random sub-networks at every length, validation on {args.validate} other "
+        f"(held-out) ones at the target's length, on the first {n_other} of them at the "
+        f"table's other lengths (seeds {seed} and {seed + 1}), "
         "their sizes spread from a tenth of the network to all of it; each sliced, exported with `build_onnx` and "
         "measured end to end (median latency; peak "
         "resident memory while running, see docs/profiling.md). Each sub-network is measured right after the "
