@@ -8,9 +8,9 @@ sub-networks end to end (sliced, exported, fused ONNX) at lengths 32, 128 and 25
 
 The profile is a compile's (the calibration sub-networks measured at every length of the table), with 16
 calibration and 16 validation sub-networks; all 16 validation sub-networks are measured at every other length too
-(a compile's profile validates the first 8 there: ``--length-validate 8``). Prints MAPE and the share of predictions within +-5 % / +-10 % for
-latency and peak memory at each length, and the profiling wall time; writes its section of docs/benchmarks.md
-(between the bench_latency markers) and the tables to benchmarks/results/.
+(a compile's profile validates the first 8 there: ``--length-validate 8``). Prints MAPE and the share of
+predictions within +-5 % / +-10 % for latency and peak memory at each length, and the profiling wall time; writes
+its section of docs/benchmarks.md (between the bench_latency markers) and the tables to benchmarks/results/.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _size(folder: Path) -> int:
 LENGTH_SAMPLES = 8
 
 
-def _measure_samples(table, model, space, n, seed, target, worker, progress, desc, length_samples=LENGTH_SAMPLES):
+def _measure_samples(table, model, space, n, seed, target, worker, progress, desc, length_samples):
     """Measure ``n`` random sub-networks end to end, alternating :data:`~targets.meter.E2E_ROUNDS` times with the
     unpruned network (the *reference*; :func:`targets.meter.measure_beside`, the export's rounds too):
     ``reference_ms`` says how fast the machine was at that moment, so drift of a shared machine over the minutes of
