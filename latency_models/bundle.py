@@ -71,11 +71,11 @@ def _store(src, dst: Path, rel: str, seed: int) -> dict:
 
 def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=None, calibrate_samples: int = 16,
                        validate_samples: int = 16, space: str = "medium", seed: int = 0, progress: bool = True,
-                       lengths=()) -> dict:
+                       lengths=(), length_validation: int = LENGTH_SAMPLES) -> dict:
     """The bundle's end-to-end part: the unpruned network (the reference) and the random sub-networks that
     nasprune's own profile calibrates and validates on (same space, same seeds: :func:`calibration.samples`),
     built as compile builds them (random weights of the real architecture), stored seeded under
-    ``graphs/e2e/``. Every calibration sample and the first :data:`calibration.LENGTH_SAMPLES` validation samples
+    ``graphs/e2e/``. Every calibration sample and the first ``length_validation`` validation samples
     are measured at the other ``lengths`` too (entries ``<key>@<length>``, one round each), as a host profile does."""
     import tempfile
 
@@ -105,7 +105,7 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
                 out["reference"] = entry
             else:
                 out[name].append(entry)
-                if name == "calibration" or i < LENGTH_SAMPLES:
+                if name == "calibration" or i < length_validation:
                     out[name].extend({**entry, "key": f"{key}@{n}", "length": n, "rounds": 1}
                                      for n in lengths if n != target.sequence_length)
             if bar:
@@ -118,7 +118,7 @@ def end_to_end_entries(dims, target, precision: str, dst: Path, model_config=Non
 def write_bundle(dims, target, precision: str | None, dst_dir, model_config=None,
                  unit_step: int = DEFAULT_UNIT_STEP, measurement: dict | None = None, progress: bool = True,
                  calibrate_samples: int = 16, validate_samples: int = 16, space: str = "medium",
-                 seed: int = 0, lengths=DEFAULT_LENGTHS) -> Path:
+                 seed: int = 0, lengths=DEFAULT_LENGTHS, length_validation: int = LENGTH_SAMPLES) -> Path:
     """Write the micro-graphs (``graphs/*.onnx.z``, weights generated on the device from a seed:
     :func:`store_seeded`), the end-to-end calibration and validation sub-networks (:func:`end_to_end_entries`),
     ``manifest.json``, ``run_profile.py`` (a copy of :mod:`latency_models.bundle_runner`, with its meter and session
@@ -149,7 +149,8 @@ def write_bundle(dims, target, precision: str | None, dst_dir, model_config=None
         bar.close()
     if calibrate_samples or validate_samples:
         manifest["end_to_end"] = end_to_end_entries(dims, target, precision, dst, model_config, calibrate_samples,
-                                                    validate_samples, space, seed, progress, lengths)
+                                                    validate_samples, space, seed, progress, lengths,
+                                                    length_validation)
     runner.write_json(dst / "manifest.json", manifest)
     shutil.copyfile(runner.__file__, dst / "run_profile.py")
     shutil.copyfile(targets.meter.__file__, dst / "nasprune_meter.py")

@@ -341,10 +341,9 @@ def bundle(setup):
     from latency_models.bundle import write_bundle
 
     d, target, cfg, dims = setup
-    with pytest.MonkeyPatch.context() as mp:  # 2 validation samples at the other lengths (8 by default), every
-        mp.setattr("latency_models.bundle.LENGTH_SAMPLES", 2)  # calibration sample at every length
-        folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
-                              progress=False, calibrate_samples=4, validate_samples=3)
+    # every calibration sample at every length; 2 validation samples at the other lengths (8 by default)
+    folder = write_bundle(dims, target, "int8", d / "bundle", model_config=cfg, unit_step=8, measurement=FAST,
+                          progress=False, calibrate_samples=4, validate_samples=3, length_validation=2)
     return folder
 
 
