@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -39,17 +37,17 @@ from probe_uniform_layers import cell  # noqa: E402
 
 
 def optimized_ops(path: Path, providers, threads: int) -> collections.Counter:
-    """Operator counts of ``path`` after ONNX Runtime's graph optimisation (all levels), as a session runs it."""
-    import onnx
+    """Operator counts of ``path`` after ONNX Runtime's graph optimisation, with the session settings the timing uses
+    (:func:`targets.session.session_options`)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
+    from targets.session import session_options
+    from toolchain.onnx.build import count_ops
+
+    so = session_options(threads, "all")
     so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    so.log_severity_level = 3
     ort.InferenceSession(str(path), so, providers=providers)
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return collections.Counter(count_ops(so.optimized_model_filepath))
 
 
 def main(argv=None) -> int:
@@ -72,7 +70,7 @@ def main(argv=None) -> int:
 
     from latency_models.grid import config_for, export_graph
     from targets import load_target
-    from targets.meter import make_feed
+    from targets.meter import make_feed, time_session
     from targets.session import open_session
     from toolchain.core.modeling import ModelDims, load_config, model_from_config
     from toolchain.core.slicing import slice_model
@@ -108,13 +106,9 @@ def main(argv=None) -> int:
                     s.run(None, feed)
             rounds = np.zeros((args.rounds, len(depths)))
             for r in range(args.rounds):
-                for k, (s, feed) in enumerate(zip(sessions, feeds)):
-                    times = []
-                    for _ in range(args.runs):
-                        t0 = time.perf_counter()
-                        s.run(None, feed)
-                        times.append(time.perf_counter() - t0)
-                    rounds[r, k] = statistics.median(times) * 1e3
+                for k, (s, feed) in enumerate(zip(sessions, feeds)):  # the median of exactly --runs runs
+                    rounds[r, k] = time_session(s, feed, warmup=0, min_reps=args.runs, min_time_s=0.0,
+                                                max_reps=args.runs)["latency_ms"]
             inc = np.median(np.diff(rounds, axis=1), axis=0)
             print(f"{heads:2d}x{units:<5d}  {np.median(rounds[:, 0]):13.4f}  {inc[0]:9.4f}  {inc[1]:9.4f}  "
                   f"{inc[2]:9.4f}  {inc[0] / np.mean(inc[1:]):8.2f}", flush=True)
