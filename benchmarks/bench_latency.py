@@ -70,16 +70,13 @@ def verdict(target, precision, table, wall: float) -> str:
 
 
 def graphs_measured(table) -> int:
-    """The graphs a table's profile measured: the base graphs (as many times as ``reference_repeats``), the own
-    length's graphs of the grid (the cross, or the whole grid of a table profiled before) and the cross at each
-    other length (its base graphs repeated too)."""
+    """The graphs a table's profile measured: the zero-layer bases, the own length's one-layer graphs (the cross,
+    or the whole grid of a table profiled before) and the cross at each other length."""
     from latency_models.grid import MICRO_VOCAB
 
     cells = sum(v is not None for row in table.data["blocks"]["measured_latency_ms"] for v in row) - 1  # not (0, 0)
     bases = 2 if table.model.get("vocab_size", 0) > MICRO_VOCAB else 1  # base_micro beside base (make_manifest)
-    cross = (table.data.get("lengths") or {}).get("cross") or {}
-    repeats = table.data["measurement"].get("reference_repeats", 1) - 1
-    return bases + cells + len(cross) + repeats * bases * (1 + len([k for k in cross if k.startswith("base@")]))
+    return bases + cells + len((table.data.get("lengths") or {}).get("cross") or {})
 
 
 def main(argv=None) -> int:

@@ -2,9 +2,8 @@
 """Does the first layer of a network cost what the others do? Networks of 0, 1, 2 and 3 identical layers, measured
 in interleaved rounds.
 
-A latency table of version 1 took a block as what one layer adds to a micro-graph: a one-layer graph minus the
-zero-layer graph (version 2 measures it after a first layer: :data:`latency_models.assemble.FIRST_LAYER`). That
-difference also carries what the *first* attention layer
+A latency table's block is what one layer adds to a micro-graph: a one-layer graph minus the zero-layer graph
+(:func:`latency_models.assemble.assemble_table`). That difference also carries what the *first* attention layer
 changes in the rest of the graph: ONNX Runtime then fuses the embedding into ``(Q)EmbedLayerNormalization`` and
 shares the attention mask's casts (``--ops`` lists the operators each layer adds after ONNX Runtime's optimisation),
 and a table counts it once per layer, where a network pays it once. What a layer adds after another one is the

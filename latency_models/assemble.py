@@ -18,50 +18,7 @@ except ImportError:  # inside a bundle
     from nasprune_session import fingerprint_key  # type: ignore
 
 TABLE_FORMAT = "nasprune.latency_table"
-TABLE_VERSION = 2  # 2: blocks measured after a first layer (FIRST_LAYER); 1: on one-layer graphs, still read
-
-#: (heads, FFN units) of the layer every micro-graph starts with. A block is what a layer costs *after* another
-#: one, as in a stacked network: ONNX Runtime fuses the embedding into ``(Q)EmbedLayerNormalization`` (and shares
-#: the mask's casts) once there is an attention layer, so in a one-layer graph the layer's cost also carried that
-#: change of the rest of the graph, and a table counted it once per layer (in int8 at short lengths the first
-#: attention layer costs more than the next ones: ``benchmarks/probe_first_layer.py``, docs/profiling.md). The
-#: base graphs are this layer alone, and the table's base is such a graph minus this layer's block.
-FIRST_LAYER = (1, 0)
-
-#: times each reference graph (``base``, ``base_micro``, at every length) is measured, spread over a profile run
-#: (its start, middle and end; :func:`latency_models.grid.make_manifest`): every block is a difference from the
-#: reference, so one measurement of it taken while a neighbour ran, or in a worker's first seconds, would shift every
-#: block and a network's prediction by as many times as it has layers; the table uses their median
-#: (:func:`merge_repeats`)
-REFERENCE_REPEATS = 3
-REFERENCE_KEYS = ("base", "base_micro")
-
-
-def repeat_key(key: str, i: int) -> str:
-    """The key of the ``i``-th repeat of graph ``key`` (``base@32`` -> ``base~1@32``)."""
-    name, at, n = key.partition("@")
-    return f"{name}~{i}{at}{n}"
-
-
-def merge_repeats(results: dict) -> dict:
-    """``results`` with the repeated measurements of a graph (``<key>~<i>``, :func:`repeat_key`) folded into the
-    graph's own: latency and memory the median of all of them, ``reps`` their sum, each latency kept as
-    ``repeat_latency_ms``."""
-    from statistics import median
-
-    groups: dict = {}
-    for key, r in results.items():
-        name, at, n = key.partition("@")
-        groups.setdefault(name.split("~")[0] + at + n, []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        if len(rs) == 1:
-            out[key] = rs[0]
-            continue
-        lat = [r["latency_ms"] for r in rs]
-        out[key] = {**rs[0], "latency_ms": median(lat), "memory_mb": median(r["memory_mb"] for r in rs),
-                    "reps": sum(r.get("reps", 0) for r in rs), "repeat_latency_ms": lat}
-    return out
+TABLE_VERSION = 1
 
 
 def grid_key(h: int, u: int) -> str:
@@ -131,21 +88,16 @@ def fill_cross(grid, heads, units) -> list:
 def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: float | None = None) -> dict:
     """The latency table (see docs/profiling.md) from the per-graph measurements.
 
-    Block cost of a layer with ``h`` heads and ``u`` units = T(model of the first layer then h,u) - T(model of the
-    first layer alone, same vocabulary: ``base_micro`` when present), the first layer being :data:`FIRST_LAYER`
-    (a manifest without ``first_layer``, of a version-1 table: one-layer model minus zero-layer model). The base
-    (embeddings, pooler, classifier, session overhead) is the graph ``base`` (real vocabulary) minus the first
-    layer's own block (its weights, for memory). A layer keeping nothing is dropped: its cost is 0. The block
+    Block cost of a layer with ``h`` heads and ``u`` units = T(one-layer model h,u) - T(zero-layer model of the same
+    vocabulary, ``base_micro`` when present); the zero-layer model with the real vocabulary (embeddings, pooler,
+    classifier, session overhead) is the base. A layer keeping nothing is dropped: its cost is 0. The block
     latencies the predictor uses are the additive fit of the measured ones (:func:`additive_fit`); the raw
-    measurements are kept as ``blocks.measured_latency_ms``. A graph measured several times (the reference graphs,
-    :data:`REFERENCE_REPEATS`) counts with the median of its measurements (:func:`merge_repeats`).
+    measurements are kept as ``blocks.measured_latency_ms``.
     """
     heads, units = manifest["grid"]["heads"], manifest["grid"]["units"]
-    results = merge_repeats(results)
     base = results["base"]
     base_w = base.get("weight_bytes", 0) / MB
-    ref = results.get("base_micro", base)  # the first layer alone (or no layer), in the micro-graphs' vocabulary
-    first = manifest.get("first_layer")
+    ref = results.get("base_micro", base)  # the zero-layer graph with the one-layer graphs' vocabulary
     ref_w = ref.get("weight_bytes", 0) / MB
     lat, wts, work, reps = [], [], [], []
     for h in heads:
@@ -165,41 +117,29 @@ def assemble_table(manifest: dict, results: dict, fingerprint: dict, wall_s: flo
             rr.append(r["reps"])
         lat.append(rl), wts.append(rw), work.append(rk), reps.append(rr)
     measured = [[None if v != v else v for v in row] for row in lat]  # JSON: null where not measured
-    base_lat, base_mem = base["latency_ms"], base["memory_mb"]
-    if first:  # the graph "base" is the first layer alone: the base is what it costs without that layer
-        fh, fu = heads.index(first[0]), units.index(first[1])
-        base_lat, base_mem, base_w = base_lat - lat[fh][fu], base_mem - wts[fh][fu], base_w - wts[fh][fu]
-    repeated = max((len(r.get("repeat_latency_ms", ())) for r in results.values()), default=0)
     cross = any(v != v for row in lat for v in row)
     if cross:
         lat, wts, work = (fill_cross(g, heads, units) for g in (lat, wts, work))
     table = {
         "format": TABLE_FORMAT,
-        "version": TABLE_VERSION if first else 1,
+        "version": TABLE_VERSION,
         "fingerprint": fingerprint,
         "fingerprint_key": fingerprint_key(fingerprint),
         "target": manifest["target"],
         "model": manifest["model"],
         "graph_form": manifest.get("graph_form"),  # toolchain.onnx.build.graph_form: the graphs measured
-        **({"first_layer": list(first)} if first else {}),  # every micro-graph starts with this layer
         "grid": {"heads": list(heads), "units": list(units)},
-        "base": {"latency_ms": base_lat, "memory_mb": base_mem, "weights_mb": base_w,
-                 **({"graph_latency_ms": base["latency_ms"]} if first else {})},  # the first layer alone
+        "base": {"latency_ms": base["latency_ms"], "memory_mb": base["memory_mb"], "weights_mb": base_w},
         "blocks": {"latency_ms": additive_fit(lat) if len(heads) > 1 and len(units) > 1 else lat,
                    "measured_latency_ms": measured, "weights_mb": wts, "working_mb": work},
         "measurement": {
             **{k: manifest["measurement"].get(k, v) for k, v in DEFAULT_MEASUREMENT.items()},
             "reps": reps,
             "base_reps": base["reps"],
-            "method": ("sliced model of the first layer (heads, units = first_layer) then the block's layer, minus the "
-                       "first layer alone" if first else "one-layer sliced model minus zero-layer model")
-                      + ", exported and fused like the compiled models; "
+            "method": "one-layer sliced model minus zero-layer model, exported and fused like the compiled models; "
                       "block latency = additive fit attention(h) + ffn(u) of the measured grid (median polish)"
-                      + ("; the grid's cells off its cross put together from it (fill_cross)" if cross else "")
-                      + (f"; the reference graphs: median of {repeated} measurements spread over the run"
-                         if repeated > 1 else ""),
+                      + ("; the grid's cells off its cross put together from it (fill_cross)" if cross else ""),
             "memory_method": MEMORY_METHOD,
-            "reference_repeats": max(repeated, 1),  # times each base graph was measured (at each length)
             "wall_s": wall_s,
         },
         "calibration": {"latency": {"a": 1.0, "b": 0.0, "n": 0}, "memory": {"a": 1.0, "b": 0.0, "n": 0}},

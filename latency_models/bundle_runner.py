@@ -61,8 +61,7 @@ def _assemble_table(*args, **kwargs) -> dict:
 # ------------------------------------------------------------------------------------------------ the grid run
 def manifest_key(manifest: dict) -> str:
     """What must match for a partial result file to be resumed."""
-    data = {k: manifest.get(k) for k in ("target", "precision", "model", "grid", "measurement", "graph_form",
-                                          "first_layer")}
+    data = {k: manifest.get(k) for k in ("target", "precision", "model", "grid", "measurement", "graph_form")}
     data["graphs"] = [g["key"] for g in manifest["graphs"]]
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -1,10 +1,9 @@
 """The profiling grid: which micro-graphs are measured, how they are built, and the process that measures them.
 
-The micro-graphs are what the compiler really ships, cut down to two layers: a model of the family whose first
-layer keeps :data:`latency_models.assemble.FIRST_LAYER` and whose second is sliced to ``h`` heads and ``u`` FFN units,
-exported with :func:`toolchain.onnx.build.build_onnx` (same export, same ONNX Runtime fusion into ``Attention`` /
-``BiasGelu`` / ``EmbedLayerNormalization``, same graph form of the residual connections, same int8 quantization),
-plus the first layer alone (with the embeddings, pooler and classifier). Weights are random: values do not change
+The micro-graphs are what the compiler really ships, cut down to one layer: a one-layer model of the family,
+sliced to ``h`` heads and ``u`` FFN units and exported with :func:`toolchain.onnx.build.build_onnx` (same export,
+same ONNX Runtime fusion into ``Attention`` / ``BiasGelu``, same graph form of the residual connections, same int8
+quantization), plus the zero-layer model (embeddings, pooler, classifier). Weights are random: values do not change
 latency.
 
 Measuring happens in a clean worker process (:class:`Worker`: ``python latency_models/bundle_runner.py --serve``)
@@ -170,9 +169,8 @@ MICRO_VOCAB = 512
 
 def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT_UNIT_STEP,
                   measurement: dict | None = None, lengths=None, whole_grid: bool = False) -> dict:
-    """The graphs to measure: ``base`` (the first layer alone, :data:`latency_models.assemble.FIRST_LAYER`, real
-    vocabulary), and, when the vocabulary is larger than :data:`MICRO_VOCAB`, ``base_micro`` plus the graphs of one
-    layer after the first (``"layers": 1``) with a :data:`MICRO_VOCAB`-row embedding (block
+    """The graphs to measure: ``base`` (zero-layer model, real vocabulary), and, when the vocabulary is larger
+    than :data:`MICRO_VOCAB`, ``base_micro`` plus one-layer models with a :data:`MICRO_VOCAB`-row embedding (block
     costs are differences between graphs of the same vocabulary; a small embedding makes export 4x faster and
     does not change the encoder layer's cost).
 
@@ -199,20 +197,17 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
         if entry["key"] in cross:
             graphs.extend({**entry, "key": f"{entry['key']}@{n}", "length": n, "of": entry["key"]} for n in others)
 
-    first = list(assemble.FIRST_LAYER)  # every graph starts with it ("layers": the layers after it)
-    add({"key": "base", "file": "graphs/base.onnx", "heads": 0, "units": 0, "layers": 0, "vocab": "full",
-         "first_layer": first})
+    add({"key": "base", "file": "graphs/base.onnx", "heads": 0, "units": 0, "layers": 0, "vocab": "full"})
     if micro:
         add({"key": "base_micro", "file": "graphs/base_micro.onnx", "heads": 0, "units": 0, "layers": 0,
-             "vocab": "micro", "first_layer": first})
+             "vocab": "micro"})
     for h in heads:
         for u in units:
             if h or u:
                 k = assemble.grid_key(h, u)
                 if whole_grid or k in cross:
                     add({"key": k, "file": f"graphs/{k}.onnx", "heads": h, "units": u, "layers": 1,
-                         "vocab": vocab, "first_layer": first})
-    graphs = with_reference_repeats(graphs)
+                         "vocab": vocab})
     return {
         "format": "nasprune.profile_manifest", "version": 1,
         "target": target.settings(), "precision": precision, "model": dims.to_dict(),
@@ -220,27 +215,12 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
         "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
         "lengths": sorted({*others, target.sequence_length}), "own_grid": "whole" if whole_grid else "cross",
         "measurement": {**DEFAULT_MEASUREMENT, **(measurement or {})}, "graphs": graphs,
-        "graph_form": graph_form(target.uses_gpu), "first_layer": first,
+        "graph_form": graph_form(target.uses_gpu),
     }
 
 
-def with_reference_repeats(graphs: list) -> list:
-    """``graphs`` with the reference graphs (:data:`latency_models.assemble.REFERENCE_KEYS`, at every length)
-    measured again in its middle and at its end (:data:`latency_models.assemble.REFERENCE_REPEATS` times in all),
-    each repeat between two graphs' groups of lengths (:func:`latency_models.assemble.merge_repeats`)."""
-    refs = [g for g in graphs if g["key"].partition("@")[0] in assemble.REFERENCE_KEYS]
-    starts = [i for i, g in enumerate(graphs) if "of" not in g] + [len(graphs)]  # where a graph's group begins
-    out, done = [], 0
-    for i in range(1, assemble.REFERENCE_REPEATS):
-        at = min(s for s in starts if s >= round(i * len(graphs) / (assemble.REFERENCE_REPEATS - 1)))
-        out += graphs[done:at] + [{**g, "key": assemble.repeat_key(g["key"], i),
-                                   **({"of": assemble.repeat_key(g["of"], i)} if "of" in g else {})} for g in refs]
-        done = at
-    return out + graphs[done:]
-
-
 class MicroGraphBuilder:
-    """Exports the micro-graph of a manifest entry (the first layer, then a layer sliced to (h, u) or none)."""
+    """Exports the micro-graph of a manifest entry (one-layer model sliced to (h, u), or the zero-layer model)."""
 
     def __init__(self, dims, target: Target, precision: str, model_config=None):
         cfg = config_for(dims, model_config, num_layers=1)
@@ -249,30 +229,24 @@ class MicroGraphBuilder:
         self._models: dict = {}
         self.target, self.precision = target, precision
 
-    def model(self, vocab: str = "full", layers: int = 1):
-        if (vocab, layers) not in self._models:
+    def model(self, vocab: str = "full"):
+        if vocab not in self._models:
             import torch
 
             from toolchain.core.modeling import model_from_config
 
             cfg = copy.deepcopy(self.config)
-            cfg.num_hidden_layers = layers
             if vocab == "micro":
                 cfg.vocab_size = min(cfg.vocab_size, MICRO_VOCAB)
             torch.manual_seed(0)
-            self._models[vocab, layers] = model_from_config(cfg).eval()
-        return self._models[vocab, layers]
+            self._models[vocab] = model_from_config(cfg).eval()
+        return self._models[vocab]
 
     def build(self, entry: dict, dst) -> Path:
-        """The entry's graph: its first layer (``first_layer``, when given) then its (heads, units) layer (none for
-        the base graphs), or, for an entry without ``first_layer``, that one layer alone."""
         from toolchain.core.slicing import slice_model
         from toolchain.core.subnetwork import SubNetwork
 
-        layers = ([tuple(entry["first_layer"])] if entry.get("first_layer") else []) + \
-            ([(entry["heads"], entry["units"])] if entry["layers"] or not entry.get("first_layer") else [])
-        sub = SubNetwork(tuple(h for h, _ in layers), tuple(u for _, u in layers))
-        model = self.model(entry.get("vocab", "full"), len(layers))
-        export_graph(slice_model(model, sub), dst, self.precision, self.target)
+        sub = SubNetwork((entry["heads"],), (entry["units"],))
+        export_graph(slice_model(self.model(entry.get("vocab", "full")), sub), dst, self.precision, self.target)
         entry["weight_bytes"] = onnx_weight_bytes(dst)
         return Path(dst)

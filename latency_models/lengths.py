@@ -79,7 +79,7 @@ def blocks_at(data: dict) -> dict:
                          "weights_mb": data["base"].get("weights_mb", 0.0)},
                 "blocks": {"weights_mb": data["blocks"]["weights_mb"]}, "method": METHOD}
         for field, grid in (("latency_ms", "latency_ms"), ("memory_mb", "working_mb")):
-            def cost(h, u):  # a block's cost at n: graph with the layer minus graph without (memory: beyond weights)
+            def cost(h, u):  # a block's cost at n: one-layer graph minus zero-layer graph (memory: beyond weights)
                 weights = data["blocks"]["weights_mb"][heads.index(h)][units.index(u)] if field == "memory_mb" else 0.0
                 return at(grid_key(h, u))[field] - ref[field] - weights
 
@@ -89,22 +89,5 @@ def blocks_at(data: dict) -> dict:
             part["blocks"][grid] = [[0.0 if h == heads[0] and u == units[0] else (
                 line_h(h) if u == units[0] else line_u(u) if h == heads[0] else line_h(h) + line_u(u) - c0)
                 for u in units] for h in heads]
-        if data.get("first_layer"):  # the graph "base" keeps the first layer: the base is without it
-            i, j = heads.index(data["first_layer"][0]), units.index(data["first_layer"][1])
-            part["base"]["graph_latency_ms"] = part["base"]["latency_ms"]
-            part["base"]["latency_ms"] -= part["blocks"]["latency_ms"][i][j]
-            part["base"]["memory_mb"] -= data["blocks"]["weights_mb"][i][j]
         out[str(n)] = part
     return out
-
-
-def smooth_table(data: dict, heads, units) -> None:
-    """A new table's blocks at its own length made smooth (:func:`smooth_grid`), in place; where its base graph
-    keeps the first layer (``first_layer``), the base follows them: that graph's latency minus the first layer's
-    smoothed block, as at the other lengths (:func:`blocks_at`), not minus one measured difference."""
-    blocks = data["blocks"]
-    blocks["latency_ms"], blocks["fit"] = smooth_grid(blocks["latency_ms"], heads, units), SMOOTH_METHOD
-    first, base = data.get("first_layer"), data["base"]
-    if first and "graph_latency_ms" in base:
-        i, j = heads.index(first[0]), units.index(first[1])
-        base["latency_ms"] = base["graph_latency_ms"] - blocks["latency_ms"][i][j]

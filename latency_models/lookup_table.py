@@ -1,8 +1,8 @@
 """The latency table: per-block latency and memory of one model family on one target, and the predictors.
 
 The JSON file (format ``nasprune.latency_table``, see docs/profiling.md) holds the target's fingerprint, the
-base (the model without layers) and per-block costs (what a layer adds after another) on a (heads x units) grid, how
-they were measured, a calibration fitted on end-to-end measurements, and the validation error on held-out ones.
+measured base (zero-layer model) and per-block costs on a (heads x units) grid, how they were measured, a
+calibration fitted on end-to-end measurements, and the validation error on held-out sub-networks.
 
 Predictions::
 
@@ -33,7 +33,7 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.assemble import table_problem
-from latency_models.lengths import blocks_at, smooth_table
+from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
 from targets.meter import drift_corrected, paired_drift_corrected, paired_ratio, quiet_latency
 from toolchain.core.subnetwork import SubNetwork
@@ -71,7 +71,8 @@ class LatencyTable:
         blocks = data["blocks"]
         if "fit" not in blocks and not (data.get("calibration", {}).get("latency") or {}).get("n") and \
                 "measured_latency_ms" in blocks:  # a new table (a profile's, a device's): smoothed before any fit
-            smooth_table(data, self.heads_grid, self.units_grid)
+            blocks["latency_ms"], blocks["fit"] = smooth_grid(blocks["latency_ms"], self.heads_grid,
+                                                              self.units_grid), SMOOTH_METHOD
         self._interp = self._interpolators(np.stack([np.asarray(blocks[k], dtype=float) for k in BLOCKS], -1))
         lengths = data.get("lengths")
         if lengths and lengths.get("cross") and "at" not in lengths:  # as measured (a device's, or a new profile's)

@@ -514,16 +514,15 @@ def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, cap
 
 
 # --------------------------------------------------------------------------------------- tables over lengths
-def _additive_results(manifest, once: float = 0.0) -> dict:
-    """A measurement of every graph of ``manifest`` from an additive cost at each length ``n``: the network without
-    layers ``B(n)``, a layer ``g(n) + a(n) * heads + f(n) * units`` (latency; memory alike, other numbers); ``once``:
-    what a graph with an attention layer costs more, once (ONNX Runtime's fused embedding), latency only."""
+def _additive_results(manifest) -> dict:
+    """A measurement of every graph of ``manifest`` from an additive cost at each length ``n``: the zero-layer
+    graph ``B(n)``, a layer ``g(n) + a(n) * heads + f(n) * units`` (latency; memory alike, other numbers)."""
     def cost(entry, scale):
         n = entry.get("length", manifest["target"]["sequence_length"])
-        layers = ([tuple(entry["first_layer"])] if entry.get("first_layer") else []) + \
-            ([(entry["heads"], entry["units"])] if entry["layers"] else [])
-        extra = once if scale == 1.0 and any(h for h, _ in layers) else 0.0
-        return scale * (1.0 + n / 64) + extra + sum(_block(n, h, u, scale) for h, u in layers)
+        base = scale * (1.0 + n / 64)
+        if not entry["layers"]:
+            return base
+        return base + scale * (0.2 + 0.01 * n + (0.05 + n / 1000) * entry["heads"] + (0.003 + n / 9000) * entry["units"])
 
     return {e["key"]: {"latency_ms": cost(e, 1.0), "memory_mb": cost(e, 3.0), "reps": 5, "weight_bytes": 0}
             for e in manifest["graphs"]}
@@ -544,8 +543,7 @@ def test_the_cross_measured_at_each_length_gives_every_block_there(target):
     assert manifest["lengths"] == [16, 32, 64]
     measured_at = {e["length"] for e in manifest["graphs"] if "length" in e}
     # at the own length too, only the cross: base, 2 head counts, 2 unit counts, 2 diagonal cells
-    # (and base twice more: the reference is the median of three measurements spread over the run)
-    assert measured_at == {16, 64} and len([e for e in manifest["graphs"] if "length" not in e]) == 7 + 2
+    assert measured_at == {16, 64} and len([e for e in manifest["graphs"] if "length" not in e]) == 7
     table = LatencyTable(assemble_table(manifest, _additive_results(manifest), target.fingerprint("fp32")))
     assert table.lengths() == [16, 32, 64]
     for n in (16, 32, 64):
@@ -556,55 +554,6 @@ def test_the_cross_measured_at_each_length_gives_every_block_there(target):
                 assert at.data["blocks"]["latency_ms"][h][u // 8] == pytest.approx(_block(n, h, u), abs=1e-9)
                 # working memory = memory - weights (0 here), at scale 3
                 assert at.data["blocks"]["working_mb"][h][u // 8] == pytest.approx(_block(n, h, u, 3.0), abs=1e-9)
-
-
-def test_blocks_are_measured_after_a_first_layer(target):
-    """A network with an attention layer pays something once (ONNX Runtime fuses the embedding): the blocks, each
-    measured after the first layer (FIRST_LAYER), do not count it once per layer, the base does, once. A version-1
-    manifest (one-layer graphs, no first layer) counted it in every block."""
-    from latency_models.assemble import FIRST_LAYER, assemble_table
-    from latency_models.grid import make_manifest
-
-    dims = ModelDims.from_config(tiny_config(num_attention_heads=2, intermediate_size=16))
-    manifest = make_manifest(dims, target, "fp32", 8, None, [16, 32])
-    assert manifest["first_layer"] == list(FIRST_LAYER) and all(g["first_layer"] for g in manifest["graphs"])
-    table = LatencyTable(assemble_table(manifest, _additive_results(manifest, once=0.5), target.fingerprint("fp32")))
-    assert table.data["version"] == 2 and table.data["first_layer"] == list(FIRST_LAYER)
-    old_manifest = {**manifest, "first_layer": None,
-                    "graphs": [{**g, "first_layer": None} for g in manifest["graphs"]]}
-    old = LatencyTable(assemble_table(old_manifest, _additive_results(old_manifest, once=0.5),
-                                      target.fingerprint("fp32")))
-    assert old.data["version"] == 1 and "first_layer" not in old.data
-    sub = SubNetwork((2, 1, 0), (16, 0, 8))  # two layers with attention
-    for n in (16, 32):
-        true = 1.0 + n / 64 + 0.5 + sum(_block(n, h, u) for h, u in zip(sub.heads, sub.units))
-        assert table.at_length(n).raw_latency(sub) == pytest.approx(true)
-        assert old.at_length(n).raw_latency(sub) == pytest.approx(true + 0.5)  # once more: the second attention layer
-
-
-def test_the_reference_is_the_median_of_its_repeats(target):
-    """The reference graphs are measured three times over the run (start, middle, end); one disturbed measurement
-    of them (a neighbour's burst, a worker's first seconds) does not shift every block: the median counts."""
-    from latency_models.assemble import assemble_table
-    from latency_models.grid import make_manifest
-
-    dims = ModelDims.from_config(tiny_config(num_attention_heads=2, intermediate_size=16))
-    manifest = make_manifest(dims, target, "fp32", 8, None, [16, 32])
-    keys = [g["key"] for g in manifest["graphs"]]
-    assert keys.count("base") == keys.count("base~1") == keys.count("base~2") == 1 and keys[-2:] == ["base~2", "base~2@16"]
-    assert 0 < keys.index("base~1") < len(keys) - 2 and keys[keys.index("base~1") + 1] == "base~1@16"
-    results = _additive_results(manifest)
-    clean = LatencyTable(assemble_table(manifest, results, target.fingerprint("fp32")))
-    for key in ("base", "base@16"):  # the first measurement of the reference at each length disturbed: 2x
-        results[key] = {**results[key], "latency_ms": 2 * results[key]["latency_ms"]}
-    disturbed = LatencyTable(assemble_table(manifest, results, target.fingerprint("fp32")))
-    sub = SubNetwork((2, 1, 0), (16, 0, 8))
-    for n in (16, 32):
-        assert disturbed.at_length(n).raw_latency(sub) == pytest.approx(clean.at_length(n).raw_latency(sub))
-    assert "median of 3 measurements" in disturbed.data["measurement"]["method"]
-    single = {k: v for k, v in results.items() if "~" not in k}  # measured once (a partial result of an older run)
-    assert LatencyTable(assemble_table(manifest, single, target.fingerprint("fp32"))).raw_latency(sub) != \
-        pytest.approx(clean.raw_latency(sub))
 
 
 def test_between_two_lengths_predictions_are_interpolated(target, tmp_path):
@@ -654,8 +603,3 @@ def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeyp
     assert table.sequence_length == 48 and table.path == own and table.validation["interpolated"] == [32, 64]
     assert not default_table_path(at48, "fp32", dims).exists()  # nothing profiled at 48
     assert len(table.latency_residuals()[0]) == 3  # both neighbours' validation residuals (32: 2, 64: 1)
-    from toolchain.tables import reusable
-
-    assert reusable(made, 48) and not reusable(made, 100)
-    made.data["version"] = 1  # blocks measured on one-layer graphs: a compile profiles the target anew
-    assert not reusable(made, 48)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from latency_models.assemble import TABLE_VERSION
 from latency_models.cache import check_graph_form, default_table_path, run_profile
 from latency_models.grid import table_lengths
 from latency_models.lookup_table import LatencyTable, TableError
@@ -37,17 +36,6 @@ def _cached_table(path: Path) -> LatencyTable:
                          "again to profile the target anew") from None
 
 
-def reusable(table: LatencyTable, n: int) -> bool:
-    """Whether a cached ``table`` serves sequence length ``n``: it covers it (a table profiled before tables covered
-    several lengths does not), and its blocks were measured after a first layer (a version-1 table measured them on
-    one-layer graphs, :data:`latency_models.assemble.FIRST_LAYER`: it is profiled anew)."""
-    if table.data.get("version", 1) < TABLE_VERSION:
-        log.info("the cached table %s measured its blocks on one-layer graphs (table version %s): profiling anew",
-                 table.path, table.data.get("version", 1))
-        return False
-    return table.covers(n)
-
-
 def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims, model_config, *,
                       side: bool = False) -> LatencyTable:
     """The target's latency table at the target's sequence length: the user's file, the cached one, or a new
@@ -69,9 +57,9 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
             path = default_table_path(t, precision, dims)
             if path.is_file():
                 table = _cached_table(path)
-                if reusable(table, n):
+                if table.covers(n):
                     break
-                table = None
+                table = None  # a table of one length (profiled before tables covered several)
         if table is None:
             lengths = table_lengths(own, model_config)
             t = own if lengths[0] <= n <= lengths[-1] and not side else target
