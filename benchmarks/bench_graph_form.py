@@ -24,19 +24,7 @@ import time
 from pathlib import Path
 
 from bench_export import POINTS, scaled_subnet
-from common import machine, markdown_table, publish
-
-
-def session_ops(path: Path) -> dict[str, int]:
-    """The operators of ``path`` after a plain ONNX Runtime session optimized it (default options)."""
-    import onnxruntime as ort
-
-    from toolchain.onnx.build import count_ops
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(path.with_suffix(".session.onnx"))
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return count_ops(options.optimized_model_filepath)
+from common import machine, markdown_table, publish, session_ops
 
 
 def main(argv=None) -> int:

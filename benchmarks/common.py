@@ -25,6 +25,19 @@ def table_path(out_dir, dims, target_name: str, precision: str) -> Path:
     return Path(out_dir) / f"{dims.model_type}-{dims.hidden_size}-{target_name}-{precision}.json"
 
 
+def session_ops(path, providers=("CPUExecutionProvider",), options=None) -> dict[str, int]:
+    """The operators of the ONNX model ``path`` after an ONNX Runtime session with ``options`` (default: ORT's
+    defaults) and ``providers`` optimized it (the optimized graph is written beside it, ``.session.onnx``)."""
+    import onnxruntime as ort
+
+    from toolchain.onnx.build import count_ops
+
+    options = options or ort.SessionOptions()
+    options.optimized_model_filepath = str(Path(path).with_suffix(".session.onnx"))
+    ort.InferenceSession(str(path), options, providers=list(providers))
+    return count_ops(options.optimized_model_filepath)
+
+
 def stats(values) -> dict:
     v = sorted(values)
     return {"median": statistics.median(v), "min": v[0], "max": v[-1]}

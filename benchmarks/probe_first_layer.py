@@ -33,21 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import session_ops  # noqa: E402
 from probe_uniform_layers import cell  # noqa: E402
-
-
-def optimized_ops(path: Path, providers, threads: int) -> collections.Counter:
-    """Operator counts of ``path`` after ONNX Runtime's graph optimisation, with the session settings the timing uses
-    (:func:`targets.session.session_options`)."""
-    import onnxruntime as ort
-
-    from targets.session import session_options
-    from toolchain.onnx.build import count_ops
-
-    so = session_options(threads, "all")
-    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    ort.InferenceSession(str(path), so, providers=providers)
-    return collections.Counter(count_ops(so.optimized_model_filepath))
 
 
 def main(argv=None) -> int:
@@ -71,7 +58,7 @@ def main(argv=None) -> int:
     from latency_models.grid import config_for, export_graph
     from targets import load_target
     from targets.meter import make_feed, time_session
-    from targets.session import open_session
+    from targets.session import open_session, session_options
     from toolchain.core.modeling import ModelDims, load_config, model_from_config
     from toolchain.core.slicing import slice_model
     from toolchain.core.subnetwork import SubNetwork
@@ -97,8 +84,9 @@ def main(argv=None) -> int:
                 path = export_graph(slice_model(model, sub), Path(tmp) / f"{heads}x{units}-{k}.onnx", args.precision,
                                     target)
                 sessions.append(open_session(str(path), settings["providers"], (), threads, "all"))
-                if args.ops:
-                    ops.append(optimized_ops(path, settings["providers"], threads))
+                if args.ops:  # with the session settings the timing uses
+                    ops.append(collections.Counter(session_ops(path, settings["providers"],
+                                                               session_options(threads, "all"))))
             feeds = [make_feed([i.name for i in s.get_inputs()], target.batch_size, args.length, dims.vocab_size)
                      for s in sessions]  # the graph without layers does not take the attention mask
             for s, feed in zip(sessions, feeds):  # warm-up
