@@ -16,8 +16,9 @@ import pytest
 from toolchain.cli import compile_main, main
 from toolchain.units import BudgetError, parse_latency, parse_memory, parse_params
 
-# budgets small enough for CI (2 cores): a tiny random BERT, 64 training examples, a few evaluations
-FAST = ["--preset", "quick", "--max-train-samples", "64", "--n-evals", "10", "--search-eval-samples", "32",
+# budgets small enough for CI (2 cores): a tiny random BERT, 64 training examples, a few evaluations, a latency table
+# calibrated and validated on 3 + 3 sub-networks (the session's first compile profiles it; the others find it cached)
+FAST = ["--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3", "--max-train-samples", "64", "--n-evals", "10", "--search-eval-samples", "32",
         "--export", "2", "--recover-samples", "64", "--selection-samples", "64"]
 
 
@@ -48,6 +49,8 @@ def test_memory_and_param_units():
     (["--max-latency", "0ms"], "positive"),
     (["--max-latency", "abc"], "cannot read latency budget"),
     (["--max-memory", "12 parsecs"], "unit"),
+    (["--calibrate-samples", "-1"], "--calibrate-samples must be 0 or more"),
+    (["--validate-samples", "-2"], "--validate-samples must be 0 or more"),
     (["--target", "toaster"], "toaster"),
     (["--task", "imagenet"], "imagenet"),
     (["--model", "./no/such/model"], "not found"),
@@ -141,6 +144,11 @@ def test_compile_end_to_end_then_no_overwrite_then_infeasible(env, tiny_model_di
     assert settings["search_latency"] == "the fastest of fp32, int8"
     int8_table = json.loads(Path(settings["search_latency_tables"]["int8"]).read_text())
     assert int8_table["fingerprint"]["precision"] == "int8" and int8_table["validation"]
+    # the target's table was calibrated on --calibrate-samples sub-networks (and the unpruned one), validated on
+    # --validate-samples; the int8 table, for the search only, on a share of them (toolchain.tables.SIDE_SAMPLE_SHARE)
+    own = json.loads(Path(settings["latency_table"]).read_text())
+    assert own["calibration"]["latency"]["n"] == 3 + 1 and own["validation"]["latency"]["n"] == 3
+    assert int8_table["calibration"]["latency"]["n"] == round(0.8 * 3) + 1
     assert all(p["predicted_latency_ms"] is not None for p in manifest["points"])
     assert manifest["not_exported"] == []  # (50 ms: every candidate within reach of the budget)
     # and is measured beside the unpruned network in its own precision, drift-corrected to its own table's speed

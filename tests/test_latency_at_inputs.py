@@ -470,7 +470,7 @@ def test_profile_cli_at_a_length(tmp_path, monkeypatch, tiny_model_dir):
 
     bundle = tmp_path / "bundle"
     assert main(["profile", "--model", str(tiny_model_dir), "--sequence-length", "24", "--bundle", str(bundle),
-                 "--unit-step", "64"]) == 0
+                 "--unit-step", "64", "--calibrate-samples", "2", "--validate-samples", "2"]) == 0
     assert json.loads((bundle / "manifest.json").read_text())["target"]["sequence_length"] == 24
 
 
@@ -482,8 +482,9 @@ def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, cap
     model, and at the other lengths."""
     from toolchain.cli import compile_main
 
-    fast = ["--preset", "quick", "--max-train-samples", "64", "--search-eval-samples", "32", "--method", "rfp",
-            "--rfp-samples", "32", "--export", "1", "--max-latency", "50ms"]
+    fast = ["--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3", "--max-train-samples", "64",
+            "--search-eval-samples", "32", "--method", "rfp", "--rfp-samples", "32", "--export", "1",
+            "--max-latency", "50ms"]
     assert compile_main(["--model", str(tiny_model_dir), *fast, "--sequence-length", "data", "--latency-confidence",
                          "0.9", "-o", "out"]) == 0
     settings = json.loads(Path("out/manifest.json").read_text())["settings"]

@@ -241,7 +241,8 @@ def _compile_options(args) -> CompileOptions:
         **_budget_options(args), model=args.model, data=_data_settings(args), space=args.space,
         strategy=args.strategy, max_train_samples=args.max_train_samples, epochs=args.epochs,
         rfp_samples=args.rfp_samples, reorder=not args.no_reorder, init=args.init, n_export=args.export,
-        output=args.output, resume=args.resume, overwrite=args.overwrite, executor=args.executor,
+        calibration_samples=args.calibrate_samples, validation_samples=args.validate_samples, output=args.output,
+        resume=args.resume, overwrite=args.overwrite, executor=args.executor,
         workers=args.workers, ray_address=args.ray_address, search_batch_size=args.search_batch_size,
         **_recover_options(args))
 
@@ -385,6 +386,13 @@ def add_compile_options(p: argparse.ArgumentParser) -> None:
     add_target_options(p)
     add_search_options(p)
     add_latency_options(p)
+    g = p.add_argument_group("latency table (when the target's is profiled: not in the cache yet)")
+    g.add_argument("--calibrate-samples", type=int, default=None, metavar="N",
+                   help="random sub-networks exported and measured end to end to calibrate it (default: preset; "
+                        "quick 8, default 10, paper 30)")
+    g.add_argument("--validate-samples", type=int, default=None, metavar="N",
+                   help="held-out sub-networks measured to validate it: its error, and the residuals "
+                        "--latency-confidence bounds with (default: preset; quick 8, default 10, paper 30)")
     add_executor_options(p)
     g = p.add_argument_group("super-network")
     g.add_argument("--space", choices=SPACE_NAMES, default="medium", help="search space (default: medium)")

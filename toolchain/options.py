@@ -67,6 +67,9 @@ class CompileOptions:
     max_train_samples: int | None = None
     epochs: float | None = None
     rfp_samples: int | None = None  # --method rfp: training examples for the mask gradients and the rescaling
+    # end-to-end sub-networks a new latency table is calibrated and validated on (toolchain.tables; None: preset)
+    calibration_samples: int | None = None
+    validation_samples: int | None = None
     reorder: bool = True
     init: str | None = None  # where the super-network starts (run.train_run); None: run.default_init(strategy)
     output: str | None = None
@@ -107,8 +110,11 @@ class CompileOptions:
         if self.latency_confidence is not None and not 0 < self.latency_confidence < 1:
             raise CompileError(f"--latency-confidence must be between 0 and 1 (e.g. 0.95), got "
                                f"{self.latency_confidence:g}")
-        if self.selection_samples is not None and self.selection_samples < 0:
-            raise CompileError(f"--selection-samples must be 0 or more, got {self.selection_samples}")
+        for flag, value in (("--selection-samples", self.selection_samples),
+                            ("--calibrate-samples", self.calibration_samples),
+                            ("--validate-samples", self.validation_samples)):
+            if value is not None and value < 0:
+                raise CompileError(f"{flag} must be 0 or more, got {value}")
         if self.search_dtype not in DTYPES:
             raise CompileError(f"search dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got "
                                f"{self.search_dtype!r}")

@@ -3,8 +3,8 @@ precision (the user's ``--latency-table``, the cached one, or a new profile); :f
 search places candidates with: that table alone, or, where every precision of the target is tried
 (:func:`other_precisions`), :class:`~latency_models.precisions.FastestPrecision` over one table per precision. A
 table of another precision than the run's is profiled at the target's length only, with
-:data:`SIDE_SAMPLE_SHARE` of the preset's end-to-end samples (a full one, from ``nasprune-profile``, is used where
-cached)."""
+:data:`SIDE_SAMPLE_SHARE` of the run's end-to-end samples (the preset's, or ``--calibrate-samples`` /
+``--validate-samples``; a full one, from ``nasprune-profile``, is used where cached)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from toolchain.run import Run
 
 log = logging.getLogger(__name__)
 
-#: the share of the preset's calibration and validation samples that a table of another precision is profiled with
+#: the share of the run's calibration and validation samples that a table of another precision is profiled with
 #: (at the target's length only): measured here, an int8 table of the default model with 10 + 10 samples took 145 s
 #: (grid 20 s), too much for the 20-minute compile; 8 + 4 took 107 s in a default compile (bench_compile, 0281bab)
 SIDE_SAMPLE_SHARE = (0.8, 0.4)
