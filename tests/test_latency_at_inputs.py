@@ -475,7 +475,7 @@ def test_profile_cli_at_a_length(tmp_path, monkeypatch, tiny_model_dir):
 
 
 # ------------------------------------------------------------------------------------------------- one compile
-@pytest.mark.slow  # about 3 minutes on 2 busy cores: the target's table, over lengths, calibrated and validated
+@pytest.mark.slow  # about 1.5 minutes alone on 2 busy cores: the target's table, over lengths, calibrated and validated
 def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, capsys):
     """``--sequence-length data --latency-confidence 0.9``: the length is printed with its reason, the target's table
     (covering several lengths) is read at it, the search's limit is on the bound, every exported point is measured at it, beside the unpruned
