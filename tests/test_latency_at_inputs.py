@@ -581,7 +581,8 @@ def test_between_two_lengths_predictions_are_interpolated(target, tmp_path):
     assert again.lengths() == [16, 32, 64] and again.at_length(64).predict_latency(sub) == pytest.approx(2 * p64)
 
 
-def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeypatch, target, tiny_model_dir):
+def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeypatch, target, tiny_model_dir,
+                                                               caplog):
     """``--sequence-length 48`` on a target profiled at 32 (covering 16 to 64): the target's own cached table, read
     at 48, no new profile; 100 (beyond it) would need a table of its own."""
     from latency_models.profile import profile
@@ -598,9 +599,14 @@ def test_a_length_within_the_table_reads_the_targets_own_table(tmp_path, monkeyp
     assert made.lengths() == [16, 32, 64] and made.at_length(64).validation["latency"]["n"] == 1
     assert made.validation["latency"]["n"] == 2
     assert made.at_length(16).calibration["latency"]["n"] == 4  # 3 samples + the unpruned network
-    opts = CompileOptions(target=str(target.source), sequence_length=48)
+    opts = CompileOptions(target=str(target.source), sequence_length=48, calibration_samples=7)
     at48 = opts.resolved_target()
-    table = latency_table_for(opts, at48, "fp32", dims, cfg)
+    with caplog.at_level(logging.WARNING, logger="toolchain.tables"):
+        table = latency_table_for(opts, at48, "fp32", dims, cfg)
+    # --calibrate-samples does not apply to a cached table: the compile says so, and what the table rests on
+    assert f"--calibrate-samples: only for a latency table this compile profiles; the cached table {own}" in \
+        caplog.text and "calibrated on 4 end-to-end measurements (the unpruned network's included), validated on 2" \
+        in caplog.text
     assert table.sequence_length == 48 and table.path == own and table.validation["interpolated"] == [32, 64]
     assert not default_table_path(at48, "fp32", dims).exists()  # nothing profiled at 48
     assert len(table.latency_residuals()[0]) == 3  # both neighbours' validation residuals (32: 2, 64: 1)

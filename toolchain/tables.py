@@ -36,6 +36,19 @@ def _cached_table(path: Path) -> LatencyTable:
                          "again to profile the target anew") from None
 
 
+def _samples_unused(opts: CompileOptions, table: LatencyTable, what: str) -> None:
+    """Warn that ``--calibrate-samples`` / ``--validate-samples``, where given, do not apply to a table that is not
+    profiled now, and say what that table rests on."""
+    given = [flag for flag, v in (("--calibrate-samples", opts.calibration_samples),
+                                  ("--validate-samples", opts.validation_samples)) if v is not None]
+    if given:
+        n_cal = (table.calibration.get("latency") or {}).get("n", 0)
+        n_val = (table.validation.get("latency") or {}).get("n", 0)
+        log.warning("%s: only for a latency table this compile profiles; %s is used as it is: calibrated on %d "
+                    "end-to-end measurements (the unpruned network's included), validated on %d",
+                    " and ".join(given), what, n_cal, n_val)
+
+
 def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims, model_config, *,
                       side: bool = False) -> LatencyTable:
     """The target's latency table at the target's sequence length: the user's file, the cached one, or a new
@@ -50,6 +63,7 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
         if not path.is_file():
             raise CompileError(f"latency table not found: {path}")
         table = LatencyTable.load(path)
+        _samples_unused(opts, table, "the --latency-table file")
     else:
         own = load_target(opts.target)  # the target at its own length: the table every length is read off
         table = None
@@ -58,6 +72,7 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
             if path.is_file():
                 table = _cached_table(path)
                 if table.covers(n):
+                    _samples_unused(opts, table, f"the cached table {path} (delete it to profile anew)")
                     break
                 table = None  # a table of one length (profiled before tables covered several)
         if table is None:
