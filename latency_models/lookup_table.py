@@ -15,7 +15,8 @@ with L / W / K the block latency / weight / working-memory grids, linearly inter
 where the head grid is not complete; scipy's ``RegularGridInterpolator``); a dropped layer (0 heads, 0 units) costs
 nothing. Weights add up over layers; ONNX Runtime's arena reuses activation buffers between layers, so working
 memory is the largest layer's. The latency calibration is quadratic (``c_lat`` > 0) only where the fitted curve
-rises over the whole measured range, else a straight line (``c_lat`` = 0); see :meth:`LatencyTable.set_calibration`.
+rises over the whole measured range, else a straight line (``c_lat`` = 0), else a pure scale: see
+:mod:`latency_models.fit`.
 ``predict_latency(subnet, quantile)`` is an upper bound instead: the prediction times the conformal quantile of
 ``measured / predicted`` over the validation residuals (:meth:`LatencyTable.latency_bound`).
 Memory is what :func:`targets.meter.measure` measures: peak RSS while serving minus RSS before the session.
@@ -33,6 +34,7 @@ import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
 from latency_models.assemble import table_problem
+from latency_models.fit import calibrated, fit
 from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
 from targets.meter import drift_corrected, paired_drift_corrected, paired_ratio, quiet_latency
@@ -216,8 +218,7 @@ class LatencyTable:
         return float(self.data["base"].get("weights_mb", 0.0) + self._blocks(subnet.heads, subnet.units)[:, 1].sum())
 
     def _calibrated(self, kind: str, raw: float) -> float:
-        c = self.calibration.get(kind) or {}
-        return float(c.get("c", 0.0) * raw * raw + c.get("a", 1.0) * raw + c.get("b", 0.0))
+        return calibrated(self.calibration.get(kind) or {}, raw)
 
     def predict_latency(self, subnet, quantile: float | None = None) -> float:
         """Predicted end-to-end latency (ms) of the sliced, exported ``subnet`` on this table's target. With
@@ -273,28 +274,10 @@ class LatencyTable:
 
     def set_calibration(self, kind: str, raw: list[float], measured: list[float], degree: int = 1,
                         weights: list[float] | None = None) -> dict:
-        """Fit ``measured ~ a * raw + b`` (a pure scale for < 3 samples; ``weights``: how many samples each one counts
-        as); ``degree=2`` adds ``c * raw**2`` (with >= 6 samples, where the fit rises up to the largest sample). Robust:
-        scipy's ``least_squares`` on relative residuals, soft-L1 loss (``f_scale`` 2 %), from the least-squares fit:
-        one sample taken on a busy machine (+60 % in one bench_latency run) does not tilt a fit on 9 samples."""
-        x, y = np.asarray(raw, float), np.asarray(measured, float)
-        w = np.ones_like(x) if weights is None else np.asarray(weights, float)
-        c = 0.0
-        if len(x) >= 3 and np.ptp(x) > 0:
-            a, b = _robust_polyfit(x, y, 1, w)
-            if degree == 2 and len(x) >= 6:
-                c2, a2, b2 = _robust_polyfit(x, y, 2, w)
-                if min(a2, a2 + 2 * c2 * x.max()) > 0:  # rising from 0 to the largest sample
-                    c, a, b = c2, a2, b2
-        elif len(x):
-            a, b = float(np.sum(x * y) / np.sum(x * x)), 0.0
-        else:
-            a, b = 1.0, 0.0
-        method = ("robust (soft-L1 on relative residuals, scipy least_squares) measured = "
-                  + ("c * raw^2 + a * raw + b" if c else "a * raw + b"))
-        samples = [{"raw": float(r), "measured": float(m), **({"weight": float(v)} if v != 1 else {})}
-                   for r, m, v in zip(x, y, w)]
-        cal = {"a": float(a), "b": float(b), "c": float(c), "n": int(len(x)), "method": method, "samples": samples}
+        """Fit ``measured ~ a * raw + b`` (``degree=2``: ``+ c * raw**2``; ``weights``: how many samples each one
+        counts as) robustly, a pure scale where the fit is unsound (:func:`latency_models.fit.fit`): one sample taken
+        on a busy machine (+60 % in one bench_latency run) does not tilt a fit on 9 samples."""
+        cal = fit(raw, measured, degree, weights)
         self.calibration[kind] = cal
         return cal
 
@@ -423,7 +406,7 @@ class LatencyTable:
                 return (np.asarray(x, float) * (1 - w) + np.asarray(y, float) * w).tolist()
 
             cal = {kind: {**{k: float(mix(a.calibration.get(kind, {}).get(k, d), b.calibration.get(kind, {}).get(k, d)))
-                             for k, d in (("a", 1.0), ("b", 0.0), ("c", 0.0))},
+                             for k, d in (("a", 1.0), ("b", 0.0), ("c", 0.0), ("raw_min", 0.0))},
                           "n": min(a.calibration.get(kind, {}).get("n", 0), b.calibration.get(kind, {}).get("n", 0)),
                           "interpolated": [lo, hi]} for kind in ("latency", "memory")}
             (ra, ma), (rb, _) = a.latency_residuals(), b.latency_residuals()
@@ -467,16 +450,6 @@ DRIFT_CORRECTED_METHOD = ("unpruned latency at calibration x the median over the
                           "measured just before it): targets.meter.paired_drift_corrected")
 RESIDUALS_DRIFT_CORRECTED = f"({DRIFT_CORRECTED_METHOD}) / predicted - 1"
 RESIDUALS_RAW = "measured / predicted - 1 (not drift-corrected: the samples have no reference measurement)"
-
-
-def _robust_polyfit(x: np.ndarray, y: np.ndarray, degree: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Coefficients (highest power first) of ``y ~ poly(x)``, on relative residuals (times ``sqrt(weights)``)."""
-    from scipy.optimize import least_squares
-
-    root = np.sqrt(np.ones_like(x) if weights is None else weights)
-    scale = np.maximum(np.abs(y), 1e-9)
-    p0 = np.polyfit(x, y, degree, w=root)
-    return least_squares(lambda p: root * (np.polyval(p, x) - y) / scale, p0, loss="soft_l1", f_scale=0.02).x
 
 
 def residuals_of(samples: list[dict], speed_ms: float | None) -> tuple[list[float], str]:

@@ -118,6 +118,23 @@ def test_quadratic_calibration(table):
     assert miss[1] < 0.25 * miss[0] and heavy["samples"][-1]["weight"] == 8.0
 
 
+
+def test_an_unsound_calibration_falls_back_to_a_scale_and_never_predicts_below_zero(table):
+    """A fit on a few noisy samples (a tiny model's, a few tens of microseconds each) can fall with the raw sum, or
+    cross zero just below the samples: a falling or non-positive line becomes a pure scale, and below the smallest
+    sample a prediction is at least that sample's in proportion, so no sub-network is predicted at <= 0 ms."""
+    t = copy.deepcopy(table)
+    falling = t.set_calibration("latency", [0.10, 0.12, 0.15, 0.20], [0.16, 0.15, 0.15, 0.14])  # the CI's 3 + anchor
+    assert falling["b"] == 0.0 and falling["a"] > 0 and "a * raw (a fitted offset was unsound" in falling["method"]
+    assert t._calibrated("latency", 0.05) > 0
+    steep = t.set_calibration("latency", [0.30, 0.35, 0.40, 0.45], [0.10, 0.25, 0.40, 0.55])  # 3 * raw - 0.8
+    assert steep["a"] == pytest.approx(3.0, rel=0.01) and steep["b"] == pytest.approx(-0.8, abs=0.01)
+    assert steep["raw_min"] == 0.30
+    low = t._calibrated("latency", 0.15)  # the line gives -0.35; the smallest sample, in proportion: 0.05
+    assert low == pytest.approx(0.10 * 0.15 / 0.30) and t._calibrated("latency", 0.40) == pytest.approx(0.40)
+    at = [t._calibrated("latency", r) for r in np.linspace(0.01, 0.6, 60)]
+    assert min(at) > 0 and all(x < y for x, y in zip(at, at[1:]))  # positive and rising everywhere
+
 def test_calibration_samples_span_the_sizes():
     """Calibration and validation cover small and near-full networks, not just the middle of the space."""
     from latency_models.calibration import samples as _samples
