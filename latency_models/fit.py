@@ -2,8 +2,8 @@
 
 :func:`fit` fits ``measured ~ c * raw^2 + a * raw + b`` robustly (scipy's ``least_squares`` on relative residuals,
 soft-L1 loss); :func:`calibrated` applies it. A calibration must be *sound*: rising with the raw sum, and positive from
-the smallest calibration sample up. A fit on few or noisy samples need not be (a one-layer tiny model's samples, each
-a few tens of microseconds, gave ``0.35 - 0.35 * raw`` on 3 of them, and ``3.1 * raw - 0.81``, which predicts a
+the smallest calibration sample up. A fit on few or noisy samples need not be (a tiny test model's table, on 3
+samples of a few tenths of a millisecond, fitted a line falling with the raw sum, and another one that predicted a
 negative latency for a small network): such a fit falls back to the pure scale ``a * raw``. Below the smallest
 calibration sample (``raw_min``) a prediction is no lower than that sample's, scaled in proportion to the raw sum, so
 that a line with a negative offset does not reach zero.
