@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (held_out_errors, machine, markdown_table, publish, section_name, stored_calibration,  # noqa: E402
-                    table_arguments)
+from common import (held_out_errors, machine, markdown_table, publish, recalibrated, section_name,  # noqa: E402
+                    stored_calibration, table_arguments)
 
 VARIANTS = ("whole grid (the default before)", "every other unit count", "every other head and unit count",
             "cross only (default)")
@@ -84,10 +84,7 @@ def table_errors(path) -> dict:
     out = {}
     for name in VARIANTS:
         built, n = variant(data, name)
-        t = LatencyTable(built)
-        subnets = [SubNetwork.from_dict(s["subnet"]) for s in samples]
-        t.set_calibration("latency", [t.raw_latency(s) for s in subnets], [s["measured"] for s in samples], degree=2,
-                          weights=[s.get("weight", 1.0) for s in samples])
+        t = recalibrated(LatencyTable(built), samples)
         mem = data["calibration"].get("memory") or {}
         t.set_calibration("memory", [t.raw_memory(SubNetwork.from_dict(s["subnet"])) for s in mem.get("samples", [])],
                           [s["measured"] for s in mem.get("samples", [])])

@@ -15,7 +15,6 @@ Nothing is measured: it reads the tables.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -23,23 +22,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import held_out_errors, machine, markdown_table, publish, section_name, stored_calibration  # noqa: E402
+from common import (held_out_errors, machine, markdown_table, publish, recalibrated, section_name,  # noqa: E402
+                    stored_calibration)
 
 
 def rescored(grid, samples_table) -> list[float] | None:
     """``grid``'s relative errors on ``samples_table``'s held-out samples, after calibrating ``grid`` (a copy) on
     ``samples_table``'s calibration samples; both views at one length. ``None`` where the samples are missing."""
-    from toolchain.core.subnetwork import SubNetwork
-
     stored = stored_calibration(samples_table)
     if stored is None:
         return None
     samples, held, speed = stored
-    trial = copy.deepcopy(grid)
-    raw = [trial.raw_latency(SubNetwork.from_dict(s["subnet"])) for s in samples]
-    trial.set_calibration("latency", raw, [s["measured"] for s in samples], degree=2,
-                          weights=[s.get("weight", 1.0) for s in samples])  # the unpruned anchor's as stored
-    return held_out_errors(trial, held, speed)
+    return held_out_errors(recalibrated(grid, samples), held, speed)
 
 
 def main() -> None:

@@ -133,6 +133,20 @@ def refit_latency(table, samples: list[dict], weights: list[float]):
     return trial
 
 
+def recalibrated(table, samples: list[dict]):
+    """A copy of ``table`` with its latency calibration refitted (degree 2, as :meth:`calibrate_from` fits) on stored
+    calibration ``samples`` (``subnet``, ``measured``, ``weight`` where not 1), against this table's own raw sums: its
+    grid rebuilt, or another table's samples."""
+    import copy
+
+    from toolchain.core.subnetwork import SubNetwork
+
+    trial = copy.deepcopy(table)
+    trial.set_calibration("latency", [trial.raw_latency(SubNetwork.from_dict(s["subnet"])) for s in samples],
+                          [s["measured"] for s in samples], degree=2, weights=[s.get("weight", 1.0) for s in samples])
+    return trial
+
+
 def held_out_errors(table, held, speed: float) -> list[float]:
     """``table``'s relative error on each held-out validation sample, its measurement drift-corrected to ``speed``
     (the reference's undisturbed latency), as the compile compares."""

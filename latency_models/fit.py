@@ -33,6 +33,11 @@ def sound(c: float, a: float, b: float, lo: float, hi: float) -> bool:
     return min(a, a + 2 * c * hi) > 0 and c * lo * lo + a * lo + b > 0
 
 
+def _scale(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """The weighted least-squares ``a`` of ``y ~ a * x``."""
+    return float(np.sum(w * x * y) / np.sum(w * x * x))
+
+
 def fit(raw, measured, degree: int = 1, weights=None) -> dict:
     """Fit ``measured ~ a * raw + b`` (a pure scale for < 3 samples, or where the line is not :func:`sound`;
     ``weights``: how many samples each one counts as); ``degree=2`` adds ``c * raw**2`` (with >= 6 samples, where
@@ -43,13 +48,13 @@ def fit(raw, measured, degree: int = 1, weights=None) -> dict:
     if len(x) >= 3 and np.ptp(x) > 0:
         a, b = robust_polyfit(x, y, 1, w)
         if not sound(0.0, a, b, x.min(), x.max()):
-            a, b, form = float(np.sum(w * x * y) / np.sum(w * x * x)), 0.0, SCALE
+            a, b, form = _scale(x, y, w), 0.0, SCALE
         if degree == 2 and len(x) >= 6:
             c2, a2, b2 = robust_polyfit(x, y, 2, w)
             if sound(c2, a2, b2, x.min(), x.max()):
                 c, a, b, form = c2, a2, b2, QUADRATIC
     elif len(x):
-        a, b = float(np.sum(w * x * y) / np.sum(w * x * x)), 0.0
+        a, b = _scale(x, y, w), 0.0
     else:
         a, b = 1.0, 0.0
     samples = [{"raw": float(r), "measured": float(m), **({"weight": float(v)} if v != 1 else {})}

@@ -118,9 +118,8 @@ def test_quadratic_calibration(table):
     assert miss[1] < 0.25 * miss[0] and heavy["samples"][-1]["weight"] == 8.0
 
 
-
 def test_an_unsound_calibration_falls_back_to_a_scale_and_never_predicts_below_zero(table):
-    """A fit on a few noisy samples (a tiny model's, a few tens of microseconds each) can fall with the raw sum, or
+    """A fit on a few noisy samples (a tiny model's, a few tenths of a millisecond each) can fall with the raw sum, or
     cross zero just below the samples: a falling or non-positive line becomes a pure scale, and below the smallest
     sample a prediction is at least that sample's in proportion, so no sub-network is predicted at <= 0 ms."""
     t = copy.deepcopy(table)
@@ -134,6 +133,7 @@ def test_an_unsound_calibration_falls_back_to_a_scale_and_never_predicts_below_z
     assert low == pytest.approx(0.10 * 0.15 / 0.30) and t._calibrated("latency", 0.40) == pytest.approx(0.40)
     at = [t._calibrated("latency", r) for r in np.linspace(0.01, 0.6, 60)]
     assert min(at) > 0 and all(x < y for x, y in zip(at, at[1:]))  # positive and rising everywhere
+
 
 def test_calibration_samples_span_the_sizes():
     """Calibration and validation cover small and near-full networks, not just the middle of the space."""
