@@ -214,7 +214,7 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
         # token ids fed to every graph are < vocab_size: valid for both vocabularies
         "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
         "lengths": sorted({*others, target.sequence_length}), "own_grid": "whole" if whole_grid else "cross",
-        "measurement": {**DEFAULT_MEASUREMENT, **(measurement or {})}, "graphs": graphs,
+        "measurement": {**DEFAULT_MEASUREMENT, **target.measurement_settings, **(measurement or {})}, "graphs": graphs,
         "graph_form": graph_form(target.uses_gpu),
     }
 

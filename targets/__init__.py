@@ -14,6 +14,18 @@ passes a path to their own)::
     architecture = "aarch64"                        # optional: the device's CPU (x86_64, aarch64, ...); a machine
                                                     # of another architecture refuses to profile it (use a bundle)
 
+    [measurement]                                   # optional: how long each latency measurement is
+    warmup = 5                                      # untimed runs first
+    min_reps = 15                                   # then at least this many timed runs
+    min_time_s = 0.3                                # and at least this long (seconds)
+    max_reps = 2000                                 # at most this many timed runs
+
+The ``[measurement]`` table overrides :data:`targets.meter.DEFAULT_MEASUREMENT` (the values above) for every
+latency this target's figures come from: the profile's micro-graphs, the calibration and validation sub-networks,
+the export's measurements, and a bundle on the device. A longer window costs time and steadies a noisy device's
+readings; it does not change what is measured, so a compile uses a cached table as it is when it changes
+(``nasprune-profile`` measures the table anew).
+
 Usage::
 
     target = load_target("cpu")
@@ -65,11 +77,18 @@ class Target:
     graph_optimization_level: str = "all"
     optional_providers: tuple[str, ...] = ()
     architecture: str | None = None  # the device's CPU architecture (x86_64, aarch64, ...), where the TOML names it
+    #: the TOML's ``[measurement]`` table as sorted ``(name, value)`` pairs (hashable); :attr:`measurement_settings`
+    measurement: tuple = ()
     source: str = field(default="", compare=False)
     #: the fingerprint of the device this target stands for when that is not this machine (:meth:`on_device`)
     device: dict | None = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ views
+    @property
+    def measurement_settings(self) -> dict:
+        """The ``[measurement]`` overrides of :data:`targets.meter.DEFAULT_MEASUREMENT` (empty: the defaults)."""
+        return dict(self.measurement)
+
     @property
     def default_precision(self) -> str:
         return self.precisions[0]
@@ -102,6 +121,10 @@ class Target:
         d.pop("device")
         if d["architecture"] is None:
             d.pop("architecture")
+        if self.measurement:  # read by targets.meter.measure_here
+            d["measurement"] = self.measurement_settings
+        else:
+            d.pop("measurement")
         d["providers"] = list(self.providers)
         d["optional_providers"] = list(self.optional_providers)
         d["precisions"] = list(self.precisions)
@@ -161,7 +184,10 @@ class Target:
 _FIELDS = {
     "name": str, "providers": list, "optional_providers": list, "batch_size": int, "sequence_length": int,
     "precisions": list, "intra_op_threads": (int, str), "graph_optimization_level": str, "architecture": str,
+    "measurement": dict,
 }
+#: the ``[measurement]`` table's fields (:data:`targets.meter.DEFAULT_MEASUREMENT`), their type and least value
+_MEASUREMENT = {"warmup": (int, 0), "min_reps": (int, 1), "min_time_s": ((int, float), 0), "max_reps": (int, 1)}
 _REQUIRED = ("name", "providers")
 
 
@@ -215,7 +241,8 @@ def target_from_dict(data: dict, source: str = "<dict>") -> Target:
         if key in data:
             v = data[key]
             if isinstance(v, bool) or not isinstance(v, typ):
-                tname = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+                tname = "a table ([measurement])" if typ is dict else \
+                    " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
                 raise err(key, f"expected {tname}, got {type(v).__name__} ({v!r})")
     name = data["name"].strip()
     if not name:
@@ -247,9 +274,35 @@ def target_from_dict(data: dict, source: str = "<dict>") -> Target:
     level = data.get("graph_optimization_level", "all")
     if level not in OPT_LEVELS:
         raise err("graph_optimization_level", f"expected one of {', '.join(OPT_LEVELS)}, got {level!r}")
+    measurement = _measurement(data.get("measurement", {}), err)
     return Target(
         name=name, providers=tuple(providers), batch_size=data.get("batch_size", 1),
         sequence_length=data.get("sequence_length", 128), precisions=tuple(precisions), intra_op_threads=threads,
         graph_optimization_level=level, optional_providers=tuple(optional),
         architecture=architecture(data["architecture"]) if data.get("architecture") else None, source=source,
+        measurement=measurement,
     )
+
+
+def _measurement(table: dict, err) -> tuple:
+    """The ``[measurement]`` table checked: known fields, numbers at least their least value, ``min_reps`` <=
+    ``max_reps``; as sorted ``(name, value)`` pairs."""
+    unknown = sorted(set(table) - set(_MEASUREMENT))
+    if unknown:
+        raise err("measurement", f"unknown field(s) {', '.join(repr(u) for u in unknown)}; "
+                                 f"known: {', '.join(_MEASUREMENT)}")
+    for key, (typ, least) in _MEASUREMENT.items():
+        v = table.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, typ):
+            raise err(f"measurement.{key}", f"expected a number, got {type(v).__name__} ({v!r})"
+                      if isinstance(typ, tuple) else f"expected an integer, got {type(v).__name__} ({v!r})")
+        if v < least:
+            raise err(f"measurement.{key}", f"must be >= {least}, got {v}")
+    from targets.meter import DEFAULT_MEASUREMENT
+
+    merged = {**DEFAULT_MEASUREMENT, **table}
+    if merged["min_reps"] > merged["max_reps"]:
+        raise err("measurement", f"min_reps ({merged['min_reps']}) must not exceed max_reps ({merged['max_reps']})")
+    return tuple(sorted(table.items()))

@@ -154,11 +154,12 @@ def measure_here(onnx_path, settings: dict, vocab_size: int, measurement: dict |
     """Latency and memory of ``onnx_path`` in *this* process (see the module docstring); prefer :func:`measure`.
 
     ``settings``: a target's settings (``Target.settings()``): ``providers``, ``optional_providers``,
-    ``intra_op_threads``, ``graph_optimization_level``, ``batch_size``, ``sequence_length``."""
+    ``intra_op_threads``, ``graph_optimization_level``, ``batch_size``, ``sequence_length``, and ``measurement``
+    (the target's overrides of :data:`DEFAULT_MEASUREMENT`, where it has any); ``measurement`` overrides both."""
     import numpy  # noqa: F401 - loaded before the baseline: not part of the model's memory
     import onnxruntime  # noqa: F401
 
-    m = {**DEFAULT_MEASUREMENT, **(measurement or {})}
+    m = {**DEFAULT_MEASUREMENT, **(settings.get("measurement") or {}), **(measurement or {})}
     providers = list(settings.get("providers") or ["CPUExecutionProvider"])
     gpu = any(p in GPU_PROVIDERS for p in providers)
     if gpu:

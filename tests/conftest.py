@@ -11,6 +11,8 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+#: the tests' compiles measure on this target: the built-in ``cpu`` with a shorter measurement window
+QUICK_CPU = Path(__file__).resolve().parent / "targets" / "cpu.toml"
 
 
 def glue_dir() -> Path | None:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import QUICK_CPU
 from toolchain.cli import compile_main, main
 from toolchain.units import BudgetError, parse_latency, parse_memory, parse_params
 
 # budgets small enough for CI (2 cores): a tiny random BERT, 64 training examples, a few evaluations, a latency table
 # calibrated and validated on 3 + 3 sub-networks (the session's first compile profiles it; the others find it cached)
-FAST = ["--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3", "--max-train-samples", "64",
-        "--n-evals", "10", "--search-eval-samples", "32", "--export", "2", "--recover-samples", "64",
-        "--selection-samples", "64"]
+FAST = ["--target", str(QUICK_CPU), "--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3",
+        "--max-train-samples", "64", "--n-evals", "10", "--search-eval-samples", "32", "--export", "2",
+        "--recover-samples", "64", "--selection-samples", "64"]
 
 
 # ------------------------------------------------------------------------------------------------------ units

@@ -480,11 +480,12 @@ def test_a_compile_at_the_data_length_with_a_confidence(env, tiny_model_dir, cap
     """``--sequence-length data --latency-confidence 0.9``: the length is printed with its reason, the target's table
     (covering several lengths) is read at it, the search's limit is on the bound, every exported point is measured at it, beside the unpruned
     model, and at the other lengths."""
+    from conftest import QUICK_CPU
     from toolchain.cli import compile_main
 
-    fast = ["--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3", "--max-train-samples", "64",
-            "--search-eval-samples", "32", "--method", "rfp", "--rfp-samples", "32", "--export", "1",
-            "--max-latency", "50ms"]
+    fast = ["--target", str(QUICK_CPU), "--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3",
+            "--max-train-samples", "64", "--search-eval-samples", "32", "--method", "rfp", "--rfp-samples", "32",
+            "--export", "1", "--max-latency", "50ms"]
     assert compile_main(["--model", str(tiny_model_dir), *fast, "--sequence-length", "data", "--latency-confidence",
                          "0.9", "-o", "out"]) == 0
     settings = json.loads(Path("out/manifest.json").read_text())["settings"]

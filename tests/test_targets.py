@@ -83,6 +83,11 @@ def test_user_toml(tmp_path):
     ('name = "x"\nproviders = ["CPUExecutionProvider"]\nsequence_length = 0\n', "sequence_length"),
     ('providers = ["CPUExecutionProvider"]\n', "name"),
     ('name = "x"\nproviders = ["CPUExecutionProvider"]\nbatch_size = true\n', "batch_size"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\nmeasurement = 3\n', "measurement"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\n[measurement]\nreps = 5\n', "measurement"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\n[measurement]\nmin_time_s = -0.1\n', "measurement.min_time_s"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\n[measurement]\nwarmup = 1.5\n', "measurement.warmup"),
+    ('name = "x"\nproviders = ["CPUExecutionProvider"]\n[measurement]\nmin_reps = 50\nmax_reps = 10\n', "max_reps"),
 ])
 def test_validation_errors_name_file_and_field(tmp_path, bad, field):
     p = write(tmp_path, bad)
@@ -175,6 +180,27 @@ def test_meter_statistic_and_memory_unit(token_onnx):
         assert 1 < r["baseline_rss_mb"] < 10_000  # a Python process with onnxruntime loaded, in units of 10^6 bytes
     with pytest.raises(RuntimeError, match="failed"):
         meter.measure(token_onnx.parent / "missing.onnx", settings, 100, fast)
+
+
+def test_a_targets_measurement_table_sets_every_measurement_of_it(tmp_path, token_onnx):
+    """``[measurement]`` in a target's TOML: what the meter times for that target (unless a caller asks for more),
+    what a profile's manifest records, and what a bundle carries in the target's settings."""
+    from latency_models.grid import make_manifest
+    from targets import meter
+    from toolchain.core.modeling import ModelDims, tiny_config
+
+    t = load_target(write(tmp_path, 'name = "x"\nproviders = ["CPUExecutionProvider"]\nintra_op_threads = 1\n'
+                                    'sequence_length = 16\n[measurement]\nwarmup = 2\nmin_reps = 4\nmax_reps = 4\n'
+                                    'min_time_s = 0.0\n'))
+    assert t.measurement_settings == {"warmup": 2, "min_reps": 4, "max_reps": 4, "min_time_s": 0.0}
+    assert t.settings()["measurement"] == t.measurement_settings and hash(t)
+    assert "measurement" not in load_target("cpu").settings()  # the built-in targets keep the defaults
+    r = meter.measure(token_onnx, t.settings(), 100)
+    assert r["reps"] == 4 and r["warmup"] == 2
+    assert meter.measure(token_onnx, t.settings(), 100, {"min_reps": 6, "max_reps": 6})["reps"] == 6
+    manifest = make_manifest(ModelDims.from_config(tiny_config("bert")), t, "fp32")
+    assert manifest["measurement"] == {**meter.DEFAULT_MEASUREMENT, **t.measurement_settings}
+    assert manifest["target"]["measurement"] == t.measurement_settings
 
 
 def test_meter_reads_gpu_memory_with_nvidia_ml_py(monkeypatch):

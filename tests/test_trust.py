@@ -20,14 +20,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import QUICK_CPU
 from targets import ProviderUnavailableError, load_target, same_device
 from targets.session import architecture
 from toolchain.cli import compile_main, main, profile_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny random BERT, 64 training examples, the retraining-free method (no distillation): quick on 2 cores
-FAST = ["--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3", "--max-train-samples", "64",
-        "--search-eval-samples", "32", "--method", "rfp", "--rfp-samples", "32", "--export", "1", "--max-latency", "50ms"]
+FAST = ["--target", str(QUICK_CPU), "--preset", "quick", "--calibrate-samples", "3", "--validate-samples", "3",
+        "--max-train-samples", "64", "--search-eval-samples", "32", "--method", "rfp", "--rfp-samples", "32",
+        "--export", "1", "--max-latency", "50ms"]
 OTHER_DEVICE = {"cpu_model": "ARM Cortex-A76 (the test's device)", "machine": "aarch64", "physical_cores": 4}
 
 
