@@ -27,20 +27,9 @@ import numpy as np
 from common import table_path, write_section
 
 from latency_models.calibration import LENGTH_SAMPLES
+from targets.meter import STEADY_SHARE, repeatability
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def reference_runs(table) -> list[float]:
-    """The unpruned network's latencies, measured beside every calibration and validation sub-network."""
-    return [x["reference_ms"] for part in (table.calibration["latency"]["samples"], table.validation["latency"]["samples"])
-            for x in part if "reference_ms" in x]
-
-
-def within_of_median(values, tolerance: float) -> float:
-    """The share of ``values`` within ``tolerance`` (relative) of their own median."""
-    v = np.asarray(values, float)
-    return float(np.mean(np.abs(v / np.median(v) - 1) <= tolerance))
 
 
 def verdict(target, precision, table, wall: float) -> str:
@@ -52,12 +41,12 @@ def verdict(target, precision, table, wall: float) -> str:
     def met(s):
         return s and s["within_10"] >= 0.95 and s["within_5"] >= 0.80
 
-    refs = reference_runs(table)
+    refs = table.reference_readings()
     rep = ""
     if refs:
-        share = within_of_median(refs, 0.05)
+        share = repeatability(refs, 0.05)
         rep = f"; the unpruned reference itself repeats within ±5 % {100 * share:.0f} % of the time"
-        if share < 0.80:  # a perfect predictor, scored against such readings, would miss the goal too
+        if share < STEADY_SHARE:  # a perfect predictor, scored against such readings, would miss the goal too
             rep += " (below the goal's 80 %: this machine's own noise, not a verdict on the predictor)"
     return (f"- {target.name} {precision}, length {table.sequence_length}: goal {'met' if met(lv) else 'NOT met'} on raw measurements "
             f"({100 * lv['within_5']:.0f} % / {100 * lv['within_10']:.0f} % within ±5 / ±10 %), "
@@ -187,11 +176,11 @@ def main(argv=None) -> int:
     lines += ["", "Repeatability of the measurement itself: the unpruned network, measured beside every calibration and "
               "validation sub-network (same session settings, median of >= 15 runs each time):", ""]
     for target, precision, table, wall, total, n in rows:
-        refs = reference_runs(table)
+        refs = table.reference_readings()
         if refs:
             lines.append(f"- {target.name} {precision}, length {table.sequence_length}: {len(refs)} measurements, median {np.median(refs):.2f} ms, "
-                         f"range {min(refs):.2f}-{max(refs):.2f} ms; {100 * within_of_median(refs, 0.05):.0f}% within "
-                         f"±5% and {100 * within_of_median(refs, 0.10):.0f}% within ±10% of their own median.")
+                         f"range {min(refs):.2f}-{max(refs):.2f} ms; {100 * repeatability(refs, 0.05):.0f}% within "
+                         f"±5% and {100 * repeatability(refs, 0.10):.0f}% within ±10% of their own median.")
     lines += ["", "Goal: >= 95 % of latency predictions within ±10 %, >= 80 % within ±5 %, profiling < 10 min.", ""]
     lines += [verdict(target, precision, table, wall) for target, precision, table, wall, total, n in rows]
     lines += ["",

@@ -37,7 +37,8 @@ from latency_models.assemble import table_problem
 from latency_models.fit import calibrated, fit
 from latency_models.lengths import SMOOTH_METHOD, blocks_at, smooth_grid
 from latency_models.bundle_runner import write_json
-from targets.meter import drift_corrected, paired_drift_corrected, paired_ratio, quiet_latency
+from targets.meter import (STEADY_SHARE, drift_corrected, paired_drift_corrected, paired_ratio, quiet_latency,
+                          repeatability)
 from toolchain.core.subnetwork import SubNetwork
 from targets.session import same_device
 
@@ -424,6 +425,18 @@ class LatencyTable:
         view._parent = root
         return view
 
+    def reference_readings(self) -> list[float]:
+        """The unpruned network's latencies at this length, measured beside every calibration and validation
+        sub-network (ms): how steady the machine was while the table was calibrated (:meth:`steadiness`)."""
+        return [float(x["reference_ms"]) for part in (self.calibration, self.validation)
+                for x in (part.get("latency") or {}).get("samples", []) if "reference_ms" in x]
+
+    def steadiness(self, tolerance: float = 0.05) -> dict:
+        """``{"share", "n", "tolerance"}``: the share of :meth:`reference_readings` within ``tolerance`` of their
+        median (:func:`targets.meter.repeatability`); ``share`` is ``None`` without readings."""
+        refs = self.reference_readings()
+        return {"share": repeatability(refs, tolerance) if refs else None, "n": len(refs), "tolerance": tolerance}
+
     def summary(self) -> str:
         fp = self.fingerprint
         lines = [f"latency table {self.path or ''}",
@@ -435,6 +448,12 @@ class LatencyTable:
         lines.append(f"  calibration: {cal.get('n', 0)} end-to-end samples"
                      + (f" ({cal['where']})" if cal.get("where") else "") if cal.get("n") else
                      "  calibration: none (predictions are the sum of the blocks)")
+        steady = self.steadiness()
+        if steady["share"] is not None:
+            lines.append(f"  machine: the unpruned network, measured beside the samples, repeated within ±5 % of its "
+                         f"median in {100 * steady['share']:.0f} % of {steady['n']} readings"
+                         + (" (a busy machine: figures checked on it are uncertain beyond ±5 %)"
+                            if steady["share"] < STEADY_SHARE else ""))
         for kind, v in self.validation.items():
             if not isinstance(v, dict):  # "space", "seed"
                 continue

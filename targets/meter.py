@@ -283,6 +283,21 @@ def quiet_latency(readings) -> float:
     return float(np.percentile(np.asarray(readings, float), 10))
 
 
+#: a machine on which one network's readings repeat within ±5 % of their median less often than this is busy: the
+#: share that bench_latency's goal asks of predictions, which no predictor can show against such readings
+STEADY_SHARE = 0.8
+
+
+def repeatability(readings, tolerance: float = 0.05) -> float:
+    """The share of ``readings`` (one network's latencies, e.g. the unpruned network's beside every sample of a
+    table) within ``tolerance`` (relative) of their own median: how steady the machine was. Where it is low, no
+    prediction can be checked to within ``tolerance`` on that machine."""
+    import numpy as np
+
+    v = np.asarray(readings, float)
+    return float(np.mean(np.abs(v / np.median(v) - 1) <= tolerance)) if v.size else float("nan")
+
+
 #: a measurement beside the reference whose reference read more than this far off the unpruned network's usual
 #: latency at that length (:func:`quiet_latency` of the run's readings) was taken while the machine was disturbed
 QUIET_TOLERANCE = 0.05

@@ -192,6 +192,35 @@ def test_predictions_are_sane(setup, table):
     assert table.validation["memory"]["mape"] < 25
 
 
+def test_a_table_calibrated_on_a_busy_machine_says_so(table, caplog):
+    """How steady the machine was: the unpruned network's readings beside the samples. Steady: nothing said; more
+    than a fifth of them beyond ±5 % of their median: the compile warns and the summary says so; fewer than 8
+    readings say too little to warn."""
+    import logging
+
+    from toolchain.tables import warn_if_unsteady
+
+    def with_readings(readings):
+        data = copy.deepcopy(table.data)
+        cal = data["calibration"]["latency"]
+        cal["samples"] = [s for s in cal["samples"] if "reference_ms" not in s]  # the unpruned anchor stays
+        val = data["validation"]["latency"]
+        val["samples"] = [{**val["samples"][0], "reference_ms": r} for r in readings]
+        return LatencyTable(data, table.path)
+
+    steady = with_readings([1.0, 1.01, 0.99, 1.02, 1.0, 0.98, 1.0, 1.01, 1.0, 0.99])
+    busy = with_readings([1.0, 1.3, 1.0, 1.25, 1.4, 1.0, 1.35, 1.0, 1.2, 1.5])
+    assert steady.steadiness() == {"share": 1.0, "n": 10, "tolerance": 0.05}
+    assert busy.steadiness()["share"] == pytest.approx(0.2)  # 1.2 and 1.25 of a median of 1.225
+    with caplog.at_level(logging.WARNING, logger="toolchain.tables"):
+        assert not warn_if_unsteady(steady) and not caplog.records
+        assert not warn_if_unsteady(with_readings([1.0, 1.3, 1.0, 1.25, 1.4]))  # 5 readings
+        assert warn_if_unsteady(busy)
+    assert "only 20 % of the time" in caplog.text and "quiet machine" in caplog.text
+    assert "a busy machine" in busy.summary() and "busy" not in steady.summary()
+    assert "in 100 % of 10 readings" in steady.summary()
+
+
 def test_corrupt_and_incomplete_tables(tmp_path, table):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -16,6 +16,7 @@ from latency_models.grid import table_lengths
 from latency_models.lookup_table import LatencyTable, TableError
 from latency_models.precisions import FastestPrecision
 from targets import Target, load_target
+from targets.meter import STEADY_SHARE
 from toolchain.options import CompileError, CompileOptions
 from toolchain.run import Run
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 #: (at the target's length only): measured here, an int8 table of the default model with 10 + 10 samples took 145 s
 #: (grid 20 s), too much for the 20-minute compile; 8 + 4 took 107 s in a default compile (bench_compile, 0281bab)
 SIDE_SAMPLE_SHARE = (0.8, 0.4)
+#: fewer readings than this say too little about the machine to warn
+STEADY_MIN_READINGS = 8
 
 
 def _cached_table(path: Path) -> LatencyTable:
@@ -47,6 +50,21 @@ def _samples_unused(opts: CompileOptions, table: LatencyTable, what: str) -> Non
         log.warning("%s: only for a latency table this compile profiles; %s is used as it is: calibrated on %d "
                     "end-to-end measurements (the unpruned network's included), validated on %d",
                     " and ".join(given), what, n_cal, n_val)
+
+
+def warn_if_unsteady(table: LatencyTable) -> bool:
+    """Warn (and return True) when the unpruned network, measured beside ``table``'s calibration and validation
+    samples, repeated within ±5 % of its median less than :data:`~targets.meter.STEADY_SHARE` of the time
+    (:meth:`LatencyTable.steadiness`): a busy machine, whose readings no prediction can be checked against to ±5 %."""
+    steady = table.steadiness()
+    if steady["share"] is None or steady["n"] < STEADY_MIN_READINGS or steady["share"] >= STEADY_SHARE:
+        return False
+    log.warning("latency table %s: the unpruned network, measured beside its %d calibration and validation samples, "
+                "repeated within ±5 %% of its median only %.0f %% of the time: the machine was busy, so the table's "
+                "validation error and the latencies measured on it are uncertain beyond ±5 %%. Profile again on a "
+                "quiet machine (nasprune-profile) for a table you can check to ±5 %%",
+                table.path or "", steady["n"], 100 * steady["share"])
+    return True
 
 
 def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims, model_config, *,
@@ -89,6 +107,7 @@ def latency_table_for(opts: CompileOptions, target: Target, precision: str, dims
                 calibrate_samples=round(share[0] * opts.budget("calibration_samples")),
                 validate_samples=round(share[1] * opts.budget("validation_samples")), resume=True,
                 progress=opts.progress, lengths=() if side else None))
+    warn_if_unsteady(table)
     table = table.at_length(n) if table.covers(n) else table
     table.check_model(dims)
     check_graph_form(table, target)
