@@ -25,6 +25,29 @@ FAST = ["--target", str(QUICK_CPU), "--preset", "quick", "--calibrate-samples", 
 
 
 # ------------------------------------------------------------------------------------------------------ units
+LOG_SCRIPT = """
+import logging, sys
+from toolchain.cli import setup_logging
+setup_logging(sys.argv[1] == "-v")
+logging.getLogger("toolchain.tables").warning("a warning of nasprune's")
+logging.getLogger("toolchain.recover").info("a progress message of nasprune's")
+logging.getLogger("fusion_attention").warning("a warning of ONNX Runtime's optimizer")
+logging.warning("a warning through the root logger")
+logging.getLogger("onnx_model").error("an error of another library")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_cli_shows_nasprunes_warnings_and_only_other_libraries_errors(verbose):
+    """The CLI's logging, in a fresh interpreter as a user runs it: nasprune's warnings always (the root logger at
+    ERROR once hid them all), its progress messages with -v, another library's messages from ERROR up."""
+    err = subprocess.run([sys.executable, "-c", LOG_SCRIPT, "-v" if verbose else "-"], capture_output=True,
+                         text=True, check=True).stderr
+    assert "WARNING toolchain.tables: a warning of nasprune's" in err
+    assert ("a progress message of nasprune's" in err) == verbose
+    assert "optimizer" not in err and "root logger" not in err and "an error of another library" in err
+
+
 @pytest.mark.parametrize("text,ms", [("20", 20.0), ("20ms", 20.0), ("0.02s", 20.0), (" 7.5 ms", 7.5), ("500us", 0.5)])
 def test_latency_budgets(text, ms):
     assert parse_latency(text) == pytest.approx(ms)

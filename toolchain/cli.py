@@ -24,6 +24,8 @@ from toolchain.training import STRATEGIES, TrainConfig
 from toolchain.units import parse_latency, parse_memory, parse_params, parse_points
 
 log = logging.getLogger("nasprune")
+#: what -v adds to the default output (nasprune's warnings and errors, the progress bars, the results)
+VERBOSE_HELP = "nasprune's progress messages and debug logging, and full tracebacks"
 
 EPILOG = "Data: GLUE tasks are read from --data-dir or $NASPRUNE_DATA_DIR (GLUE layout <dir>/SST-2/train.tsv ...)."
 
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Stages over one run folder: train -> search -> export; `compile` runs them all.",
         epilog=EPILOG,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.set_defaults(func=None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         extra(sub)
     for command in sub.choices.values():  # `nasprune COMMAND ... -v` as well as `nasprune -v COMMAND ...`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                             help="debug logging and full tracebacks")
+                             help=VERBOSE_HELP)
     return parser
 
 
@@ -436,11 +438,31 @@ def _join_budget_values(argv: list[str] | None) -> list[str]:
     return out
 
 
-def run_command(args) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("fusion_attention", "onnx_model", "fusion_base", "onnxruntime.transformers", "root"):
+#: the loggers of nasprune's own packages: their messages are shown from the CLI's level up, another library's
+#: only from ERROR up (ONNX Runtime's optimizer logs every fusion, some of it through the root logger)
+OWN_LOGGERS = ("nasprune", "toolchain", "latency_models", "targets")
+
+
+def _own_or_error(record: logging.LogRecord) -> bool:
+    return record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR
+
+
+def setup_logging(verbose: bool) -> None:
+    """nasprune's warnings (and errors) on stderr, with ``-v`` its progress messages and debug lines too; another
+    library's messages only from ERROR up. The level is set on nasprune's own loggers, not on the root logger, whose
+    level every logger without its own inherits (setting the root to ERROR once hid every warning of nasprune's)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_own_or_error)
+    logging.basicConfig(handlers=[handler])  # does nothing where the root logger has handlers (an embedding app)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for noisy in ("fusion_attention", "onnx_model", "fusion_base", "onnxruntime.transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_command(args) -> int:
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -469,7 +491,7 @@ def compile_main(argv: list[str] | None = None) -> int:
                     "for a target device, exported as optimized, verified ONNX models. Example: "
                     "nasprune-compile --target cpu --max-latency 20ms",
         epilog=EPILOG)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     add_compile_options(p)
     p.set_defaults(func=cmd_compile)
     return run_command(p.parse_args(_join_budget_values(argv)))
@@ -480,7 +502,7 @@ def profile_main(argv: list[str] | None = None) -> int:
         prog="nasprune-profile",
         description="Measure per-block latency and memory of a model family on a target through ONNX Runtime and "
                     "write the lookup table (resumes an interrupted profile).")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     add_profile_options(p)
     p.set_defaults(func=cmd_profile)
     return run_command(p.parse_args(argv))
