@@ -27,7 +27,7 @@ FAST = ["--target", str(QUICK_CPU), "--preset", "quick", "--calibrate-samples", 
 # ------------------------------------------------------------------------------------------------------ units
 LOG_SCRIPT = """
 import logging, sys
-from toolchain.cli import setup_logging
+from toolchain.cli_logging import setup_logging
 setup_logging(sys.argv[1] == "-v")
 logging.getLogger("toolchain.tables").warning("a warning of nasprune's")
 logging.getLogger("toolchain.recover").info("a progress message of nasprune's")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from latency_models.cache import run_profile
 from toolchain.cli_latency import add_latency_options, latency_options, targets_at_length
+from toolchain.cli_logging import VERBOSE_HELP, setup_logging
 from toolchain.core.search_space import SPACE_NAMES
 from toolchain.core.subnetwork import SubNetwork
 from toolchain.errors import UsageError, nothing_shipped, report_error
@@ -24,8 +25,6 @@ from toolchain.training import STRATEGIES, TrainConfig
 from toolchain.units import parse_latency, parse_memory, parse_params, parse_points
 
 log = logging.getLogger("nasprune")
-#: what -v adds to the default output (nasprune's warnings and errors, the progress bars, the results)
-VERBOSE_HELP = "nasprune's progress messages and debug logging, and full tracebacks"
 
 EPILOG = "Data: GLUE tasks are read from --data-dir or $NASPRUNE_DATA_DIR (GLUE layout <dir>/SST-2/train.tsv ...)."
 
@@ -436,29 +435,6 @@ def _join_budget_values(argv: list[str] | None) -> list[str]:
         out.append(argv[i])
         i += 1
     return out
-
-
-#: the loggers of nasprune's own packages: their messages are shown from the CLI's level up, another library's
-#: only from ERROR up (ONNX Runtime's optimizer logs every fusion, some of it through the root logger)
-OWN_LOGGERS = ("nasprune", "toolchain", "latency_models", "targets")
-
-
-def _own_or_error(record: logging.LogRecord) -> bool:
-    return record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR
-
-
-def setup_logging(verbose: bool) -> None:
-    """nasprune's warnings (and errors) on stderr, with ``-v`` its progress messages and debug lines too; another
-    library's messages only from ERROR up. The level is set on nasprune's own loggers, not on the root logger, whose
-    level every logger without its own inherits (setting the root to ERROR once hid every warning of nasprune's)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_own_or_error)
-    logging.basicConfig(handlers=[handler])  # does nothing where the root logger has handlers (an embedding app)
-    for name in OWN_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for noisy in ("fusion_attention", "onnx_model", "fusion_base", "onnxruntime.transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def run_command(args) -> int:
