@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from targets import Target, TargetError, load_target
-from targets.meter import DEFAULT_MEASUREMENT
+from targets.meter import resolved_measurement
 
 from latency_models import assemble, bundle_runner as runner
 
@@ -214,7 +214,7 @@ def make_manifest(dims, target: Target, precision: str, unit_step: int = DEFAULT
         # token ids fed to every graph are < vocab_size: valid for both vocabularies
         "vocab_size": min(dims.vocab_size, MICRO_VOCAB), "grid": {"heads": heads, "units": units},
         "lengths": sorted({*others, target.sequence_length}), "own_grid": "whole" if whole_grid else "cross",
-        "measurement": {**DEFAULT_MEASUREMENT, **target.measurement_settings, **(measurement or {})}, "graphs": graphs,
+        "measurement": resolved_measurement(target.settings(), measurement), "graphs": graphs,
         "graph_form": graph_form(target.uses_gpu),
     }
 

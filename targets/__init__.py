@@ -300,9 +300,9 @@ def _measurement(table: dict, err) -> tuple:
                       if isinstance(typ, tuple) else f"expected an integer, got {type(v).__name__} ({v!r})")
         if v < least:
             raise err(f"measurement.{key}", f"must be >= {least}, got {v}")
-    from targets.meter import DEFAULT_MEASUREMENT
+    from targets.meter import resolved_measurement
 
-    merged = {**DEFAULT_MEASUREMENT, **table}
+    merged = resolved_measurement({"measurement": table})
     if merged["min_reps"] > merged["max_reps"]:
         raise err("measurement", f"min_reps ({merged['min_reps']}) must not exceed max_reps ({merged['max_reps']})")
     return tuple(sorted(table.items()))

@@ -62,6 +62,12 @@ def point_key(info: dict) -> str:
     return f"{info['subnetwork_key']}-{info['precision']}-b{info['batch_size']}-s{info['sequence_length']}"
 
 
+def resolved_measurement(settings: dict, measurement: dict | None = None) -> dict:
+    """The timing a measurement with a target's ``settings`` uses: :data:`DEFAULT_MEASUREMENT`, under the target's
+    ``[measurement]`` overrides (``settings["measurement"]``), under a caller's ``measurement``."""
+    return {**DEFAULT_MEASUREMENT, **(settings.get("measurement") or {}), **(measurement or {})}
+
+
 # ------------------------------------------------------------------------------------------------------ latency
 def time_session(session, feed: dict, warmup: int = DEFAULT_MEASUREMENT["warmup"],
                  min_reps: int = DEFAULT_MEASUREMENT["min_reps"], min_time_s: float = DEFAULT_MEASUREMENT["min_time_s"],
@@ -159,7 +165,7 @@ def measure_here(onnx_path, settings: dict, vocab_size: int, measurement: dict |
     import numpy  # noqa: F401 - loaded before the baseline: not part of the model's memory
     import onnxruntime  # noqa: F401
 
-    m = {**DEFAULT_MEASUREMENT, **(settings.get("measurement") or {}), **(measurement or {})}
+    m = resolved_measurement(settings, measurement)
     providers = list(settings.get("providers") or ["CPUExecutionProvider"])
     gpu = any(p in GPU_PROVIDERS for p in providers)
     if gpu:
